@@ -1,0 +1,19 @@
+# The README's two commands: `make demo` and `make test`. Each installs what it needs first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/.tools/bin:$(PATH)
+
+.PHONY: setup test demo clean
+
+setup:
+	@bash build/setup.sh
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+demo: setup
+	$(PY) -m vpclab.demo
+
+clean:
+	rm -rf $(VENV) .tools dist build/work .pytest_cache

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One-command set-up for a fresh Debian machine (run as root): the Debian packages the tests and the
+# lab need, the real cnitool built from Debian's source package, and a .venv with the project.
+# Every step checks first and does nothing when its work is already done, so a second run is quick.
+set -euo pipefail
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+tools="$top/.tools"
+venv="$top/.venv"
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+
+# --- Debian packages -----------------------------------------------------------------------------
+debs=(iptables iproute2 procps golang-go golang-github-appc-cni-dev containernetworking-plugins dpkg-dev
+      python3-venv)
+missing=()
+for p in "${debs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+apt_updated=
+if ((${#missing[@]})); then
+    say "installing Debian packages: ${missing[*]}"
+    apt-get update -q >/dev/null
+    apt_updated=1
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- cnitool from Debian's source package golang-github-appc-cni ---------------------------------
+cnitool="$tools/bin/cnitool"
+if [ ! -x "$cnitool" ]; then
+    src_list=/etc/apt/sources.list.d/aws-vpc-cni-deb-src.sources
+    if ! grep -rqsE '^(Types:.*deb-src|deb-src )' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        say "enabling deb-src for the configured Debian suites ($src_list)"
+        : >"$src_list.tmp"
+        for f in /etc/apt/sources.list.d/*.sources; do
+            [ -e "$f" ] || continue
+            # deb822 stanzas of type deb, re-typed as deb-src
+            awk 'BEGIN{RS=""; ORS="\n\n"} /(^|\n)Types:[^\n]*deb/ && /debian/ {
+                     sub(/Types:[^\n]*/, "Types: deb-src"); print }' "$f" >>"$src_list.tmp"
+        done
+        if [ -f /etc/apt/sources.list ]; then
+            sed -n 's/^deb \(.*debian.*\)$/deb-src \1/p' /etc/apt/sources.list >"${src_list%.sources}.list"
+        fi
+        mv "$src_list.tmp" "$src_list"
+        apt_updated=
+    fi
+    [ -n "$apt_updated" ] || { apt-get update -q >/dev/null; apt_updated=1; }
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    say "building cnitool from Debian's golang-github-appc-cni source"
+    (cd "$work" && apt-get source -q golang-github-appc-cni >/dev/null 2>&1)
+    srcdir=$(find "$work" -maxdepth 1 -type d -name 'golang-github-appc-cni-*' | head -1)
+    [ -n "$srcdir" ] || { say "apt-get source golang-github-appc-cni failed"; exit 1; }
+    mkdir -p "$work/gopath/src/github.com/containernetworking" "$tools/bin"
+    ln -s "$srcdir" "$work/gopath/src/github.com/containernetworking/cni"
+    (cd "$work/gopath/src/github.com/containernetworking/cni" &&
+        GO111MODULE=off GOPATH="$work/gopath:/usr/share/gocode" GOCACHE="$work/gocache" \
+            go build -o "$cnitool.tmp" ./cnitool)
+    mv "$cnitool.tmp" "$cnitool"
+fi
+
+# --- Python virtual environment ------------------------------------------------------------------
+python=${PYTHON:-python3}
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+    { say "Python 3.11 or newer is needed ($python is $("$python" -V 2>&1))"; exit 1; }
+stamp="$venv/.installed"
+want=$(cat pyproject.toml build/constraints.txt | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    say "installing the project into $venv"
+    [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+    if ! "$venv/bin/pip" install -q --disable-pip-version-check -c build/constraints.txt -e '.[test]' \
+            >"$venv/pip-install.log" 2>&1; then
+        grep -v 'is ignored: it is neither' "$venv/pip-install.log" >&2
+        say "pip install failed (log: $venv/pip-install.log)"
+        exit 1
+    fi
+    echo "$want" >"$stamp"
+fi
+say "ready: $venv, $cnitool"
