@@ -1,0 +1,41 @@
+"""CNI error codes and the one exception type every plugin raises.
+
+Codes 1-99 are the CNI specification's; 100 and up are ours (documented in README.md#error-codes).
+"""
+
+INCOMPATIBLE_VERSION = 1
+UNSUPPORTED_FIELD = 2
+UNKNOWN_CONTAINER = 3
+INVALID_ENVIRONMENT = 4
+IO_FAILURE = 5
+DECODING_FAILURE = 6
+INVALID_CONFIG = 7
+TRY_AGAIN_LATER = 11
+PLUGIN_NOT_AVAILABLE = 50
+LIMITED_CONNECTIVITY = 51
+
+STORE_FAILURE = 100      # the state store is corrupt, unreadable or unwritable
+AWS_FAILURE = 101        # EC2 or IMDS answered with an error or not at all
+NETLINK_FAILURE = 102    # a link, address, route, neighbour or rule operation failed
+NETFILTER_FAILURE = 103  # iptables-save/-restore failed
+CHECK_FAILED = 104       # CHECK found the attachment not as ADD left it
+INTERNAL = 999           # an unexpected exception; the traceback is in the log file
+
+
+class CNIError(Exception):
+    """A failure reported to the runtime as the CNI error object on stdout."""
+
+    def __init__(self, code: int, msg: str, details: str = ""):
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+    def to_dict(self, cni_version: str) -> dict:
+        out = {"cniVersion": cni_version, "code": self.code, "msg": self.msg}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+    def __str__(self) -> str:
+        return f"{self.msg} ({self.details})" if self.details else self.msg

@@ -1,0 +1,158 @@
+"""The node's IP pool as kept in the state store document.
+
+Document shape (schema 1; `schema` and `network` are added by the store):
+
+    {"node": {"instance_id", "instance_type", "primary_eni", ...},
+     "enis": {"eni-...": {"mac", "device_number", "subnet_cidr", "primary_ip", "primary", "attached_at",
+                          "ips": {"10.0.1.7": {"state": "free"}
+                                              | {"state": "assigned", "container_id", "ifname",
+                                                 "pod_namespace", "pod_name", "since"}
+                                              | {"state": "cooling", "since"}}}},
+     "agent": {...what the agent last did...}}
+
+Only secondary IPs are in `ips`: an ENI's primary IP is never handed out. A released IP cools down
+for `cooldown` seconds before it can be handed out again (it still counts as available).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+FREE, ASSIGNED, COOLING = "free", "assigned", "cooling"
+
+
+class PoolExhausted(Exception):
+    """No IP can be handed out right now; `cooling` says how many are only cooling down."""
+
+    def __init__(self, cooling: int):
+        super().__init__("no free IP in the pool" + (f" ({cooling} cooling down)" if cooling else ""))
+        self.cooling = cooling
+
+
+@dataclass(frozen=True)
+class Assignment:
+    ip: str
+    eni_id: str
+    device_number: int
+    subnet_cidr: str
+    primary_eni: bool
+
+    @property
+    def gateway(self) -> str:
+        """The VPC router: the subnet's base address + 1."""
+        return str(ipaddress.ip_network(self.subnet_cidr).network_address + 1)
+
+
+def new_document(node: dict) -> dict:
+    return {"node": dict(node), "enis": {}, "agent": {}}
+
+
+class Pool:
+    """Operations on a pool document; the caller holds the store lock and writes the document back."""
+
+    def __init__(self, doc: dict, now: float, cooldown: float = 30.0):
+        self.doc = doc
+        self.now = now
+        self.cooldown = cooldown
+
+    @property
+    def enis(self) -> dict:
+        return self.doc.setdefault("enis", {})
+
+    # --- ENIs ------------------------------------------------------------------------------------
+    def put_eni(self, eni_id: str, *, mac: str, device_number: int, subnet_cidr: str, primary_ip: str,
+                primary: bool, attached_at: float) -> dict:
+        """Add an ENI, or update its facts keeping its IPs."""
+        eni = self.enis.setdefault(eni_id, {"ips": {}})
+        eni.update(mac=mac.lower(), device_number=device_number, subnet_cidr=subnet_cidr,
+                   primary_ip=primary_ip, primary=primary, attached_at=attached_at)
+        return eni
+
+    def set_secondary_ips(self, eni_id: str, ips: list[str]) -> list[str]:
+        """Make the ENI's secondary IPs those EC2 reports: new ones are free, vanished free or cooling
+        ones are dropped. An assigned IP that EC2 no longer reports is kept and returned, so the
+        caller can surface it rather than silently break a running pod."""
+        held = self.enis[eni_id]["ips"]
+        for ip in ips:
+            held.setdefault(ip, {"state": FREE})
+        lost = []
+        for ip in list(held):
+            if ip not in ips:
+                if held[ip]["state"] == ASSIGNED:
+                    lost.append(ip)
+                else:
+                    del held[ip]
+        return lost
+
+    def remove_eni(self, eni_id: str) -> None:
+        self.enis.pop(eni_id, None)
+
+    # --- attachments -----------------------------------------------------------------------------
+    def find(self, container_id: str, ifname: str) -> Assignment | None:
+        for eni_id, eni in self.enis.items():
+            for ip, entry in eni["ips"].items():
+                if (entry["state"] == ASSIGNED and entry["container_id"] == container_id
+                        and entry["ifname"] == ifname):
+                    return self._assignment(eni_id, ip)
+        return None
+
+    def assign(self, container_id: str, ifname: str, pod_namespace: str = "", pod_name: str = "") -> Assignment:
+        """Hand out a free IP (lowest device number, then lowest address); raise PoolExhausted."""
+        cooling = 0
+        for eni_id, eni in sorted(self.enis.items(), key=lambda kv: kv[1]["device_number"]):
+            for ip in sorted(eni["ips"], key=_ip_key):
+                entry = eni["ips"][ip]
+                if entry["state"] == COOLING and not self._cooled(entry):
+                    cooling += 1
+                    continue
+                if entry["state"] in (FREE, COOLING):
+                    eni["ips"][ip] = {"state": ASSIGNED, "container_id": container_id, "ifname": ifname,
+                                      "pod_namespace": pod_namespace, "pod_name": pod_name, "since": self.now}
+                    return self._assignment(eni_id, ip)
+        raise PoolExhausted(cooling)
+
+    def release(self, container_id: str, ifname: str) -> str | None:
+        """Put the attachment's IP into cool-down; return it, or None if there was none."""
+        found = self.find(container_id, ifname)
+        if found is None:
+            return None
+        self.enis[found.eni_id]["ips"][found.ip] = {"state": COOLING, "since": self.now}
+        return found.ip
+
+    def attachments(self) -> list[tuple[str, str, str]]:
+        """(container_id, ifname, ip) of every assigned IP."""
+        return [(e["container_id"], e["ifname"], ip)
+                for eni in self.enis.values() for ip, e in eni["ips"].items() if e["state"] == ASSIGNED]
+
+    # --- figures ---------------------------------------------------------------------------------
+    def eni_stats(self) -> list[dict]:
+        """Per ENI: total, assigned, cooling (still in cool-down) and free (can be handed out now)."""
+        out = []
+        for eni_id, eni in sorted(self.enis.items(), key=lambda kv: kv[1]["device_number"]):
+            states = [self._effective_state(e) for e in eni["ips"].values()]
+            out.append({"eni_id": eni_id, "device_number": eni["device_number"], "primary": eni["primary"],
+                        "attached_at": eni["attached_at"], "total": len(states),
+                        "assigned": states.count(ASSIGNED), "cooling": states.count(COOLING),
+                        "free": states.count(FREE)})
+        return out
+
+    def free_count(self) -> int:
+        return sum(s["free"] for s in self.eni_stats())
+
+    def _effective_state(self, entry: dict) -> str:
+        if entry["state"] == COOLING and self._cooled(entry):
+            return FREE
+        return entry["state"]
+
+    def _cooled(self, entry: dict) -> bool:
+        return self.now - entry["since"] >= self.cooldown
+
+    def _assignment(self, eni_id: str, ip: str) -> Assignment:
+        eni = self.enis[eni_id]
+        return Assignment(ip=ip, eni_id=eni_id, device_number=eni["device_number"],
+                          subnet_cidr=eni["subnet_cidr"], primary_eni=eni["primary"])
+
+
+def _ip_key(ip: str) -> int:
+    return int(ipaddress.ip_address(ip))

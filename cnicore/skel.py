@@ -1,0 +1,267 @@
+"""The CNI skeleton every plugin runs on, after the reference plugins' pkg/skel.
+
+A plugin writes its ADD/DEL/CHECK/GC/STATUS handlers and calls `plugin_main`. The skeleton reads and
+validates the environment and stdin, negotiates the version, parses CNI_ARGS and `prevResult`,
+converts the ADD result to the configuration's version, and turns every failure into exactly one
+CNI error object on stdout. Nothing else can reach stdout: file descriptor 1 points at stderr while
+a handler runs, so a stray print or a child process cannot corrupt the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import result as cniresult
+from .errors import (CNIError, DECODING_FAILURE, INCOMPATIBLE_VERSION, INTERNAL, INVALID_CONFIG,
+                     INVALID_ENVIRONMENT, IO_FAILURE, UNKNOWN_CONTAINER)
+from .log import DEFAULT_FILE, Logger
+
+COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
+# Which CNI_* variables each command requires (as the reference skel does; DEL needs no netns).
+REQUIRED_ENV = {
+    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"),
+    "GC": (),
+    "STATUS": (),
+    "VERSION": (),
+}
+MIN_VERSION = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
+
+CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+MAX_IFNAME = 15  # IFNAMSIZ - 1
+
+# CNI_ARGS keys that Kubernetes runtimes send, with what their values may be.
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+K8S_ARGS = {
+    "K8S_POD_NAMESPACE": re.compile(rf"^{_DNS_LABEL}$"),
+    "K8S_POD_NAME": re.compile(rf"^(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*$"),
+    "K8S_POD_INFRA_CONTAINER_ID": CONTAINER_ID_RE,
+    "K8S_POD_UID": re.compile(r"^[A-Za-z0-9-]{1,64}$"),
+}
+
+
+@dataclass
+class CmdArgs:
+    """One invocation, validated."""
+    command: str
+    container_id: str
+    netns: str
+    ifname: str
+    path: list[str]
+    stdin: bytes
+    conf: dict
+    version: str
+    args: dict[str, str] = field(default_factory=dict)
+    prev_result: dict | None = None
+    log: Logger | None = None
+
+    @property
+    def network(self) -> str:
+        return self.conf["name"]
+
+    @property
+    def pod_namespace(self) -> str:
+        return self.args.get("K8S_POD_NAMESPACE", "")
+
+    @property
+    def pod_name(self) -> str:
+        return self.args.get("K8S_POD_NAME", "")
+
+
+Handler = Callable[[CmdArgs], "dict | None"]
+
+
+def validate_container_id(container_id: str) -> None:
+    if not container_id:
+        raise CNIError(UNKNOWN_CONTAINER, "missing containerID")
+    if not CONTAINER_ID_RE.match(container_id):
+        raise CNIError(INVALID_ENVIRONMENT, "invalid characters in containerID", container_id)
+
+
+def validate_ifname(ifname: str) -> None:
+    if not ifname:
+        raise CNIError(INVALID_ENVIRONMENT, "interface name is empty")
+    if len(ifname.encode()) > MAX_IFNAME:
+        raise CNIError(INVALID_ENVIRONMENT, "interface name is too long",
+                       f"interface name should be less than {MAX_IFNAME + 1} characters")
+    if ifname in (".", ".."):
+        raise CNIError(INVALID_ENVIRONMENT, "interface name is . or ..")
+    if any(c in "/:" or c.isspace() for c in ifname):
+        raise CNIError(INVALID_ENVIRONMENT, "interface name contains / or : or whitespace characters")
+
+
+def parse_cni_args(raw: str, known: dict[str, re.Pattern]) -> dict[str, str]:
+    """Parse `K=V;K=V` like the reference types.LoadArgs, and check each known value's form."""
+    if not raw:
+        return {}
+    values: dict[str, str] = {}
+    unknown: list[str] = []
+    ignore_unknown = False
+    for pair in raw.split(";"):
+        kv = pair.split("=")
+        if len(kv) != 2:
+            raise CNIError(INVALID_ENVIRONMENT, f"CNI_ARGS: invalid pair {pair!r}")
+        key, value = kv
+        if key == "IgnoreUnknown":
+            if value.lower() not in ("1", "true", "0", "false"):
+                raise CNIError(INVALID_ENVIRONMENT, f"CNI_ARGS: IgnoreUnknown must be 1, 0, true or false, not {value!r}")
+            ignore_unknown = value.lower() in ("1", "true")
+        elif key in known:
+            if value and not known[key].match(value):
+                raise CNIError(INVALID_ENVIRONMENT, f"CNI_ARGS: invalid value for {key}: {value!r}")
+            values[key] = value
+        else:
+            unknown.append(key)
+    if unknown and not ignore_unknown:
+        raise CNIError(INVALID_ENVIRONMENT, f"CNI_ARGS: unknown args {unknown}")
+    return values
+
+
+def valid_attachments(conf: dict) -> set[tuple[str, str]]:
+    """GC's list of attachments to keep, as (containerID, ifname) pairs."""
+    key = "cni.dev/valid-attachments" if "cni.dev/valid-attachments" in conf else "cni.dev/attachments"
+    items = conf.get(key, [])
+    if not isinstance(items, list):
+        raise CNIError(DECODING_FAILURE, f"{key} must be a list")
+    out = set()
+    for item in items:
+        if not (isinstance(item, dict) and isinstance(item.get("containerID"), str)
+                and isinstance(item.get("ifname"), str)):
+            raise CNIError(DECODING_FAILURE, f"{key} entries need string containerID and ifname: {item!r}")
+        out.add((item["containerID"], item["ifname"]))
+    return out
+
+
+class _Output:
+    """Holds the real stdout aside and points fd 1 at stderr until the one answer is written."""
+
+    def __init__(self):
+        sys.stdout.flush()
+        self.fd = os.dup(1)
+        os.dup2(2, 1)
+
+    def write(self, obj: dict) -> None:
+        data = (json.dumps(obj, indent=4) + "\n").encode()
+        while data:
+            data = data[os.write(self.fd, data):]
+
+
+def _read_stdin() -> bytes:
+    try:
+        return sys.stdin.buffer.read()
+    except (OSError, ValueError) as exc:
+        raise CNIError(IO_FAILURE, f"error reading from stdin: {exc}") from None
+
+
+def _load_conf(stdin: bytes) -> dict:
+    try:
+        conf = json.loads(stdin)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CNIError(DECODING_FAILURE, f"error unmarshalling network config: {exc}") from None
+    if not isinstance(conf, dict):
+        raise CNIError(DECODING_FAILURE, "network config must be a JSON object")
+    name = conf.get("name")
+    if not isinstance(name, str) or not name:
+        raise CNIError(INVALID_CONFIG, "missing network name")
+    if not NETWORK_NAME_RE.match(name):
+        raise CNIError(INVALID_CONFIG, "invalid characters found in network name", name)
+    return conf
+
+
+def _conf_version(conf: dict) -> str:
+    version = conf.get("cniVersion", "0.1.0")  # no cniVersion means 0.1.0, as libcni reads it
+    if not isinstance(version, str):
+        raise CNIError(DECODING_FAILURE, f"cniVersion must be a string, not {version!r}")
+    cniresult.version_tuple(version)
+    return version
+
+
+def _version_info(stdin: bytes) -> dict:
+    version = cniresult.LATEST
+    try:
+        conf = json.loads(stdin) if stdin.strip() else {}
+        if isinstance(conf, dict) and conf.get("cniVersion") in cniresult.SUPPORTED_VERSIONS:
+            version = conf["cniVersion"]
+    except ValueError:
+        pass
+    return {"cniVersion": version, "supportedVersions": list(cniresult.SUPPORTED_VERSIONS)}
+
+
+def _log_settings(conf: dict) -> tuple[str, str]:
+    path = conf.get("pluginLogFile", DEFAULT_FILE)
+    level = conf.get("pluginLogLevel", "DEBUG")
+    return (path if isinstance(path, str) else DEFAULT_FILE), (level if isinstance(level, str) else "DEBUG")
+
+
+def run(plugin: str, handlers: dict[str, Handler], *, about: str = "",
+        known_args: dict[str, re.Pattern] = K8S_ARGS, environ=os.environ) -> int:
+    """Run one invocation; return the exit code. `handlers` maps ADD/DEL/CHECK/GC/STATUS to functions."""
+    started = time.monotonic()
+    out = _Output()
+    log = Logger(plugin, path=None)
+    version = cniresult.LATEST
+    command = environ.get("CNI_COMMAND", "")
+    try:
+        if not command:
+            sys.stderr.write(f"{about or plugin}\nCNI protocol versions supported: "
+                             f"{', '.join(cniresult.SUPPORTED_VERSIONS)}\n")
+            return 0
+        if command not in COMMANDS:
+            raise CNIError(INVALID_ENVIRONMENT, f"unknown CNI_COMMAND: {command}")
+        missing = [v for v in REQUIRED_ENV[command] if not environ.get(v)]
+        if missing:
+            raise CNIError(INVALID_ENVIRONMENT, f"required env variables [{','.join(missing)}] missing")
+        stdin = _read_stdin()
+        if command == "VERSION":
+            out.write(_version_info(stdin))
+            return 0
+        conf = _load_conf(stdin)
+        log = Logger(plugin, *_log_settings(conf))
+        conf_version = _conf_version(conf)
+        if conf_version in cniresult.SUPPORTED_VERSIONS:
+            version = conf_version
+        args = CmdArgs(command=command, container_id=environ.get("CNI_CONTAINERID", ""),
+                       netns=environ.get("CNI_NETNS", ""), ifname=environ.get("CNI_IFNAME", ""),
+                       path=[p for p in environ.get("CNI_PATH", "").split(os.pathsep) if p],
+                       stdin=stdin, conf=conf, version=conf_version, log=log)
+        log.context = {"command": command, "containerID": args.container_id, "ifname": args.ifname}
+        if command in ("ADD", "CHECK", "DEL"):
+            validate_container_id(args.container_id)
+            validate_ifname(args.ifname)
+        if command in MIN_VERSION and not cniresult.at_least(conf_version, MIN_VERSION[command]):
+            raise CNIError(INCOMPATIBLE_VERSION, f"config version does not allow {command}",
+                           f"{command} needs cniVersion {MIN_VERSION[command]} or later, config is {conf_version}")
+        cniresult.require_supported(conf_version)
+        args.args = parse_cni_args(environ.get("CNI_ARGS", ""), known_args)
+        if conf.get("prevResult") is not None:
+            args.prev_result = cniresult.parse(conf["prevResult"], conf_version)
+        answer = handlers[command](args)
+        if command == "ADD":
+            out.write(cniresult.convert(answer, conf_version))
+        log.info("done", outcome="ok", duration_ms=round((time.monotonic() - started) * 1000, 1))
+        return 0
+    except CNIError as exc:
+        log.error(exc.msg, outcome="error", code=exc.code, details=exc.details,
+                  duration_ms=round((time.monotonic() - started) * 1000, 1))
+        out.write(exc.to_dict(version))
+        return 1
+    except Exception as exc:  # the guard: never a traceback on stdout
+        import traceback
+        log.error(f"unexpected {type(exc).__name__}: {exc}", outcome="error", code=INTERNAL,
+                  traceback=traceback.format_exc(),
+                  duration_ms=round((time.monotonic() - started) * 1000, 1))
+        out.write(CNIError(INTERNAL, f"{plugin} {command} failed unexpectedly: {type(exc).__name__}: {exc}",
+                           "the traceback is in the plugin log file").to_dict(version))
+        return 1
+
+
+def plugin_main(plugin: str, handlers: dict[str, Handler], about: str = "") -> None:
+    sys.exit(run(plugin, handlers, about=about))

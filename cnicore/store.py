@@ -1,0 +1,131 @@
+"""The node's state store: one JSON document per network, guarded by an flock.
+
+Writes are atomic (temp file, fsync, rename, directory fsync), so a writer killed at any instant
+leaves either the old or the new document. A corrupt or unreadable document is never silently
+reset: opening it raises StoreError, and only `set_aside` (used by the agent's rebuild) moves it away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import time
+
+from .errors import CNIError, STORE_FAILURE
+
+SCHEMA = 1
+DEFAULT_DIR = "/var/run/aws-vpc-cni"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class StoreError(CNIError):
+    def __init__(self, msg: str, details: str = ""):
+        super().__init__(STORE_FAILURE, msg, details)
+
+
+class Store:
+    """The document of one network in `data_dir`; every access goes through `locked()`."""
+
+    def __init__(self, data_dir: str, network: str):
+        if not _NAME_RE.match(network or ""):
+            raise StoreError(f"invalid network name for the state store: {network!r}")
+        self.data_dir = data_dir
+        self.network = network
+        self.path = os.path.join(data_dir, f"{network}.json")
+        self.lock_path = os.path.join(data_dir, f"{network}.lock")
+
+    @contextlib.contextmanager
+    def locked(self, shared: bool = False):
+        """Hold the network's lock (exclusive unless `shared`) and yield a Transaction."""
+        try:
+            os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open the state store lock {self.lock_path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield Transaction(self, writable=not shared)
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def set_aside(self) -> str | None:
+        """Move an unusable document out of the way (caller holds the lock); return where it went."""
+        if not os.path.exists(self.path):
+            return None
+        aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        os.rename(self.path, aside)
+        _fsync_dir(self.data_dir)
+        return aside
+
+
+class Transaction:
+    """Read and write the document while the lock is held."""
+
+    def __init__(self, store: Store, writable: bool):
+        self.store = store
+        self.writable = writable
+
+    def read(self) -> dict | None:
+        """The document, or None if the network has none yet."""
+        path = self.store.path
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read the state file {path}: {exc.strerror}") from None
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StoreError(f"the state file {path} is corrupt and was left as it is: {exc}",
+                             "the node agent rebuilds it from EC2 and the host, keeping the bad file aside") from None
+        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or doc.get("network") != self.store.network:
+            found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+            raise StoreError(f"the state file {path} is not a schema-{SCHEMA} document of network "
+                             f"{self.store.network!r} (found schema {found!r}); it was left as it is")
+        return doc
+
+    def write(self, doc: dict) -> None:
+        if not self.writable:
+            raise StoreError("the state store was opened read-only")
+        doc["schema"] = SCHEMA
+        doc["network"] = self.store.network
+        data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+        directory = self.store.data_dir
+        self._remove_stale_temps()
+        tmp = os.path.join(directory, f".{self.store.network}.json.tmp.{os.getpid()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.store.path)
+            _fsync_dir(directory)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise StoreError(f"cannot write the state file {self.store.path}: {exc.strerror}") from None
+
+    def _remove_stale_temps(self) -> None:
+        """Temp files of writers that died mid-write; safe to remove because we hold the lock."""
+        prefix = f".{self.store.network}.json.tmp."
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.store.data_dir):
+                if name.startswith(prefix):
+                    os.unlink(os.path.join(self.store.data_dir, name))
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
