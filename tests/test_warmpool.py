@@ -1,0 +1,269 @@
+"""Warm-pool decisions (pure logic): every formula of ARCHITECTURE §3 and its edges."""
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from cnicore.instance_limits import InstanceLimits
+from cnicore import settings as user_settings
+from cnicore.pool import Pool, new_document
+from cnicore.warmpool import (ENI_MIN_AGE, GROWTH_PAUSE, IP_RELEASE_INTERVAL, AssignIPs, ENIState, NewENI,
+                              PoolSettings, ReleaseIPs, decide, measure)
+
+M5 = InstanceLimits("m5.large", 3, 10)  # 3 ENIs x 9 secondary IPs
+NOW = 10_000.0
+OLD = NOW - ENI_MIN_AGE  # attached exactly long enough ago to be freed
+
+
+def eni(device, total, assigned=0, cooling=0, attached_at=OLD):
+    return ENIState(f"eni-{device:08x}", device, device == 0, total, assigned, cooling, attached_at)
+
+
+def S(**kw):
+    return PoolSettings(**kw)
+
+
+# --- figures: short / over / available ---------------------------------------------------------
+
+@pytest.mark.parametrize("settings,enis,expect", [
+    # WARM_IP_TARGET alone
+    (S(warm_ip_target=5), [eni(0, 10, 3)], dict(available=7, short=0, over=2)),
+    (S(warm_ip_target=5), [eni(0, 4, 2)], dict(available=2, short=3, over=0)),
+    (S(warm_ip_target=5), [eni(0, 5, 0)], dict(available=5, short=0, over=0)),
+    # MINIMUM_IP_TARGET raises short above the warm shortfall and caps over
+    (S(warm_ip_target=2, minimum_ip_target=10), [eni(0, 4)], dict(short=6, over=0)),
+    (S(warm_ip_target=2, minimum_ip_target=10), [eni(0, 9, 5), eni(1, 9)], dict(available=13, short=0, over=8)),
+    (S(warm_ip_target=2, minimum_ip_target=10), [eni(0, 9, 5), eni(1, 3)], dict(available=7, short=0, over=2)),
+    # WARM_IP_TARGET=0 with a minimum: the pool is held at max(minimum, assigned)
+    (S(warm_ip_target=0, minimum_ip_target=10), [eni(0, 9, 9), eni(1, 3, 3)], dict(short=0, over=0)),
+    (S(warm_ip_target=0, minimum_ip_target=10), [eni(0, 9, 2), eni(1, 3)], dict(short=0, over=2)),
+    (S(minimum_ip_target=10), [], dict(total=0, short=10, over=0)),
+    # IPs in cool-down count as available, yet are not free
+    (S(warm_ip_target=3), [eni(0, 5, 2, cooling=3)], dict(available=3, free=0, cooling=3, short=0, over=0)),
+    (S(warm_ip_target=1), [eni(0, 5, 1, cooling=2)], dict(available=4, free=2, short=0, over=3)),
+    # no IP target (unset or 0, as upstream): WARM_ENI_TARGET in units of 9 IPs
+    (S(), [eni(0, 9)], dict(mode="eni-target", short=0, over=0)),
+    (S(), [eni(0, 9, 1)], dict(mode="eni-target", short=1, over=0)),
+    (S(warm_ip_target=0, minimum_ip_target=0), [eni(0, 9, 1)], dict(mode="eni-target", short=1)),
+    (S(warm_eni_target=2), [eni(0, 9, 1), eni(1, 9)], dict(available=17, short=1, over=0)),
+    (S(warm_eni_target=2), [eni(0, 9), eni(1, 9), eni(2, 9)], dict(available=27, short=0, over=9)),
+    # WARM_ENI_TARGET=0: too low only when nothing is available
+    (S(warm_eni_target=0), [eni(0, 0)], dict(short=1, over=0)),
+    (S(warm_eni_target=0), [eni(0, 9, 9)], dict(short=1, over=0)),
+    (S(warm_eni_target=0), [eni(0, 9, 6)], dict(short=0, over=3)),
+])
+def test_figures(settings, enis, expect):
+    figures = measure(enis, settings, M5)
+    for key, value in expect.items():
+        assert getattr(figures, key) == value, key
+    assert figures.max_enis == 3 and figures.ips_per_eni == 9 and figures.capacity == 27
+
+
+# --- growing -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("settings,enis,grow,blocked", [
+    # fill existing ENIs first, lowest device index first, by exactly `short` with IP targets
+    (S(warm_ip_target=5), [eni(0, 9, 9), eni(1, 3, 3)], (AssignIPs("eni-00000001", 5),), None),
+    (S(warm_ip_target=5), [eni(0, 6, 6), eni(1, 6, 6)],
+     (AssignIPs("eni-00000000", 3), AssignIPs("eni-00000001", 2)), None),
+    # then new ENIs, each at most one ENI's worth
+    (S(warm_ip_target=10), [eni(0, 5, 5)], (AssignIPs("eni-00000000", 4), NewENI(6)), None),
+    (S(minimum_ip_target=27), [eni(0, 0)], (AssignIPs("eni-00000000", 9), NewENI(9), NewENI(9)), None),
+    # MAX_ENI below the instance limit caps the plan and says so
+    (S(minimum_ip_target=27, max_eni=2), [eni(0, 0)], (AssignIPs("eni-00000000", 9), NewENI(9)), "MAX_ENI=2"),
+    (S(warm_ip_target=1, max_eni=1), [eni(0, 9, 9)], (), "MAX_ENI=1"),
+    # MAX_ENI above the instance limit: the instance limit rules
+    (S(warm_ip_target=30, max_eni=8), [eni(0, 0)],
+     (AssignIPs("eni-00000000", 9), NewENI(9), NewENI(9)), "ENI limit of m5.large (3 ENIs)"),
+    # at the limit: nothing to do but explain
+    (S(), [eni(0, 9, 9), eni(1, 9, 9), eni(2, 9, 9)], (), "at most 27 pod IPs (3 ENIs x 9 secondary IPs)"),
+    # WARM_ENI_TARGET grows whole ENIs: fill the one with room to full, then a full new one
+    (S(), [eni(0, 0)], (AssignIPs("eni-00000000", 9),), None),
+    (S(), [eni(0, 4, 4)], (AssignIPs("eni-00000000", 5), NewENI(9)), None),
+    (S(warm_eni_target=2), [eni(0, 9, 9)], (NewENI(9), NewENI(9)), None),
+    (S(warm_eni_target=0), [eni(0, 9, 9)], (NewENI(9),), None),
+])
+def test_grow(settings, enis, grow, blocked):
+    decision = decide(enis, settings, M5, NOW)
+    assert decision.grow == grow
+    assert decision.release == () and decision.free_eni is None
+    if blocked is None:
+        assert decision.blocked is None
+    else:
+        assert blocked in decision.blocked
+
+
+def test_growth_pauses_after_insufficient_addresses():
+    state, settings = [eni(0, 2, 2)], S(warm_ip_target=3)
+    paused = decide(state, settings, M5, NOW, insufficient_addresses_at=NOW - GROWTH_PAUSE + 10)
+    assert paused.grow == () and "paused for 10 s" in paused.blocked and paused.figures.short == 3
+    resumed = decide(state, settings, M5, NOW, insufficient_addresses_at=NOW - GROWTH_PAUSE)
+    assert resumed.grow == (AssignIPs("eni-00000000", 3),) and resumed.blocked is None
+
+
+def test_no_secondary_ips_on_this_type_means_no_growth():
+    tiny = InstanceLimits("t0.tiny", 2, 1)
+    decision = decide([eni(0, 0)], S(), tiny, NOW)
+    assert decision.grow == () and "at most 0 pod IPs" in decision.blocked
+
+
+# --- giving back IPs and ENIs --------------------------------------------------------------------
+
+@pytest.mark.parametrize("settings,enis,release,free_eni", [
+    # surplus IPs go back from the highest device index down, only free (not cooling) ones
+    (S(warm_ip_target=2), [eni(0, 9, 1), eni(1, 9, 2)], (ReleaseIPs("eni-00000001", 7), ReleaseIPs("eni-00000000", 6)), None),
+    (S(warm_ip_target=0, minimum_ip_target=2), [eni(0, 9, 1, cooling=5)], (ReleaseIPs("eni-00000000", 3),), None),
+    (S(warm_ip_target=3), [eni(0, 5, 2, cooling=3)], (), None),
+    # an idle ENI goes as a whole when the others still meet both targets; the rest is trimmed
+    (S(warm_ip_target=2), [eni(0, 9, 1), eni(1, 9)], (ReleaseIPs("eni-00000000", 6),), "eni-00000001"),
+    (S(warm_ip_target=9), [eni(0, 9, 1), eni(1, 9)], (ReleaseIPs("eni-00000001", 8),), None),  # needed for WARM_IP_TARGET
+    (S(warm_ip_target=1, minimum_ip_target=12), [eni(0, 9, 9), eni(1, 9)], (ReleaseIPs("eni-00000001", 6),), None),  # MINIMUM
+    (S(warm_ip_target=1), [eni(0, 9, 7), eni(1, 0)], (ReleaseIPs("eni-00000000", 1),), "eni-00000001"),  # an empty ENI
+    # never the primary, nor a young ENI, nor one with a pod or an IP in cool-down
+    (S(warm_ip_target=1), [eni(0, 9)], (ReleaseIPs("eni-00000000", 8),), None),
+    (S(warm_ip_target=1), [eni(0, 9), eni(1, 9, 5)],
+     (ReleaseIPs("eni-00000001", 4), ReleaseIPs("eni-00000000", 8)), None),
+    (S(warm_ip_target=1), [eni(0, 9, 9), eni(1, 9, attached_at=OLD + 1)], (ReleaseIPs("eni-00000001", 8),), None),
+    (S(warm_ip_target=1), [eni(0, 9, 8), eni(1, 9, 1)], (ReleaseIPs("eni-00000001", 8),), None),
+    (S(warm_ip_target=1), [eni(0, 9, 8), eni(1, 9, 0, cooling=1)],
+     (ReleaseIPs("eni-00000001", 8), ReleaseIPs("eni-00000000", 1)), None),
+    # WARM_ENI_TARGET: never single IPs; an ENI only once available >= (W + 1) * 9
+    (S(), [eni(0, 9, 1), eni(1, 9)], (), None),
+    (S(), [eni(0, 9), eni(1, 9)], (), "eni-00000001"),
+    (S(), [eni(0, 9), eni(1, 9), eni(2, 9)], (), "eni-00000002"),
+    (S(warm_eni_target=2), [eni(0, 9), eni(1, 9), eni(2, 9)], (), "eni-00000002"),
+    (S(warm_eni_target=2), [eni(0, 9, 1), eni(1, 9), eni(2, 9)], (), None),
+    (S(warm_eni_target=0), [eni(0, 9, 9), eni(1, 9)], (), "eni-00000001"),
+    (S(), [eni(0, 9), eni(1, 9), eni(2, 9, 0, cooling=2)], (), "eni-00000001"),
+])
+def test_shrink(settings, enis, release, free_eni):
+    decision = decide(enis, settings, M5, NOW)
+    assert decision.grow == () and decision.blocked is None
+    assert decision.release == release
+    assert decision.free_eni == free_eni
+
+
+def test_single_ips_go_back_at_most_every_interval():
+    state, settings = [eni(0, 9, 1)], S(warm_ip_target=2)
+    assert decide(state, settings, M5, NOW, last_release_at=NOW - IP_RELEASE_INTERVAL + 1).release == ()
+    assert decide(state, settings, M5, NOW, last_release_at=NOW - IP_RELEASE_INTERVAL).release == (
+        ReleaseIPs("eni-00000000", 6),)
+
+
+def test_idle_eni_is_freed_even_while_single_ips_wait():
+    decision = decide([eni(0, 9, 1), eni(1, 9)], S(warm_ip_target=2), M5, NOW, last_release_at=NOW)
+    assert decision.free_eni == "eni-00000001" and decision.release == ()
+
+
+# --- settings and state validation ---------------------------------------------------------------
+
+@pytest.mark.parametrize("env,expect", [
+    ({}, S()),
+    ({"WARM_IP_TARGET": "", "MINIMUM_IP_TARGET": "", "WARM_ENI_TARGET": "", "MAX_ENI": ""}, S()),
+    ({"WARM_IP_TARGET": "5", "MINIMUM_IP_TARGET": "10", "WARM_ENI_TARGET": "0", "MAX_ENI": "2"},
+     S(warm_ip_target=5, minimum_ip_target=10, warm_eni_target=0, max_eni=2)),
+    ({"WARM_IP_TARGET": "0"}, S(warm_ip_target=0)),
+])
+def test_settings_from_the_users_settings(env, expect):
+    names = ["WARM_IP_TARGET", "MINIMUM_IP_TARGET", "WARM_ENI_TARGET", "MAX_ENI"]
+    assert PoolSettings.from_settings(user_settings.from_env(env, names)) == expect
+
+
+@pytest.mark.parametrize("kwargs,setting", [
+    (dict(warm_ip_target=-1), "WARM_IP_TARGET"),
+    (dict(minimum_ip_target="10"), "MINIMUM_IP_TARGET"),
+    (dict(warm_eni_target=None), "WARM_ENI_TARGET"),
+    (dict(warm_eni_target=-2), "WARM_ENI_TARGET"),
+    (dict(max_eni=0), "MAX_ENI"),
+    (dict(max_eni=True), "MAX_ENI"),
+    (dict(warm_ip_target=2.0), "WARM_IP_TARGET"),
+])
+def test_bad_settings_name_the_setting(kwargs, setting):
+    with pytest.raises(ValueError, match=setting):
+        PoolSettings(**kwargs)
+
+
+def test_state_from_the_pool_documents_figures():
+    pool = Pool(new_document({}), now=NOW, cooldown=30)
+    pool.put_eni("eni-00000000", mac="02:00:00:00:00:01", device_number=0, subnet_cidr="10.0.1.0/24",
+                 primary_ip="10.0.1.4", primary=True, attached_at=0.0)
+    pool.set_secondary_ips("eni-00000000", ["10.0.1.5", "10.0.1.6", "10.0.1.7"])
+    pool.assign("c1", "eth0")
+    pool.assign("c2", "eth0")
+    pool.release("c2", "eth0")
+    state = [ENIState.from_stats(row) for row in pool.eni_stats()]
+    assert state == [ENIState("eni-00000000", 0, True, 3, assigned=1, cooling=1, attached_at=0.0)]
+    assert measure(state, S(warm_ip_target=2), M5).short == 0
+
+
+@pytest.mark.parametrize("args", [(0, -1), (0, 3, 4), (0, 3, 2, 2), (-1, 3), (0, 3, -1), (0, 3, 0, -1)])
+def test_inconsistent_eni_state_is_refused(args):
+    with pytest.raises(ValueError, match="inconsistent ENI state"):
+        eni(*args)
+
+
+def test_device_zero_is_the_primary_eni():
+    with pytest.raises(ValueError, match="device 0 is the primary"):
+        ENIState("eni-00000000", 0, False, 3)
+
+
+def test_duplicate_enis_are_refused():
+    with pytest.raises(ValueError, match="twice"):
+        decide([eni(0, 1), eni(0, 2)], S(), M5, NOW)
+
+
+# --- properties: applying a decision reaches the targets within the limits -----------------------
+
+def apply(state, decision, limits):
+    """The pool after carrying out `decision` (new IPs free, released IPs gone, ENI freed)."""
+    by_id = {e.eni_id: e for e in state if e.eni_id != decision.free_eni}
+    for step in decision.grow:
+        if isinstance(step, AssignIPs):
+            e = by_id[step.eni_id]
+            by_id[e.eni_id] = replace(e, total=e.total + step.count)
+        else:
+            device = next(i for i in range(limits.max_enis) if i not in {e.device_number for e in by_id.values()})
+            by_id[f"new{device}"] = ENIState(f"new{device}", device, False, step.count, attached_at=NOW)
+    for step in decision.release:
+        e = by_id[step.eni_id]
+        assert step.count <= e.free
+        by_id[e.eni_id] = replace(e, total=e.total - step.count)
+    return list(by_id.values())
+
+
+@st.composite
+def pools(draw):
+    limits = InstanceLimits("x.large", draw(st.integers(1, 5)), draw(st.integers(2, 12)))
+    ips = limits.ips_per_eni
+    count = draw(st.integers(1, limits.max_enis))
+    state = []
+    for device in range(count):
+        total = draw(st.integers(0, ips))
+        assigned = draw(st.integers(0, total))
+        cooling = draw(st.integers(0, total - assigned))
+        state.append(ENIState(f"eni-{device}", device, device == 0, total, assigned, cooling,
+                              draw(st.sampled_from([0.0, NOW - 1]))))
+    target = st.one_of(st.none(), st.integers(0, 3 * ips))
+    settings = PoolSettings(draw(target), draw(target), draw(st.integers(0, 3)),
+                            draw(st.one_of(st.none(), st.integers(1, 6))))
+    return state, settings, limits
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(pools())
+def test_decisions_reach_targets_within_limits(pool):
+    state, settings, limits = pool
+    decision = decide(state, settings, limits, NOW)
+    after = apply(state, decision, limits)
+    cap = min(limits.max_enis, settings.max_eni or limits.max_enis)
+    assert len(after) <= max(cap, len(state))
+    assert all(e.total <= limits.ips_per_eni for e in after)
+    assert sum(e.assigned for e in after) == sum(e.assigned for e in state)  # no pod loses its IP
+    figures = measure(after, settings, limits)
+    if decision.grow and decision.blocked is None:
+        assert figures.short == 0
+    if settings.mode == "ip-target" and not decision.grow:
+        # after giving back, the targets still hold
+        assert figures.available >= min(settings.warm_ip_target or 0, measure(state, settings, limits).available)
+        assert figures.total >= min(settings.minimum_ip_target or 0, measure(state, settings, limits).total)
