@@ -19,6 +19,7 @@ AWS_FAILURE = 101        # EC2 or IMDS answered with an error or not at all
 NETLINK_FAILURE = 102    # a link, address, route, neighbour or rule operation failed
 NETFILTER_FAILURE = 103  # iptables-save/-restore failed
 CHECK_FAILED = 104       # CHECK found the attachment not as ADD left it
+ATTACHMENT_EXISTS = 105  # ADD for a (container ID, ifname) that already has an attachment
 INTERNAL = 999           # an unexpected exception; the traceback is in the log file
 
 

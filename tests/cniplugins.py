@@ -9,7 +9,7 @@ import os
 import time
 
 from cnicore import skel
-from cnicore.errors import CNIError, CHECK_FAILED, INVALID_CONFIG, PLUGIN_NOT_AVAILABLE
+from cnicore.errors import ATTACHMENT_EXISTS, CNIError, CHECK_FAILED, INVALID_CONFIG, PLUGIN_NOT_AVAILABLE
 from cnicore.invoke import delegate
 from cnicore.pool import Pool, PoolExhausted, new_document
 from cnicore.store import Store
@@ -38,7 +38,7 @@ def ipam_add(args):
     with _pool_store(args).locked() as tx:
         pool = _load(tx, args)
         if pool.find(args.container_id, args.ifname):
-            raise CNIError(INVALID_CONFIG, f"{args.container_id}/{args.ifname} already has an IP")
+            raise CNIError(ATTACHMENT_EXISTS, f"{args.container_id}/{args.ifname} already has an IP")
         try:
             got = pool.assign(args.container_id, args.ifname, args.pod_namespace, args.pod_name)
         except PoolExhausted as exc:

@@ -280,7 +280,7 @@ def test_failure_after_ipam_add_releases_the_ip(cni):
 def test_second_add_without_del_is_an_error_and_works_after_del(cni):
     assert cni.run("ADD")[0] == 0
     rc, parsed, out, _ = cni.run("ADD")
-    assert_error(rc, parsed, out, 7)
+    assert_error(rc, parsed, out, 105)
     assert len(cni.assigned()) == 1
     assert cni.run("DEL")[0] == 0
     assert cni.run("ADD")[0] == 0

@@ -1,0 +1,287 @@
+"""aws-vpc-cni-agent: the DaemonSet's long-running process on every node.
+
+    aws-vpc-cni-agent run              keep the warm pool at target (the DaemonSet's main process)
+    aws-vpc-cni-agent status [--json]  the pool per ENI, from the running agent
+    aws-vpc-cni-agent render-conflist  print the conflist for the settings in the environment
+    aws-vpc-cni-agent write-conflist DIR  write it to DIR/10-aws-vpc.conflist (atomically)
+
+`run` reconciles the store with IMDS and EC2 first (rebuilding it, with the bad file kept aside, if
+it is corrupt), then loops: one `NodePool.tick` every `--interval` seconds or at once when a plugin
+nudges. It serves a read-only status on `<dataDir>/agent.sock` and Prometheus metrics on
+`--metrics-address` (default 127.0.0.1:61678, as upstream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+from cnicore import agentlink, settings
+from cnicore.log import Logger
+from cnicore.pool import Pool
+from cnicore.store import Store, StoreError
+
+DEFAULT_NETWORK = "aws-vpc"
+
+
+class Agent:
+    def __init__(self, cfg: dict, network: str, log: Logger, interval: float):
+        from cnicore.poolmgr import NodePool
+        self.cfg = cfg
+        self.log = log
+        self.interval = interval
+        self.data_dir = cfg["AWS_VPC_CNI_DATA_DIR"]
+        self.store = Store(self.data_dir, network)
+        self.pool = NodePool(cfg, log)
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.last_decision = None
+        self.ticks = 0
+
+    # --- start-up -------------------------------------------------------------------------------
+    def reconcile(self) -> None:
+        """Bring the store in line with EC2; rebuild it if it is unusable, keeping the bad file."""
+        with self.store.locked() as tx:
+            try:
+                doc = tx.read()
+            except StoreError as exc:
+                aside = self.store.set_aside()
+                self.log.error("state store unusable; rebuilding from EC2", error=str(exc), kept_at=aside)
+                doc = None
+            if doc is None:
+                doc = self.pool.new_document()
+            self.pool.refresh(doc)
+            tx.write(doc)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.reconcile()
+        while not self.stopping.is_set():
+            try:
+                self.last_decision = self.pool.tick(self.store)
+                self.ticks += 1
+            except Exception as exc:  # keep serving; the status shows the error
+                self.log.error(f"tick failed: {type(exc).__name__}: {exc}")
+            self.wake.wait(self.interval)
+            self.wake.clear()
+
+    def status(self) -> dict:
+        with self.store.locked(shared=True) as tx:
+            doc = tx.read() or {}
+        pool = Pool(doc, time.time(), self.cfg["IP_COOLDOWN_PERIOD"])
+        figures = self.last_decision.figures.__dict__ if self.last_decision else None
+        agent = doc.get("agent", {})
+        calls = self.pool.ec2_calls()
+        return {"node": doc.get("node", {}), "enis": pool.eni_stats() if doc else [], "figures": figures,
+                "blocked": agent.get("blocked"), "last_error": agent.get("last_error"),
+                "ec2_calls": calls, "ticks": self.ticks}
+
+    # --- local servers --------------------------------------------------------------------------
+    def serve_nudges(self) -> None:
+        path = os.path.join(self.data_dir, agentlink.NUDGE)
+        sock = _bind_unix(path, socket.SOCK_DGRAM)
+        while not self.stopping.is_set():
+            sock.recv(64)
+            self.wake.set()
+
+    def serve_status(self) -> None:
+        sock = _bind_unix(os.path.join(self.data_dir, agentlink.STATUS), socket.SOCK_STREAM)
+        sock.listen(8)
+        while not self.stopping.is_set():
+            conn, _ = sock.accept()
+            with conn:
+                try:
+                    conn.sendall(json.dumps(self.status(), default=str).encode())
+                except Exception as exc:
+                    self.log.error(f"status request failed: {exc}")
+
+    def serve_metrics(self, address: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        agent = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path != "/metrics":
+                    self.send_error(404)
+                    return
+                body = prometheus_text(agent.status()).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        host, _, port = address.rpartition(":")
+        ThreadingHTTPServer((host, int(port)), Handler).serve_forever()
+
+
+def prometheus_text(status: dict) -> str:
+    """The status as Prometheus metrics (names after upstream's awscni_* metrics)."""
+    lines = []
+
+    def metric(name: str, kind: str, help_text: str, samples) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            lines.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
+
+    enis = status["enis"]
+    metric("awscni_eni_allocated", "gauge", "ENIs attached to the node", [({}, len(enis))])
+    for field in ("total", "assigned", "cooling", "free"):
+        metric(f"awscni_ip_{field}", "gauge", f"secondary IPs per ENI: {field}",
+               [({"eni": e["eni_id"]}, e[field]) for e in enis])
+    figures = status.get("figures") or {}
+    if figures:
+        metric("awscni_eni_max", "gauge", "ENIs this node may attach", [({}, figures["max_enis"])])
+        metric("awscni_ip_max", "gauge", "pod IPs this node may hold", [({}, figures["max_enis"] * figures["ips_per_eni"])])
+        metric("awscni_pool_short", "gauge", "IPs the pool lacks to meet its target", [({}, figures["short"])])
+        metric("awscni_pool_over", "gauge", "IPs the pool holds beyond its target", [({}, figures["over"])])
+    metric("awscni_pool_blocked", "gauge", "1 while the pool is short and cannot grow",
+           [({}, 1 if status.get("blocked") else 0)])
+    metric("awscni_ec2api_req_count", "counter", "EC2 API requests by action",
+           [({"fn": action}, n) for action, n in sorted(status.get("ec2_calls", {}).items())])
+    return "\n".join(lines) + "\n"
+
+
+def status_table(status: dict) -> str:
+    node = status.get("node", {})
+    rows = [f"node {node.get('instance_id', '?')} ({node.get('instance_type', '?')}), primary IP {node.get('primary_ip', '?')}",
+            f"{'ENI':<24}{'device':>7}{'total':>7}{'assigned':>10}{'cooling':>9}{'free':>6}"]
+    for e in status["enis"]:
+        name = e["eni_id"] + (" (primary)" if e["primary"] else "")
+        rows.append(f"{name:<24}{e['device_number']:>7}{e['total']:>7}{e['assigned']:>10}{e['cooling']:>9}{e['free']:>6}")
+    totals = {k: sum(e[k] for e in status["enis"]) for k in ("total", "assigned", "cooling", "free")}
+    rows.append(f"{'all':<24}{'':>7}{totals['total']:>7}{totals['assigned']:>10}{totals['cooling']:>9}{totals['free']:>6}")
+    if status.get("blocked"):
+        rows.append(f"blocked: {status['blocked']['reason']}")
+    if status.get("last_error"):
+        err = status["last_error"]
+        rows.append(f"last EC2 error: {err['action']}: {err['code']}: {err['message']}")
+    return "\n".join(rows)
+
+
+def _bind_unix(path: str, kind: int) -> socket.socket:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    return sock
+
+
+def read_status(data_dir: str) -> dict:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(10)
+    try:
+        sock.connect(os.path.join(data_dir, agentlink.STATUS))
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    finally:
+        sock.close()
+    return json.loads(b"".join(chunks))
+
+
+def render_conflist(cfg: dict, network: str = DEFAULT_NETWORK, cni_version: str = "1.0.0") -> dict:
+    """The default chain (ARCHITECTURE §1) with the settings rendered into each plugin's entry."""
+    pick = lambda *names: settings.to_conf({n: cfg[n] for n in names})  # noqa: E731
+    logging = pick("AWS_VPC_K8S_PLUGIN_LOG_FILE", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL")
+    ipam = {"type": "aws-eni-ipam", **pick("AWS_VPC_CNI_DATA_DIR", "WARM_IP_TARGET", "MINIMUM_IP_TARGET",
+                                            "WARM_ENI_TARGET", "MAX_ENI", "IP_COOLDOWN_PERIOD", "CLUSTER_NAME")}
+    bridge = {"type": "aws-vpc-bridge", **pick("AWS_VPC_K8S_CNI_VETHPREFIX", "POD_MTU", "AWS_VPC_ENI_MTU",
+                                               "AWS_VPC_CNI_DATA_DIR"), **logging, "ipam": ipam}
+    snat = {"type": "aws-snat", **pick("AWS_VPC_K8S_CNI_EXTERNALSNAT", "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
+                                       "AWS_VPC_K8S_CNI_RANDOMIZESNAT", "AWS_VPC_CNI_NODE_PORT_SUPPORT",
+                                       "AWS_VPC_K8S_CNI_CONNMARK", "AWS_VPC_K8S_CNI_VETHPREFIX",
+                                       "AWS_VPC_CNI_DATA_DIR", "AWS_VPC_CNI_NETFILTER_MODE"), **logging}
+    portmap = {"type": "portmap-compat", "capabilities": {"portMappings": True}, "snat": True,
+               **pick("AWS_VPC_CNI_NETFILTER_MODE"), **logging}
+    return {"cniVersion": cni_version, "name": network, "plugins": [bridge, snat, portmap]}
+
+
+def write_conflist(conflist: dict, conf_dir: str, filename: str = "10-aws-vpc.conflist") -> str:
+    """Write atomically, so a runtime never reads half a file."""
+    os.makedirs(conf_dir, exist_ok=True)
+    path = os.path.join(conf_dir, filename)
+    tmp = os.path.join(conf_dir, f".{filename}.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(conflist, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="aws-vpc-cni-agent", description=__doc__.split("\n")[0])
+    parser.add_argument("--network", default=DEFAULT_NETWORK, help="CNI network name (the conflist's name)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="keep the warm pool at target")
+    run.add_argument("--interval", type=float, default=5.0, help="seconds between pool checks")
+    run.add_argument("--metrics-address", default="127.0.0.1:61678", help="HOST:PORT for /metrics ('' = off)")
+    status = sub.add_parser("status", help="show the pool per ENI")
+    status.add_argument("--json", action="store_true")
+    sub.add_parser("render-conflist", help="print the conflist for the settings in the environment")
+    write = sub.add_parser("write-conflist", help="write the conflist into a CNI config directory")
+    write.add_argument("conf_dir", help="e.g. /etc/cni/net.d")
+    args = parser.parse_args(argv)
+
+    try:
+        cfg = settings.from_env(os.environ)
+    except settings.SettingError as exc:
+        print(f"aws-vpc-cni-agent: {exc.msg}", file=sys.stderr)
+        return 2
+    if args.command == "render-conflist":
+        print(json.dumps(render_conflist(cfg, args.network), indent=2))
+        return 0
+    if args.command == "write-conflist":
+        path = write_conflist(render_conflist(cfg, args.network), args.conf_dir)
+        print(f"wrote {path}")
+        return 0
+    if args.command == "status":
+        try:
+            status = read_status(cfg["AWS_VPC_CNI_DATA_DIR"])
+        except OSError as exc:
+            print(f"aws-vpc-cni-agent: no agent answers on {cfg['AWS_VPC_CNI_DATA_DIR']}: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(status, indent=2, default=str) if args.json else status_table(status))
+        return 0
+
+    log = Logger("aws-vpc-cni-agent", os.environ.get("AWS_VPC_CNI_AGENT_LOG_FILE", "stderr"),
+                 cfg["AWS_VPC_K8S_PLUGIN_LOG_LEVEL"])
+    try:
+        agentlink.hold_agent_lock(cfg["AWS_VPC_CNI_DATA_DIR"])
+    except RuntimeError as exc:
+        print(f"aws-vpc-cni-agent: {exc}", file=sys.stderr)
+        return 1
+    agent = Agent(cfg, args.network, log, args.interval)
+    servers = [agent.serve_nudges, agent.serve_status]
+    if args.metrics_address:
+        servers.append(lambda: agent.serve_metrics(args.metrics_address))
+    for serve in servers:
+        threading.Thread(target=serve, daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: (agent.stopping.set(), agent.wake.set()))
+    log.info("agent started", pid=os.getpid(), network=args.network)
+    agent.run()
+    log.info("agent stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Keeps a node's pool in the store in step with EC2.
+
+This is the one place that turns warm-pool decisions (`warmpool`) into EC2 calls (`ec2`) and store
+updates (`pool`). The node agent runs `tick()` in its loop, holding the store lock only to read and
+write the document, never during an EC2 call, so pods keep starting from the warm pool meanwhile.
+aws-eni-ipam's no-agent slow path runs `grow_for_add()` under the lock it already holds.
+
+What the agent last did lives in the document's `agent` section, so a plugin can say why the pool
+is empty and a restarted agent keeps its pauses:
+    {"blocked": {"reason", "since"} | null, "insufficient_addresses_at", "last_release_at",
+     "last_error": {"action", "code", "message", "at"} | null, "last_tick"}
+"""
+
+from __future__ import annotations
+
+import time
+
+from . import instance_limits, warmpool
+from .pool import ASSIGNED, COOLING, FREE, Pool, new_document
+from .store import Store
+
+
+class NodePool:
+    """One node's pool: facts from IMDS, ENIs and IPs from EC2, decisions from warmpool."""
+
+    def __init__(self, cfg: dict, log, *, imds=None, ec2=None, clock=time.time):
+        self.cfg = cfg
+        self.log = log
+        self.clock = clock
+        self.settings = warmpool.PoolSettings(
+            warm_ip_target=cfg["WARM_IP_TARGET"], minimum_ip_target=cfg["MINIMUM_IP_TARGET"],
+            warm_eni_target=cfg["WARM_ENI_TARGET"], max_eni=cfg["MAX_ENI"])
+        self._imds = imds
+        self._ec2 = ec2
+
+    # --- AWS access (created on first use: boto3 is imported only then) -------------------------
+    @property
+    def imds(self):
+        if self._imds is None:
+            from .imds import IMDS
+            self._imds = IMDS()
+        return self._imds
+
+    def ec2(self, doc: dict):
+        if self._ec2 is None:
+            from .ec2 import EC2
+            node = doc["node"]
+            self._ec2 = EC2(node["instance_id"], region=node["region"], cluster_name=self.cfg["CLUSTER_NAME"])
+        return self._ec2
+
+    def ec2_calls(self) -> dict[str, int]:
+        """EC2 requests this process has sent, per action."""
+        return dict(self._ec2.calls) if self._ec2 is not None else {}
+
+    # --- the document -------------------------------------------------------------------------
+    def new_document(self) -> dict:
+        """A fresh document: node facts from IMDS, limits from the shipped table (or EC2)."""
+        ident = self.imds.identity()
+        primary = self.imds.eni(ident.primary_mac)
+        node = {"instance_id": ident.instance_id, "instance_type": ident.instance_type,
+                "region": ident.region, "availability_zone": ident.availability_zone,
+                "primary_mac": primary.mac, "primary_eni": primary.interface_id, "primary_ip": primary.primary_ip,
+                "subnet_id": primary.subnet_id, "subnet_cidr": primary.subnet_cidr,
+                "security_groups": list(primary.security_group_ids), "vpc_cidrs": list(primary.vpc_cidrs)}
+        doc = new_document(node)
+        limits = instance_limits.lookup(ident.instance_type, self.ec2(doc))
+        node.update(max_enis=limits.max_enis, ipv4_per_eni=limits.ipv4_per_eni)
+        return doc
+
+    def limits(self, doc: dict) -> instance_limits.InstanceLimits:
+        node = doc["node"]
+        return instance_limits.InstanceLimits(node["instance_type"], node["max_enis"], node["ipv4_per_eni"])
+
+    def apply_ec2_view(self, doc: dict, enis) -> None:
+        """Make the document's ENIs and secondary IPs those EC2 reports attached to the instance.
+        Assignments are kept; an ENI that vanished while holding pods is kept and reported."""
+        pool = Pool(doc, self.clock())
+        seen = set()
+        for eni in enis:
+            if eni.device_index is None:
+                continue
+            seen.add(eni.eni_id)
+            known = pool.enis.get(eni.eni_id, {})
+            subnet_cidr = (doc["node"]["subnet_cidr"] if eni.subnet_id == doc["node"]["subnet_id"]
+                           else known.get("subnet_cidr") or self.imds.eni(eni.mac).subnet_cidr)
+            pool.put_eni(eni.eni_id, mac=eni.mac, device_number=eni.device_index, subnet_cidr=subnet_cidr,
+                         primary_ip=eni.primary_ip, primary=eni.device_index == 0,
+                         attached_at=known.get("attached_at", self.clock()))
+            lost = pool.set_secondary_ips(eni.eni_id, list(eni.secondary_ips))
+            if lost:
+                self.log.error("EC2 no longer lists IPs that pods hold", eni=eni.eni_id, ips=lost)
+        for eni_id in list(pool.enis):
+            if eni_id in seen:
+                continue
+            if any(e["state"] == ASSIGNED for e in pool.enis[eni_id]["ips"].values()):
+                self.log.error("an ENI holding pods is no longer attached", eni=eni_id)
+            else:
+                pool.remove_eni(eni_id)
+
+    def decide(self, doc: dict) -> warmpool.Decision:
+        agent = doc.setdefault("agent", {})
+        return warmpool.decide(self.eni_states(doc), self.settings, self.limits(doc), self.clock(),
+                               last_release_at=agent.get("last_release_at"),
+                               insufficient_addresses_at=agent.get("insufficient_addresses_at"))
+
+    def eni_states(self, doc: dict) -> list[warmpool.ENIState]:
+        return [warmpool.ENIState(eni_id=s["eni_id"], device_index=s["device_number"], total=s["total"],
+                                  assigned=s["assigned"], cooling=s["cooling"], attached_at=s["attached_at"])
+                for s in Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"]).eni_stats()]
+
+    # --- acting -------------------------------------------------------------------------------
+    def grow(self, doc: dict, steps) -> None:
+        """Run grow steps against EC2 (existing ENIs first, then new ones). Errors are recorded in
+        the document and stop the remaining steps; the caller applies EC2's view afterwards."""
+        from .ec2 import EC2Error, InsufficientAddresses
+        ec2 = self.ec2(doc)
+        node = doc["node"]
+        try:
+            for step in steps:
+                if isinstance(step, warmpool.AssignIPs):
+                    ec2.assign_ips(step.eni_id, step.count)
+                else:
+                    eni = ec2.allocate_eni(node["subnet_id"], node["security_groups"])
+                    self.log.info("attached a new ENI", eni=eni.eni_id, device=eni.device_index)
+                    ec2.assign_ips(eni.eni_id, step.count)
+        except InsufficientAddresses as exc:
+            doc["agent"]["insufficient_addresses_at"] = self.clock()
+            self._record_error(doc, exc)
+        except EC2Error as exc:
+            self._record_error(doc, exc)
+
+    def _record_error(self, doc: dict, exc) -> None:
+        doc["agent"]["last_error"] = {"action": exc.action, "code": exc.code, "message": exc.message,
+                                      "at": self.clock()}
+        self.log.error(str(exc))
+
+    def blocked_reason(self, doc: dict, decision: warmpool.Decision) -> str | None:
+        """Why the pool is short and cannot grow now, in words an operator acts on."""
+        if decision.blocked:
+            return decision.blocked
+        error = doc["agent"].get("last_error")
+        if error and self.clock() - error["at"] < 60:
+            if error["code"] in ("RequestLimitExceeded", "Throttling") or error["code"].startswith("5"):
+                return f"EC2 is throttling or failing this node's requests ({error['code']} on {error['action']})"
+            return f"EC2 {error['action']} failed: {error['code']}: {error['message']}"
+        return None
+
+    def refresh(self, doc: dict) -> None:
+        self.apply_ec2_view(doc, self.ec2(doc).instance_enis())
+
+    # --- the two users ------------------------------------------------------------------------
+    def grow_for_add(self, doc: dict | None) -> dict:
+        """No agent on the node: bring the pool to target now, at least one free IP (caller holds the lock)."""
+        if doc is None:
+            doc = self.new_document()
+            self.refresh(doc)
+        pool = Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"])
+        decision = self.decide(doc)
+        steps = decision.grow
+        if not steps and pool.free_count() == 0 and not decision.blocked:
+            steps = warmpool.grow_plan(self.eni_states(doc), 1, decision.figures.ips_per_eni,
+                                       decision.figures.max_enis, whole_enis=False)[0]
+        if steps:
+            self.grow(doc, steps)
+            self.refresh(doc)
+        doc["agent"]["blocked"] = self._blocked_entry(doc, decision if not steps else self.decide(doc))
+        return doc
+
+    def tick(self, store: Store) -> warmpool.Decision:
+        """One round of the agent's loop: decide, act on EC2 without the lock, merge EC2's view."""
+        with store.locked() as tx:
+            doc = tx.read()
+            if doc is None:
+                doc = self.new_document()
+                self.refresh(doc)
+            decision = self.decide(doc)
+            releasing = self._take_releases(doc, decision)
+            freeing = self._take_free_eni(doc, decision)
+            tx.write(doc)
+        acted = bool(decision.grow or releasing or freeing)
+        self.grow(doc, decision.grow)
+        self._release(doc, releasing)
+        self._free_eni(doc, freeing)
+        enis = self.ec2(doc).instance_enis() if acted else None
+        with store.locked() as tx:
+            fresh = tx.read() or doc
+            fresh["agent"] = doc["agent"]
+            if enis is not None:
+                self.apply_ec2_view(fresh, enis)
+            decision = self.decide(fresh)
+            fresh["agent"]["blocked"] = self._blocked_entry(fresh, decision)
+            fresh["agent"]["last_tick"] = self.clock()
+            tx.write(fresh)
+        return decision
+
+    def _blocked_entry(self, doc: dict, decision: warmpool.Decision) -> dict | None:
+        reason = self.blocked_reason(doc, decision) if decision.figures.short or decision.blocked else None
+        if reason is None:
+            return None
+        previous = doc["agent"].get("blocked") or {}
+        return {"reason": reason, "since": previous.get("since", self.clock())}
+
+    def _take_releases(self, doc: dict, decision) -> dict[str, list[str]]:
+        """Take the free IPs to give back out of the pool (under the lock) so no pod gets them."""
+        pool = Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"])
+        taken: dict[str, list[str]] = {}
+        for step in decision.release:
+            ips = pool.enis[step.eni_id]["ips"]
+            free = [ip for ip, e in ips.items() if e["state"] == FREE][:step.count]
+            for ip in free:
+                del ips[ip]
+            if free:
+                taken[step.eni_id] = free
+        return taken
+
+    def _take_free_eni(self, doc: dict, decision) -> str | None:
+        eni_id = decision.free_eni
+        if eni_id is None:
+            return None
+        states = {e["state"] for e in doc["enis"][eni_id]["ips"].values()}
+        if ASSIGNED in states or COOLING in states:
+            return None
+        Pool(doc, self.clock()).remove_eni(eni_id)
+        return eni_id
+
+    def _release(self, doc: dict, releasing: dict[str, list[str]]) -> None:
+        from .ec2 import EC2Error
+        for eni_id, ips in releasing.items():
+            try:
+                self.ec2(doc).unassign_ips(eni_id, ips)
+                doc["agent"]["last_release_at"] = self.clock()
+                self.log.info("gave back surplus IPs", eni=eni_id, ips=ips)
+            except EC2Error as exc:
+                self._record_error(doc, exc)  # EC2's view brings them back as free
+
+    def _free_eni(self, doc: dict, eni_id: str | None) -> None:
+        from .ec2 import EC2Error
+        if eni_id is None:
+            return
+        try:
+            self.ec2(doc).free_eni(eni_id)
+            self.log.info("freed an idle ENI", eni=eni_id)
+        except EC2Error as exc:
+            self._record_error(doc, exc)
+
+
+def grow_for_add(doc: dict | None, cfg: dict, network: str, log) -> dict:
+    """aws-eni-ipam's slow path (no agent running); the caller holds the store lock."""
+    from .ec2 import EC2Error
+    from .errors import AWS_FAILURE, CNIError
+    from .imds import IMDSError
+    try:
+        return NodePool(cfg, log).grow_for_add(doc)
+    except (EC2Error, IMDSError, instance_limits.InstanceLimitsError) as exc:
+        raise CNIError(AWS_FAILURE, f"cannot grow the pool of network {network}: {exc}") from None

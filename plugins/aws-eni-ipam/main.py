@@ -1,0 +1,145 @@
+"""aws-eni-ipam: hands out secondary private IPs of the node's ENIs.
+
+Hot path (the pool has a free IP): lock the store, take an IP, write, answer. No EC2, no IMDS, no
+boto3 import. Slow path (the pool is empty): with the node agent running, answer "try again later"
+(code 11) saying why and nudge the agent; with no agent (e.g. cnitool on a bare node), grow the pool
+from EC2 under the store lock, then allocate.
+"""
+
+from __future__ import annotations
+
+import time
+
+from cnicore import agentlink, settings, skel
+from cnicore.errors import ATTACHMENT_EXISTS, CHECK_FAILED, CNIError, INVALID_CONFIG, PLUGIN_NOT_AVAILABLE, TRY_AGAIN_LATER
+from cnicore.pool import Pool, PoolExhausted
+from cnicore.store import Store, StoreError
+
+POOL_SETTINGS = ("WARM_IP_TARGET", "MINIMUM_IP_TARGET", "WARM_ENI_TARGET", "MAX_ENI", "IP_COOLDOWN_PERIOD",
+                 "CLUSTER_NAME", "AWS_VPC_CNI_DATA_DIR")
+
+
+def _ipam_conf(args: skel.CmdArgs) -> dict:
+    ipam = args.conf.get("ipam", args.conf)
+    if not isinstance(ipam, dict):
+        raise CNIError(INVALID_CONFIG, "ipam must be an object")
+    return ipam
+
+
+def _settings(args: skel.CmdArgs) -> dict:
+    return settings.from_conf(_ipam_conf(args), POOL_SETTINGS)
+
+
+def _store(args: skel.CmdArgs, cfg: dict) -> Store:
+    return Store(cfg["AWS_VPC_CNI_DATA_DIR"], args.network)
+
+
+def _result(ip: str, gateway: str) -> dict:
+    return {"ips": [{"address": f"{ip}/32", "gateway": gateway}], "dns": {}}
+
+
+def cmd_add(args: skel.CmdArgs) -> dict:
+    cfg = _settings(args)
+    with _store(args, cfg).locked() as tx:
+        doc = tx.read()
+        if doc is not None:
+            pool = Pool(doc, time.time(), cfg["IP_COOLDOWN_PERIOD"])
+            held = pool.find(args.container_id, args.ifname)
+            if held:
+                raise CNIError(ATTACHMENT_EXISTS, f"container {args.container_id} interface {args.ifname} "
+                                                  f"already holds {held.ip}; DEL it first")
+            try:
+                got = pool.assign(args.container_id, args.ifname, args.pod_namespace, args.pod_name)
+                tx.write(doc)
+                args.log.debug("assigned from the warm pool", ip=got.ip, eni=got.eni_id)
+                return _result(got.ip, got.gateway)
+            except PoolExhausted as exc:
+                exhausted = exc
+        else:
+            exhausted = None
+        if agentlink.agent_running(cfg["AWS_VPC_CNI_DATA_DIR"]):
+            agentlink.nudge(cfg["AWS_VPC_CNI_DATA_DIR"])
+            raise CNIError(TRY_AGAIN_LATER, _empty_pool_message(doc, exhausted),
+                           "the node agent was asked to grow the pool")
+        from cnicore import poolmgr  # slow path only: EC2 and IMDS access
+        doc = poolmgr.grow_for_add(doc, cfg, args.network, args.log)
+        pool = Pool(doc, time.time(), cfg["IP_COOLDOWN_PERIOD"])
+        try:
+            got = pool.assign(args.container_id, args.ifname, args.pod_namespace, args.pod_name)
+        except PoolExhausted as exc:
+            tx.write(doc)
+            raise CNIError(TRY_AGAIN_LATER, _empty_pool_message(doc, exc)) from None
+        tx.write(doc)
+        args.log.info("assigned after growing the pool", ip=got.ip, eni=got.eni_id)
+        return _result(got.ip, got.gateway)
+
+
+def _empty_pool_message(doc: dict | None, exhausted: PoolExhausted | None) -> str:
+    blocked = (doc or {}).get("agent", {}).get("blocked")
+    why = blocked["reason"] if blocked else "the pool is being grown"
+    cooling = f"; {exhausted.cooling} released IPs are still cooling down" if exhausted and exhausted.cooling else ""
+    return f"no free IP on this node: {why}{cooling}"
+
+
+def cmd_del(args: skel.CmdArgs) -> None:
+    cfg = _settings(args)
+    try:
+        with _store(args, cfg).locked() as tx:
+            doc = tx.read()
+            if doc is None:
+                return
+            ip = Pool(doc, time.time(), cfg["IP_COOLDOWN_PERIOD"]).release(args.container_id, args.ifname)
+            if ip:
+                tx.write(doc)
+                args.log.debug("released", ip=ip)
+    except StoreError as exc:
+        # DEL must succeed: the agent's rebuild reclaims the IP from what is left on the host.
+        args.log.error(f"DEL could not update the state store: {exc}")
+
+
+def cmd_check(args: skel.CmdArgs) -> None:
+    cfg = _settings(args)
+    with _store(args, cfg).locked(shared=True) as tx:
+        doc = tx.read()
+    held = Pool(doc, time.time()).find(args.container_id, args.ifname) if doc else None
+    if held is None:
+        raise CNIError(CHECK_FAILED, f"no IP is reserved for container {args.container_id} interface {args.ifname}")
+    expected = {ip["address"].split("/")[0] for ip in (args.prev_result or {}).get("ips", [])}
+    if expected and held.ip not in expected:
+        raise CNIError(CHECK_FAILED, f"the reserved IP {held.ip} is not the one in prevResult {sorted(expected)}")
+
+
+def cmd_gc(args: skel.CmdArgs) -> None:
+    keep = skel.valid_attachments(args.conf)
+    cfg = _settings(args)
+    with _store(args, cfg).locked() as tx:
+        doc = tx.read()
+        if doc is None:
+            return
+        pool = Pool(doc, time.time(), cfg["IP_COOLDOWN_PERIOD"])
+        gone = [(cid, ifname, ip) for cid, ifname, ip in pool.attachments() if (cid, ifname) not in keep]
+        for cid, ifname, _ in gone:
+            pool.release(cid, ifname)
+        if gone:
+            tx.write(doc)
+            args.log.info("GC released stale reservations", released=[ip for _, _, ip in gone])
+
+
+def cmd_status(args: skel.CmdArgs) -> None:
+    cfg = _settings(args)
+    with _store(args, cfg).locked(shared=True) as tx:
+        doc = tx.read()
+    if doc is None:
+        return  # nothing allocated yet: the first ADD grows the pool
+    if Pool(doc, time.time(), cfg["IP_COOLDOWN_PERIOD"]).free_count() == 0:
+        raise CNIError(PLUGIN_NOT_AVAILABLE, _empty_pool_message(doc, None))
+
+
+def main() -> None:
+    skel.plugin_main("aws-eni-ipam", {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check,
+                                      "GC": cmd_gc, "STATUS": cmd_status},
+                     about="aws-eni-ipam: secondary IPs of the node's ENIs for pods")
+
+
+if __name__ == "__main__":
+    main()
