@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo build install clean
 
 setup:
 	@bash build/setup.sh
@@ -14,6 +14,12 @@ test: setup
 
 demo: setup
 	$(PY) -m vpclab.demo
+
+build: setup
+	@bash build/build.sh
+
+install: build
+	@bash build/install.sh
 
 clean:
 	rm -rf $(VENV) .tools dist build/work .pytest_cache
