@@ -1,0 +1,129 @@
+"""EC2 as the lab sees it at one moment: a snapshot read from moto, and the questions asked of it."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+# EC2 keeps five addresses of every subnet: network, router (+1), DNS (+2), future use (+3), broadcast.
+RESERVED_LOW = 4
+
+
+@dataclass(frozen=True)
+class Vpc:
+    id: str
+    cidrs: tuple[str, ...]  # primary first
+
+
+@dataclass(frozen=True)
+class Subnet:
+    id: str
+    vpc_id: str
+    cidr: str
+    az: str
+
+    def reserved(self, ip: str) -> bool:
+        net = ipaddress.ip_network(self.cidr)
+        n = int(ipaddress.ip_address(ip))
+        return n < int(net.network_address) + RESERVED_LOW or n == int(net.broadcast_address)
+
+    def contains(self, ip: str) -> bool:
+        return ipaddress.ip_address(ip) in ipaddress.ip_network(self.cidr)
+
+
+@dataclass(frozen=True)
+class Instance:
+    id: str
+    type: str
+    az: str
+    subnet_id: str
+    vpc_id: str
+    private_ip: str
+    image_id: str
+
+
+@dataclass(frozen=True)
+class Eni:
+    id: str
+    mac: str
+    subnet_id: str
+    vpc_id: str
+    az: str
+    owner_id: str
+    ips: tuple[str, ...]          # primary first
+    groups: tuple[tuple[str, str], ...]  # (group id, group name)
+    status: str                   # "available" | "in-use"
+    instance_id: str | None = None
+    device_index: int | None = None
+    attachment_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    taken_at: float
+    vpcs: dict[str, Vpc] = field(default_factory=dict)
+    subnets: dict[str, Subnet] = field(default_factory=dict)
+    instances: dict[str, Instance] = field(default_factory=dict)
+    enis: dict[str, Eni] = field(default_factory=dict)
+
+    def enis_of(self, instance_id: str) -> list[Eni]:
+        """The ENIs attached to an instance, by device index."""
+        attached = [e for e in self.enis.values() if e.instance_id == instance_id]
+        return sorted(attached, key=lambda e: e.device_index)
+
+    def eni_by_attachment(self, attachment_id: str) -> Eni | None:
+        return next((e for e in self.enis.values() if e.attachment_id == attachment_id), None)
+
+    def holder(self, ip: str) -> Eni | None:
+        return next((e for e in self.enis.values() if ip in e.ips), None)
+
+    def free_ips(self, subnet_id: str) -> list[str]:
+        """Addresses of a subnet that no ENI holds and EC2 does not keep, lowest first."""
+        net = ipaddress.ip_network(self.subnets[subnet_id].cidr)
+        used = {int(ipaddress.ip_address(ip)) for e in self.enis.values() if e.subnet_id == subnet_id
+                for ip in e.ips}
+        low, high = int(net.network_address) + RESERVED_LOW, int(net.broadcast_address)
+        return [str(ipaddress.IPv4Address(n)) for n in range(low, high) if n not in used]
+
+    @classmethod
+    def from_describe(cls, taken_at: float, vpcs: list[dict], subnets: list[dict],
+                      reservations: list[dict], enis: list[dict]) -> "Snapshot":
+        """Build from the responses of DescribeVpcs, -Subnets, -Instances, -NetworkInterfaces."""
+        return cls(
+            taken_at,
+            {v["VpcId"]: _vpc(v) for v in vpcs},
+            {s["SubnetId"]: Subnet(s["SubnetId"], s["VpcId"], s["CidrBlock"], s["AvailabilityZone"])
+             for s in subnets},
+            {i["InstanceId"]: _instance(i) for r in reservations for i in r["Instances"]
+             if i["State"]["Name"] not in ("terminated", "shutting-down")},
+            {e["NetworkInterfaceId"]: _eni(e) for e in enis},
+        )
+
+
+def _vpc(v: dict) -> Vpc:
+    associated = [a["CidrBlock"] for a in v.get("CidrBlockAssociationSet", [])
+                  if a.get("CidrBlockState", {}).get("State") == "associated"]
+    others = [c for c in associated if c != v["CidrBlock"]]
+    return Vpc(v["VpcId"], (v["CidrBlock"], *others))
+
+
+def _instance(i: dict) -> Instance:
+    return Instance(i["InstanceId"], i["InstanceType"], i["Placement"]["AvailabilityZone"],
+                    i.get("SubnetId", ""), i.get("VpcId", ""), i.get("PrivateIpAddress", ""),
+                    i.get("ImageId", ""))
+
+
+def _eni(e: dict) -> Eni:
+    addresses = e.get("PrivateIpAddresses", [])
+    ips = [a["PrivateIpAddress"] for a in addresses if a.get("Primary")]
+    ips += [a["PrivateIpAddress"] for a in addresses if not a.get("Primary")]
+    attachment = e.get("Attachment") or {}
+    attached = e.get("Status") == "in-use" and attachment.get("InstanceId")
+    return Eni(
+        e["NetworkInterfaceId"], e["MacAddress"], e["SubnetId"], e["VpcId"], e["AvailabilityZone"],
+        e.get("OwnerId", ""), tuple(ips), tuple((g["GroupId"], g.get("GroupName", "")) for g in e.get("Groups", [])),
+        e.get("Status", "available"),
+        attachment.get("InstanceId") if attached else None,
+        int(attachment["DeviceIndex"]) if attached else None,
+        attachment.get("AttachmentId") if attached else None,
+    )
