@@ -1,0 +1,273 @@
+"""The lab daemon: one process, living in the lab's ctl namespace, that runs moto, the EC2 front, every
+node's IMDS, the echo servers and the data-plane loop, and answers the control socket.
+
+Nodes reach their IMDS (169.254.169.254:80) and the EC2 front (169.254.169.200:80) on their own lo:
+the daemon opens those listening sockets from inside each node's namespace, so no link or route joins
+a node to the ctl namespace, and nothing joins the lab to the machine's own network.
+
+Started by `Lab.up` as `python -m vpclab.daemon STATE_DIR READY_FD`; it writes "ok" or "error: ..." to
+READY_FD once, and stops (removing every namespace and its state directory) on the control
+operation `shutdown`, on SIGTERM/SIGINT, or when the owner process given in the config ends.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import sys
+import threading
+
+from . import config as cfg
+from . import dataplane, echo, netns
+from .config import LabConfig
+from .counting import CallCounter
+from .ec2front import Ec2Front, FrontHandler
+from .errors import Ec2Error, LabError
+from .faults import ANY_ACTION, IMDS, Fault, FaultBook
+from .imds import ImdsHandler, ImdsService
+from .instance_types import limits
+from .servers import HttpServer, serve_in
+from .state import StateCache, fetch
+
+log = logging.getLogger("vpclab.daemon")
+
+MOTO_PORT = 5000
+INTERNAL_FRONT_PORT = 8080  # the lab's own EC2 calls (Lab.ec2): not counted, no faults
+RESYNC_PERIOD = 2.0
+AMI = "ami-12c6146b"
+DUMMY_KEY = "testing"
+
+
+class LabDaemon:
+    def __init__(self, config: LabConfig):
+        self.config = config
+        self.faults = FaultBook()
+        self.imds_calls = CallCounter()
+        self._stop = threading.Event()
+        self._kicked = threading.Event()
+        self._status: dict = {}
+        self._owner_fd: int | None = None
+
+    # --- life cycle ------------------------------------------------------------------------------
+
+    def run(self, ready) -> None:
+        """Start, report readiness, serve until told to stop, then remove everything."""
+        try:
+            if self.config.owner_pid is not None:
+                self._owner_fd = os.pidfd_open(self.config.owner_pid)
+            netns.create(self.config.ctl_netns)
+            with netns.entered(self.config.ctl_netns):
+                self._start()
+                ready("ok")
+                self._wait()
+        except BaseException as e:
+            log.exception("lab daemon stops on error")
+            ready(f"error: {e}")
+        finally:
+            netns.sweep(self.config.name)
+            shutil.rmtree(self.config.state_dir, ignore_errors=True)
+            log.info("lab %s removed", self.config.name)
+
+    def _start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        ThreadedMotoServer(ip_address="127.0.0.1", port=MOTO_PORT, verbose=False).start()
+        self._moto = _client(f"http://127.0.0.1:{MOTO_PORT}")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            built = pool.submit(self._build_ec2)  # moto's first calls take a second: overlap them
+            for role in self._roles():
+                netns.create(self.config.netns(role))
+            dataplane.build(self.config)
+            built = built.result()
+        instances = built["instances"]
+        self._cache = StateCache(functools.partial(fetch, self._moto), self.config.imds_staleness)
+        self.front = Ec2Front(("127.0.0.1", MOTO_PORT), self._cache, self.faults, self.config.instance_type,
+                              self._kicked.set)
+        self._serve(instances)
+        nodes = {instances[n.name]: n for n in self.config.node_plans()}
+        self._wiring = dataplane.Wiring(self.config.router_netns, nodes)
+        snap = self._cache.refresh()
+        self._wiring.apply(snap)
+        threading.Thread(target=self._sync_loop, name="sync", daemon=True).start()
+        self._status = self._describe(snap, built)
+        log.info("lab %s is up", self.config.name)
+
+    def _roles(self) -> list[str]:
+        return ["rtr"] + [h.netns.removeprefix(self.config.name + "-") for h in self.config.host_plans()] \
+            + [n.name for n in self.config.node_plans()]
+
+    def _build_ec2(self) -> dict:
+        """VPC, subnets, security group, one instance per node; returns their ids."""
+        c = self._moto
+        vpc = c.create_vpc(CidrBlock=self.config.vpc_cidrs[0])["Vpc"]["VpcId"]
+        for cidr in self.config.vpc_cidrs[1:]:
+            c.associate_vpc_cidr_block(VpcId=vpc, CidrBlock=cidr)
+        subnets = {s.cidr: c.create_subnet(VpcId=vpc, CidrBlock=s.cidr, AvailabilityZone=s.az)["Subnet"]["SubnetId"]
+                   for s in self.config.subnets()}
+        group = c.create_security_group(GroupName=f"{self.config.name}-nodes", Description="vpclab nodes",
+                                        VpcId=vpc)["GroupId"]
+        instances = {}
+        for node in self.config.node_plans():
+            tags = [{"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": f"{self.config.name}-{node.name}"}]}]
+            reply = c.run_instances(ImageId=AMI, MinCount=1, MaxCount=1, InstanceType=self.config.instance_type,
+                                    SubnetId=subnets[node.subnet.cidr], PrivateIpAddress=node.primary_ip,
+                                    SecurityGroupIds=[group], TagSpecifications=tags)
+            instances[node.name] = reply["Instances"][0]["InstanceId"]
+        return {"vpc_id": vpc, "subnets": subnets, "group_id": group, "instances": instances}
+
+    def _serve(self, instances: dict[str, str]) -> None:
+        for node in self.config.node_plans():
+            service = ImdsService(node.name, instances[node.name], cfg.REGION, self._cache, self.faults,
+                                  self.imds_calls)
+            serve_in(node.netns, functools.partial(_http, (cfg.IMDS_ADDRESS, 80), ImdsHandler, imds=service))
+            serve_in(node.netns, functools.partial(_http, (cfg.EC2_ADDRESS, cfg.EC2_PORT), FrontHandler,
+                                                   front=self.front, counted=True))
+        serve_in(None, functools.partial(_http, ("127.0.0.1", INTERNAL_FRONT_PORT), FrontHandler,
+                                         front=self.front, counted=False))
+        for host in self.config.host_plans():
+            echo.start(host.netns, cfg.ECHO_PORT)
+        from .control import ControlServer
+
+        serve_in(None, functools.partial(ControlServer, os.path.join(self.config.state_dir, "ctl.sock"),
+                                         self._handlers()))
+
+    def _sync_loop(self) -> None:
+        """Follow EC2: at once after each change through the front, else every RESYNC_PERIOD."""
+        while not self._stop.is_set():
+            kicked = self._kicked.wait(RESYNC_PERIOD)
+            self._kicked.clear()
+            try:
+                self._wiring.apply(self._cache.live() if kicked else self._cache.refresh())
+            except Exception:
+                log.exception("data plane sync failed; retrying")
+
+    def _wait(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        while not self._stop.wait(0.5):
+            if self._owner_fd is not None and select.select([self._owner_fd], [], [], 0)[0]:
+                log.info("owner process %s ended", self.config.owner_pid)
+                return
+
+    # --- control operations ----------------------------------------------------------------------
+
+    def _handlers(self) -> dict:
+        return {
+            "status": self._op_status,
+            "fault": self._op_fault,
+            "clear_faults": self.faults.clear,
+            "ec2_calls": lambda reset=False: self.front.calls.read(reset),
+            "imds_calls": lambda reset=False: self.imds_calls.read(reset),
+            "ec2": self._op_ec2,
+            "imds_staleness": self._op_staleness,
+            "shutdown": self._stop.set,
+        }
+
+    def _op_status(self) -> dict:
+        return {**self._status, "pid": os.getpid(), "imds_staleness": self._cache.staleness,
+                "faults": self.faults.listed()}
+
+    def _op_fault(self, action: str, error: str | None = None, count: int | None = None,
+                  duration: float | None = None, latency: float = 0.0, node: str | None = None) -> None:
+        fault = Fault.make(action, error, count, duration, latency, node)
+        if action == IMDS:
+            names = [n.name for n in self.config.node_plans()]
+            if node is not None and node not in names:
+                raise LabError(f"fault node {node!r}: the lab's nodes are {', '.join(names)}")
+        elif action != ANY_ACTION and action not in self._moto.meta.service_model.operation_names:
+            raise LabError(f"fault action {action!r} is not an EC2 API action")
+        self.faults.add(fault)
+
+    def _op_ec2(self, action: str, params: dict | None = None) -> dict:
+        from botocore.exceptions import ClientError, ParamValidationError
+
+        if action not in self._moto.meta.service_model.operation_names:
+            raise LabError(f"{action!r} is not an EC2 API action")
+        client = self._internal_client()
+        try:
+            reply = client._make_api_call(action, params or {})
+        except ClientError as e:
+            err = e.response["Error"]
+            raise Ec2Error(err.get("Code", "?"), err.get("Message", ""),
+                           e.response["ResponseMetadata"]["HTTPStatusCode"]) from None
+        except ParamValidationError as e:
+            raise LabError(f"{action}: {e}") from None
+        reply.pop("ResponseMetadata", None)
+        return json.loads(json.dumps(reply, default=str))
+
+    @functools.cache
+    def _internal_client(self):
+        return _client(f"http://127.0.0.1:{INTERNAL_FRONT_PORT}")
+
+    def _op_staleness(self, seconds: float) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= cfg.MAX_STALENESS:
+            raise LabError(f"imds_staleness: {seconds!r} must be seconds in [0, {cfg.MAX_STALENESS:g}]")
+        self._cache.staleness = float(seconds)
+
+    # --- status ----------------------------------------------------------------------------------
+
+    def _describe(self, snap, built: dict) -> dict:
+        c = self.config
+        lim = limits(c.instance_type)
+        instances = built["instances"]
+        nodes = []
+        for n in c.node_plans():
+            eni = snap.enis_of(instances[n.name])[0]
+            nodes.append({"name": n.name, "netns": n.netns, "instance_id": instances[n.name],
+                          "instance_type": c.instance_type, "primary_ip": n.primary_ip, "mac": eni.mac,
+                          "eni_id": eni.id, "subnet_id": eni.subnet_id, "az": n.subnet.az})
+        hosts = [{"name": h.name, "netns": h.netns, "cidr": h.cidr, "address": h.address, "echo_port": cfg.ECHO_PORT}
+                 for h in c.host_plans()]
+        return {
+            "name": c.name, "region": cfg.REGION, "vpc_id": built["vpc_id"], "vpc_cidrs": list(c.vpc_cidrs),
+            "subnets": [{"id": built["subnets"][s.cidr], "cidr": s.cidr, "az": s.az, "gateway": s.gateway}
+                        for s in c.subnets()],
+            "security_group_id": built["group_id"],
+            "limits": {"instance_type": lim.instance_type, "max_enis": lim.max_enis, "ipv4_per_eni": lim.ipv4_per_eni},
+            "nodes": nodes, "internet": hosts[0], "extra_hosts": hosts[1:],
+            "endpoints": {"imds": f"http://{cfg.IMDS_ADDRESS}", "ec2": f"http://{cfg.EC2_ADDRESS}:{cfg.EC2_PORT}"},
+            "router": {"netns": c.router_netns}, "ctl": {"netns": c.ctl_netns, "moto": f"http://127.0.0.1:{MOTO_PORT}"},
+        }
+
+
+def _http(address, handler, **attributes) -> HttpServer:
+    server = HttpServer(address, handler)
+    vars(server).update(attributes)
+    return server
+
+
+def _client(endpoint: str):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("ec2", endpoint_url=endpoint, region_name=cfg.REGION, aws_access_key_id=DUMMY_KEY,
+                        aws_secret_access_key=DUMMY_KEY, config=Config(retries={"max_attempts": 1}))
+
+
+def main(argv: list[str]) -> None:
+    state_dir, ready_fd = argv[0], int(argv[1])
+    with open(os.path.join(state_dir, "config.json")) as f:
+        config = LabConfig.from_json(f.read())
+    logging.basicConfig(filename=os.path.join(state_dir, "daemon.log"), level=logging.INFO,
+                        format="%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s")
+    ready_file = os.fdopen(ready_fd, "w")
+
+    def ready(message: str) -> None:
+        if not ready_file.closed:
+            ready_file.write(message + "\n")
+            ready_file.close()
+
+    LabDaemon(config).run(ready)
+    logging.shutdown()
+    os._exit(0)  # moto's server thread would keep the interpreter waiting
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

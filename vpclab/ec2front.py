@@ -1,0 +1,118 @@
+"""The EC2 endpoint the nodes talk to: it counts every call, injects faults, enforces what moto does not
+(ec2rules), and forwards the rest to moto.
+
+Calls that change state are serialized, checked against a snapshot that reflects every earlier
+change, and followed by `changed()` so the data plane and IMDS catch up at once.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+from typing import Callable
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from .counting import CallCounter
+from .ec2rules import Params, Plan, Rejection, error_xml, vet
+from .faults import EC2_ERRORS, FaultBook
+from .state import StateCache
+
+READ_ONLY = ("Describe", "Get", "List")
+HOP_BY_HOP = {"connection", "keep-alive", "content-length", "transfer-encoding", "expect", "proxy-connection",
+              "te", "trailer", "upgrade"}
+MOTO_TIMEOUT = 60
+
+Response = tuple[int, list[tuple[str, str]], bytes]
+
+
+class Ec2Front:
+    def __init__(self, moto: tuple[str, int], cache: StateCache, faults: FaultBook, default_type: str,
+                 changed: Callable[[], None]):
+        self.calls = CallCounter()
+        self._moto = moto
+        self._cache = cache
+        self._faults = faults
+        self._default_type = default_type
+        self._changed = changed
+        self._mutating = threading.Lock()
+
+    def handle(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes, counted: bool) -> Response:
+        """One EC2 Query API request; `counted` is False for the lab's own calls (no count, no faults)."""
+        query = body.decode("utf-8", "replace") if method == "POST" else urlsplit(path).query
+        params = parse_qsl(query, keep_blank_values=True)
+        action = dict(params).get("Action", "")
+        if counted:
+            self.calls.count(action)
+            fault = self._faults.take(action)
+            if fault is not None:
+                time.sleep(fault.latency)
+                if fault.error:
+                    status, message = EC2_ERRORS[fault.error]
+                    return _error(status, fault.error, message)
+        if action.startswith(READ_ONLY):
+            return self._forward(headers, params)
+        with self._mutating:
+            try:
+                plan = vet(action, params, self._cache.live(), self._default_type)
+            except Rejection as r:
+                return _error(r.status, r.code, r.message)
+            try:
+                response = self._forward_plan(headers, params, plan)
+            finally:
+                self._cache.mark_dirty()
+        self._changed()
+        return response
+
+    def _forward_plan(self, headers: list[tuple[str, str]], params: Params, plan: Plan) -> Response:
+        version = dict(params).get("Version", "2016-11-15")
+        for action, before_params in plan.before:
+            response = self._forward(headers, [("Action", action), ("Version", version)] + before_params)
+            if response[0] != 200:
+                return response
+        return self._forward(headers, plan.params)
+
+    def _forward(self, headers: list[tuple[str, str]], params: Params) -> Response:
+        body = urlencode(params).encode()
+        sent = {k: v for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() != "content-type"}
+        sent["Content-Type"] = "application/x-www-form-urlencoded; charset=utf-8"
+        conn = http.client.HTTPConnection(*self._moto, timeout=MOTO_TIMEOUT)
+        try:
+            conn.request("POST", "/", body, sent)
+            reply = conn.getresponse()
+            data = reply.read()
+            kept = [(k, v) for k, v in reply.getheaders() if k.lower() not in HOP_BY_HOP]
+            return reply.status, kept, data
+        except OSError as e:
+            return _error(500, "InternalError", f"An internal error has occurred. (lab: moto: {e})")
+        finally:
+            conn.close()
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    return status, [("Content-Type", "text/xml;charset=UTF-8")], error_xml(code, message)
+
+
+class FrontHandler(BaseHTTPRequestHandler):
+    """The server carries `front` (an Ec2Front) and `counted` (False on the lab's internal listener)."""
+    protocol_version = "HTTP/1.1"
+    server_version = "AmazonEC2"
+    sys_version = ""
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        status, headers, data = self.server.front.handle(self.command, self.path, list(self.headers.items()),
+                                                         body, self.server.counted)
+        self.send_response(status)
+        for k, v in headers:
+            if k.lower() not in ("server", "date"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST
+
+    def log_message(self, format, *args):
+        pass
