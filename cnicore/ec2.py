@@ -97,7 +97,7 @@ class ENI:
     description: str
     primary_ip: str
     secondary_ips: tuple[str, ...]
-    device_number: int | None = None
+    device_index: int | None = None
     attachment_id: str | None = None
     instance_id: str | None = None
     tags: dict = field(default_factory=dict)
@@ -127,7 +127,7 @@ class EC2:
     def instance_enis(self) -> list[ENI]:
         """ENIs attached to this instance, by device index."""
         found = self._describe_enis(Filters=[{"Name": "attachment.instance-id", "Values": [self.instance_id]}])
-        return sorted(found, key=lambda e: e.device_number if e.device_number is not None else -1)
+        return sorted(found, key=lambda e: e.device_index if e.device_index is not None else -1)
 
     def describe_eni(self, eni_id: str) -> ENI:
         _check_id("eni", eni_id)
@@ -205,7 +205,7 @@ class EC2:
         if eni.attachment_id and eni.status != "detaching":
             if eni.instance_id != self.instance_id:
                 raise ValueError(f"{eni_id} is attached to {eni.instance_id}, not to {self.instance_id}")
-            if eni.device_number == 0:
+            if eni.device_index == 0:
                 raise ValueError(f"refusing to detach {eni_id}: it is the instance's primary ENI")
             self._call("DetachNetworkInterface", AttachmentId=eni.attachment_id)
         self._delete(eni_id)
@@ -253,11 +253,11 @@ class EC2:
     # --- internals --------------------------------------------------------------------------
 
     def _attach(self, eni: ENI) -> ENI:
-        used = {e.device_number for e in self.instance_enis()}
+        used = {e.device_index for e in self.instance_enis()}
         index = next(i for i in range(len(used) + 1) if i not in used)
         answer = self._call("AttachNetworkInterface", NetworkInterfaceId=eni.eni_id,
                             InstanceId=self.instance_id, DeviceIndex=index)
-        return replace(eni, status="in-use", device_number=index, attachment_id=answer["AttachmentId"],
+        return replace(eni, status="in-use", device_index=index, attachment_id=answer["AttachmentId"],
                        instance_id=self.instance_id)
 
     def _delete(self, eni_id: str) -> None:
@@ -366,7 +366,7 @@ def _eni_from(d: dict) -> ENI:
         description=d.get("Description", ""),
         primary_ip=primary,
         secondary_ips=tuple(a["PrivateIpAddress"] for a in addresses if not a.get("Primary")),
-        device_number=attachment.get("DeviceIndex"),
+        device_index=attachment.get("DeviceIndex"),
         attachment_id=attachment.get("AttachmentId"),
         instance_id=attachment.get("InstanceId"),
         tags={t["Key"]: t.get("Value", "") for t in d.get("TagSet") or []},

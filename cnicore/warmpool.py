@@ -66,28 +66,29 @@ class PoolSettings:
 @dataclass(frozen=True)
 class ENIState:
     """One attached ENI as the pool sees it (a row of `cnicore.pool.Pool.eni_stats()`); IP
-    counts exclude the ENI's primary address."""
+    counts exclude the ENI's primary address. The primary ENI is the one at device index 0."""
 
     eni_id: str
-    device_number: int
-    primary: bool
+    device_index: int
     total: int
     assigned: int = 0
     cooling: int = 0         # released IPs still in cool-down (not assigned)
     attached_at: float = 0.0  # when the node started using the ENI (clock seconds)
 
     def __post_init__(self):
-        if not (self.device_number >= 0 and self.total >= 0 and 0 <= self.assigned <= self.total
+        if not (self.device_index >= 0 and self.total >= 0 and 0 <= self.assigned <= self.total
                 and 0 <= self.cooling <= self.total - self.assigned):
-            raise ValueError(f"inconsistent ENI state {self}: need device_number >= 0 and "
+            raise ValueError(f"inconsistent ENI state {self}: need device_index >= 0 and "
                              "0 <= assigned, 0 <= cooling, assigned + cooling <= total")
-        if self.device_number == 0 and not self.primary:
-            raise ValueError(f"inconsistent ENI state {self}: device 0 is the primary ENI")
 
     @classmethod
     def from_stats(cls, row: Mapping[str, Any]) -> "ENIState":
-        return cls(row["eni_id"], row["device_number"], row["primary"], row["total"], row["assigned"],
-                   row["cooling"], row["attached_at"])
+        return cls(row["eni_id"], row["device_number"], row["total"], row["assigned"], row["cooling"],
+                   row["attached_at"])
+
+    @property
+    def primary(self) -> bool:
+        return self.device_index == 0
 
     @property
     def available(self) -> int:
@@ -186,7 +187,7 @@ def decide(enis: Sequence[ENIState], settings: PoolSettings, limits: InstanceLim
             return Decision(figures, blocked=f"EC2 reported the subnet out of addresses; "
                                              f"growth paused for {wait:.0f} s more")
         whole_enis = settings.mode == MODE_ENI_TARGET
-        steps, missing = _grow_plan(enis, figures.short, figures.ips_per_eni, figures.max_enis, whole_enis)
+        steps, missing = grow_plan(enis, figures.short, figures.ips_per_eni, figures.max_enis, whole_enis)
         blocked = _limit_reason(settings, limits, figures) if missing else None
         return Decision(figures, grow=steps, blocked=blocked)
 
@@ -199,12 +200,12 @@ def decide(enis: Sequence[ENIState], settings: PoolSettings, limits: InstanceLim
     return Decision(figures, release=release, free_eni=free_eni)
 
 
-def _grow_plan(enis: Sequence[ENIState], need: int, ips_per_eni: int, eni_limit: int,
+def grow_plan(enis: Sequence[ENIState], need: int, ips_per_eni: int, eni_limit: int,
                whole_enis: bool) -> tuple[tuple[GrowStep, ...], int]:
     """Steps adding `need` IPs (whole ENIs' worth if `whole_enis`), existing ENIs first; and how
     many IPs the limits leave missing."""
     steps: list[GrowStep] = []
-    for eni in sorted(enis, key=lambda e: e.device_number):
+    for eni in sorted(enis, key=lambda e: e.device_index):
         room = max(ips_per_eni - eni.total, 0)
         if need > 0 and room:
             count = room if whole_enis else min(room, need)
@@ -232,7 +233,7 @@ def _eni_to_free(enis: Sequence[ENIState], settings: PoolSettings, figures: Figu
     """The ENI to detach and delete now, if any: the idle one with the highest device index."""
     if settings.mode == MODE_ENI_TARGET and figures.available < (settings.warm_eni_target + 1) * figures.ips_per_eni:
         return None
-    for eni in sorted(enis, key=lambda e: -e.device_number):
+    for eni in sorted(enis, key=lambda e: -e.device_index):
         if eni.primary or eni.assigned or eni.cooling or now - eni.attached_at < ENI_MIN_AGE:
             continue
         if settings.mode == MODE_IP_TARGET:
@@ -249,7 +250,7 @@ def _release_plan(enis: Sequence[ENIState], over: int) -> tuple[ReleaseIPs, ...]
     """Give back `over` free IPs, from the highest device index down, so low ENIs stay full and
     high ones empty out and can be freed."""
     plan = []
-    for eni in sorted(enis, key=lambda e: -e.device_number):
+    for eni in sorted(enis, key=lambda e: -e.device_index):
         count = min(eni.free, over)
         if count:
             plan.append(ReleaseIPs(eni.eni_id, count))
@@ -258,5 +259,5 @@ def _release_plan(enis: Sequence[ENIState], over: int) -> tuple[ReleaseIPs, ...]
 
 
 def _check_unique(enis: Sequence[ENIState]) -> None:
-    if len({e.eni_id for e in enis}) != len(enis) or len({e.device_number for e in enis}) != len(enis):
+    if len({e.eni_id for e in enis}) != len(enis) or len({e.device_index for e in enis}) != len(enis):
         raise ValueError("pool state lists an ENI ID or a device index twice")

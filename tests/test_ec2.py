@@ -282,7 +282,7 @@ def test_endpoint_and_region_come_from_the_standard_variables(vpc):
     enis = vpc.run(ec2.instance_enis)
     assert ec2.client.meta.endpoint_url == FRONT_URL and ec2.client.meta.region_name == REGION
     assert vpc.lab.front.seen("DescribeNetworkInterfaces") == 1  # it went through the front
-    assert [(e.eni_id, e.device_number) for e in enis] == [(vpc.primary_eni, 0)]
+    assert [(e.eni_id, e.device_index) for e in enis] == [(vpc.primary_eni, 0)]
     primary = enis[0]
     assert primary.primary_ip.startswith("10.0.1.") and primary.secondary_ips == ()
     assert primary.instance_id == vpc.instance_id and primary.subnet_id == vpc.subnet_id and primary.mac
@@ -294,7 +294,7 @@ def test_allocate_eni_creates_tags_and_attaches_at_lowest_free_index(vpc, cluste
     before = time.time()
     first = vpc.run(ec2.allocate_eni, vpc.subnet_id, [vpc.sg_id])
     second = vpc.run(ec2.allocate_eni, vpc.subnet_id, [vpc.sg_id])
-    assert (first.device_number, second.device_number) == (1, 2)
+    assert (first.device_index, second.device_index) == (1, 2)
 
     seen = vpc.eni(first.eni_id)
     assert seen["Description"] == f"aws-K8S-{vpc.instance_id}"
@@ -313,7 +313,7 @@ def test_allocate_eni_creates_tags_and_attaches_at_lowest_free_index(vpc, cluste
 
     vpc.run(ec2.free_eni, first.eni_id)
     third = vpc.run(ec2.allocate_eni, vpc.subnet_id, [vpc.sg_id])
-    assert third.device_number == 1  # the freed slot is reused
+    assert third.device_index == 1  # the freed slot is reused
     assert ec2.calls["CreateNetworkInterface"] == 3 and ec2.calls["AttachNetworkInterface"] == 3
 
 

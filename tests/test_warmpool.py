@@ -9,7 +9,7 @@ from cnicore.instance_limits import InstanceLimits
 from cnicore import settings as user_settings
 from cnicore.pool import Pool, new_document
 from cnicore.warmpool import (ENI_MIN_AGE, GROWTH_PAUSE, IP_RELEASE_INTERVAL, AssignIPs, ENIState, NewENI,
-                              PoolSettings, ReleaseIPs, decide, measure)
+                              PoolSettings, ReleaseIPs, decide, grow_plan, measure)
 
 M5 = InstanceLimits("m5.large", 3, 10)  # 3 ENIs x 9 secondary IPs
 NOW = 10_000.0
@@ -17,7 +17,7 @@ OLD = NOW - ENI_MIN_AGE  # attached exactly long enough ago to be freed
 
 
 def eni(device, total, assigned=0, cooling=0, attached_at=OLD):
-    return ENIState(f"eni-{device:08x}", device, device == 0, total, assigned, cooling, attached_at)
+    return ENIState(f"eni-{device:08x}", device, total, assigned, cooling, attached_at)
 
 
 def S(**kw):
@@ -193,7 +193,7 @@ def test_state_from_the_pool_documents_figures():
     pool.assign("c2", "eth0")
     pool.release("c2", "eth0")
     state = [ENIState.from_stats(row) for row in pool.eni_stats()]
-    assert state == [ENIState("eni-00000000", 0, True, 3, assigned=1, cooling=1, attached_at=0.0)]
+    assert state == [ENIState("eni-00000000", 0, 3, assigned=1, cooling=1, attached_at=0.0)]
     assert measure(state, S(warm_ip_target=2), M5).short == 0
 
 
@@ -202,10 +202,6 @@ def test_inconsistent_eni_state_is_refused(args):
     with pytest.raises(ValueError, match="inconsistent ENI state"):
         eni(*args)
 
-
-def test_device_zero_is_the_primary_eni():
-    with pytest.raises(ValueError, match="device 0 is the primary"):
-        ENIState("eni-00000000", 0, False, 3)
 
 
 def test_duplicate_enis_are_refused():
@@ -223,8 +219,8 @@ def apply(state, decision, limits):
             e = by_id[step.eni_id]
             by_id[e.eni_id] = replace(e, total=e.total + step.count)
         else:
-            device = next(i for i in range(limits.max_enis) if i not in {e.device_number for e in by_id.values()})
-            by_id[f"new{device}"] = ENIState(f"new{device}", device, False, step.count, attached_at=NOW)
+            device = next(i for i in range(limits.max_enis) if i not in {e.device_index for e in by_id.values()})
+            by_id[f"new{device}"] = ENIState(f"new{device}", device, step.count, attached_at=NOW)
     for step in decision.release:
         e = by_id[step.eni_id]
         assert step.count <= e.free
@@ -242,7 +238,7 @@ def pools(draw):
         total = draw(st.integers(0, ips))
         assigned = draw(st.integers(0, total))
         cooling = draw(st.integers(0, total - assigned))
-        state.append(ENIState(f"eni-{device}", device, device == 0, total, assigned, cooling,
+        state.append(ENIState(f"eni-{device}", device, total, assigned, cooling,
                               draw(st.sampled_from([0.0, NOW - 1]))))
     target = st.one_of(st.none(), st.integers(0, 3 * ips))
     settings = PoolSettings(draw(target), draw(target), draw(st.integers(0, 3)),
@@ -267,3 +263,9 @@ def test_decisions_reach_targets_within_limits(pool):
         # after giving back, the targets still hold
         assert figures.available >= min(settings.warm_ip_target or 0, measure(state, settings, limits).available)
         assert figures.total >= min(settings.minimum_ip_target or 0, measure(state, settings, limits).total)
+
+
+def test_grow_plan_for_a_single_ip():
+    """The no-agent ADD path asks for just one IP when the targets are met but nothing is free."""
+    assert grow_plan([eni(0, 9, 9)], 1, 9, 3, whole_enis=False) == ((NewENI(1),), 0)
+    assert grow_plan([eni(0, 9, 9), eni(1, 9, 9)], 1, 9, 2, whole_enis=False) == ((), 1)
