@@ -1,0 +1,147 @@
+"""Netfilter rules as desired state, converged on this network namespace's iptables (ARCHITECTURE §5).
+
+A caller describes, per table, the chains it owns (their whole rule list), the chains it shares with
+others, the rules it needs in chains it does not own, and what must be gone (`TableState`).
+`Netfilter.converge` makes the table so in one transaction, touching nothing else; `check` reports
+each difference (`Drift`) without changing anything; `remove` deletes chains and rules.
+
+    nf = Netfilter(mode)                 # 'auto' | 'nft' | 'legacy' | 'iptc'
+    nf.converge(TableState("nat",
+        chains={"AWS-SNAT-CHAIN-0": ["-d 10.0.0.0/16 -j RETURN", "... -j SNAT --to-source 10.0.0.5"]},
+        rules=[Rule("POSTROUTING", '-m comment --comment "AWS SNAT CHAIN" -j AWS-SNAT-CHAIN-0')]))
+
+Rules are compared as iptables-save prints them. Rules written that way cost one iptables-save when
+nothing changed; others are translated once per call by iptables itself in a throwaway namespace.
+Our read-plan-write cycles are serialised by a lock file, so concurrent plugin processes never add
+a rule twice; iptables-restore -w keeps us consistent with other iptables users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from .detect import detect_variant
+from .lock import held
+from .model import Drift, NetfilterError, Rule, TableState, jump_target, quote, user_chains, validate
+from .plan import compare, needs_canon, rules_to_word
+from .restore import RestoreBackend, RuleRefused
+
+__all__ = ["MODES", "Drift", "Netfilter", "NetfilterError", "Rule", "TableState", "detect_variant", "quote"]
+
+MODES = ("auto", "nft", "legacy", "iptc")
+DEFAULT_LOCK_DIR = "/var/run/aws-vpc-cni"
+
+
+class Netfilter:
+    """The iptables of the current network namespace, in one mode.
+
+    mode:  'auto' detects the variant that holds the rules (as kube-proxy's iptables-wrapper does);
+           'nft' / 'legacy' force one; 'iptc' writes through python-iptables and is refused unless
+           the host is detected as legacy (rules iptc writes are invisible to iptables-nft).
+    ipv6:  drive ip6tables instead of iptables.
+    wait:  seconds to wait for the xtables lock and for our own lock.
+    """
+
+    def __init__(self, mode: str = "auto", *, ipv6: bool = False, lock_dir: str = DEFAULT_LOCK_DIR,
+                 wait: float = 30):
+        if mode not in MODES:
+            raise NetfilterError(f"unknown netfilter mode {mode!r}: use one of {', '.join(MODES)}")
+        self.mode = mode
+        self.variant = mode if mode in ("nft", "legacy") else detect_variant()
+        if mode == "iptc" and self.variant != "legacy":
+            raise NetfilterError(
+                "netfilter mode 'iptc' refused: this host's iptables is nf_tables (its rules are in the "
+                "nft variant), and rules written by python-iptables go to the legacy tables, invisible to "
+                "iptables, kube-proxy and operators; use mode 'auto' or 'nft'")
+        if mode == "iptc":
+            from .iptc_backend import IptcBackend
+            backend = IptcBackend
+        else:
+            backend = RestoreBackend
+        self._backend = backend(self.variant, ipv6=ipv6, wait=wait, lock_dir=lock_dir)
+        self._lock_path = os.path.join(lock_dir, "netfilter.lock")
+        self._wait = wait
+
+    @property
+    def backend(self) -> str:
+        """'nft', 'legacy' or 'iptc': what writes the rules."""
+        return self._backend.name
+
+    def converge(self, *states: TableState) -> list[Drift]:
+        """Make each table match its state, one transaction per table; return what was fixed
+        (empty when nothing had to change)."""
+        fixed = []
+        for state in _validated(states):
+            fixed += self._reconcile(state, write=True)
+        return fixed
+
+    def check(self, *states: TableState) -> list[Drift]:
+        """Every difference between the tables and the states; changes nothing."""
+        found = []
+        for state in _validated(states):
+            found += self._reconcile(state, write=False)
+        return found
+
+    def remove(self, table: str, *, chains=(), rules=()) -> list[Drift]:
+        """Delete `chains` (with every rule jumping to them) and every copy of `rules`, in one
+        transaction; what is already gone is fine. Returns what was removed."""
+        return self.converge(TableState(table, absent_chains=tuple(chains), absent_rules=tuple(rules)))
+
+    def chains(self, table: str) -> dict[str, list[str]]:
+        """The table's chains and their rules, as iptables-save prints them."""
+        validate(TableState(table))
+        return self._backend.save(table)
+
+    def _reconcile(self, state: TableState, write: bool) -> list[Drift]:
+        with self._locked() if write else contextlib.nullcontext():
+            for attempt in (1, 2):
+                actual = self._backend.save(state.table)
+                drifts, ops = compare(state, actual, str)
+                if needs_canon(state, actual, drifts):
+                    drifts, ops = compare(state, actual, self._canonical(state, actual))
+                if not write or not ops:
+                    return drifts
+                try:
+                    self._backend.apply(state.table, ops)
+                    return drifts
+                except NetfilterError:
+                    if attempt == 2:
+                        raise  # the first failure may be a race with another iptables user: plan again
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with held(self._lock_path, self._wait), self._backend.locked():
+            yield
+
+    def _canonical(self, state: TableState, actual: dict[str, list[str]]):
+        """A function from a caller's rule to iptables-save's wording of it."""
+        wanted, absent = rules_to_word(state, actual)
+        # The scratch namespace needs the user chains these rules are in or jump to, empty.
+        needed = {chain for chain, _ in wanted + absent} | {jump_target(spec) for _, spec in wanted + absent}
+        known = dict.fromkeys([*user_chains(state.table, actual), *state.chains, *state.shared_chains])
+        declared = [chain for chain in known if chain in needed]
+        while True:
+            try:
+                wording = self._backend.canonicalize(state.table, declared, wanted + absent)
+                break
+            except RuleRefused as exc:
+                target = jump_target((wanted + absent)[exc.index][1])
+                # An absent rule refused because it jumps to a chain that does not exist cannot be present.
+                if exc.index < len(wanted) or not target or target in actual or target not in exc.output:
+                    raise
+                del absent[exc.index - len(wanted)]
+        mapping = {spec: canonical for (_, spec), canonical in zip(wanted + absent, wording)}
+        return lambda spec: mapping.get(spec, spec)
+
+
+def _validated(states) -> list[TableState]:
+    tables = set()
+    for state in states:
+        if not isinstance(state, TableState):
+            raise NetfilterError(f"expected a TableState, got {state!r}")
+        validate(state)
+        if state.table in tables:
+            raise NetfilterError(f"table {state.table} is given twice; give one state per table and call")
+        tables.add(state.table)
+    return list(states)

@@ -1,0 +1,134 @@
+"""Drive one iptables variant (nft or legacy) through its own iptables-save / iptables-restore binaries.
+
+Every change to a table is one `iptables-restore --noflush -w` transaction. Canonical wording is
+learnt in a scratch network namespace that lives only as long as one `unshare --net` child: the
+rules are restored there into empty chains and read back with iptables-save, which changes nothing
+the host can see and also tells exactly which rule iptables refuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import subprocess
+from collections import Counter
+
+from .model import NetfilterError, parse_save
+from .plan import Op, script
+
+_LINE_RE = re.compile(r"\bline:? (\d+)")
+_NOISE = ("Try `", "Error occurred at line")
+
+
+class RuleRefused(NetfilterError):
+    """iptables refused the rule at `index` of the list given to `canonicalize`."""
+
+    def __init__(self, msg: str, *, table: str, rule: str, output: str, index: int):
+        super().__init__(msg, table=table, rule=rule, output=output)
+        self.index = index
+
+
+def tool(variant: str, ipv6: bool, name: str) -> str:
+    """The binary of one variant, e.g. iptables-nft-restore or ip6tables-legacy-save."""
+    return f"{'ip6' if ipv6 else 'ip'}tables-{variant}-{name}"
+
+
+def _run(args: list[str], *, input: str | None = None, timeout: float, env: dict | None = None):
+    try:
+        return subprocess.run(args, input=input, capture_output=True, text=True, timeout=timeout, env=env)
+    except FileNotFoundError:
+        raise NetfilterError(f"{args[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise NetfilterError(f"{' '.join(args[:2])} did not finish within {timeout:.0f} s") from None
+
+
+def iptables_message(stderr: str) -> str:
+    """iptables' own error text without its usage hints."""
+    lines = [line.strip() for line in stderr.splitlines()]
+    text = "; ".join(line for line in lines if line and not line.startswith(_NOISE))
+    return text.replace(":; ", ": ") or "no error message"
+
+
+def failed_line(stderr: str) -> int | None:
+    """The input line iptables-restore reports as failing, if it names one."""
+    match = _LINE_RE.search(stderr)
+    return int(match.group(1)) if match else None
+
+
+class RestoreBackend:
+    """iptables-save / iptables-restore of `variant` ('nft' or 'legacy') for IPv4 or IPv6."""
+
+    def __init__(self, variant: str, *, ipv6: bool, wait: float, lock_dir: str):
+        self.name = self.variant = variant
+        self.ipv6 = ipv6
+        self.wait = wait
+        self.wait_arg = str(max(1, math.ceil(wait)))  # iptables -w takes whole seconds (0 or 0.3: forever)
+        self.lock_dir = lock_dir
+        self.save_tool = tool(variant, ipv6, "save")
+        self.restore_tool = tool(variant, ipv6, "restore")
+
+    def locked(self):
+        """Held around a read-plan-write cycle; iptables-restore -w takes the xtables lock itself."""
+        return contextlib.nullcontext()
+
+    def save(self, table: str) -> dict[str, list[str]]:
+        """The table's chains and rules as iptables-save prints them ({chain: [spec]})."""
+        # iptables-legacy-save -t creates a missing table in the kernel, so read all of them instead.
+        args = [self.save_tool, "-t", table] if self.variant == "nft" else [self.save_tool]
+        proc = _run(args, timeout=self.wait + 30)
+        if proc.returncode != 0:
+            raise NetfilterError(f"{self.save_tool} failed: {iptables_message(proc.stderr)}", table=table,
+                                 output=proc.stderr)
+        return parse_save(proc.stdout).get(table, {})
+
+    def apply(self, table: str, ops: list[Op]) -> None:
+        """Apply `ops` to `table` in one transaction."""
+        proc = _run([self.restore_tool, "--noflush", "-w", self.wait_arg], input=script(table, ops),
+                    timeout=self.wait + 30)
+        if proc.returncode == 0:
+            return
+        line = failed_line(proc.stderr)
+        rule = ops[line - 2].line() if line is not None and 2 <= line <= len(ops) + 1 else ""
+        where = f" at '{rule}'" if rule else ""
+        raise NetfilterError(f"{self.restore_tool} failed on table {table}{where}: {iptables_message(proc.stderr)}",
+                             table=table, rule=rule, output=proc.stderr)
+
+    def canonicalize(self, table: str, chains: list[str], placed: list[tuple[str, str]]) -> list[str]:
+        """iptables-save's wording of each (chain, spec) in `placed`, learnt in a scratch namespace
+        where `chains` exist (empty). Raises RuleRefused naming the first rule iptables refuses."""
+        if not placed:
+            return []
+        lines = [f"*{table}", *(f":{chain} - [0:0]" for chain in chains), "COMMIT"]
+        owner = {}  # input line number -> index in placed
+        for index, (chain, spec) in enumerate(placed):
+            lines += [f"*{table}", f"-A {chain} {spec}", "COMMIT"]  # one commit each: errors name the rule
+            owner[len(lines) - 1] = owner[len(lines)] = index
+        os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
+        env = dict(os.environ, XTABLES_LOCKFILE=os.path.join(self.lock_dir, "xtables-scratch.lock"))
+        shell = f"{self.restore_tool} --noflush -w {self.wait_arg} && exec {self.save_tool} -t {table}"
+        proc = _run(["unshare", "--net", "--", "sh", "-c", shell], input="\n".join(lines) + "\n",
+                    timeout=self.wait + 30, env=env)
+        if proc.returncode != 0:
+            index = owner.get(failed_line(proc.stderr))
+            if index is None:
+                raise NetfilterError(f"{self.restore_tool} failed on table {table}: {iptables_message(proc.stderr)}",
+                                     table=table, output=proc.stderr)
+            chain, spec = placed[index]
+            raise RuleRefused(f"{self.restore_tool} refuses rule '-A {chain} {spec}' in table {table}: "
+                              f"{iptables_message(proc.stderr)}", table=table, rule=f"-A {chain} {spec}",
+                              output=proc.stderr, index=index)
+        return _in_order(table, parse_save(proc.stdout).get(table, {}), placed)
+
+
+def _in_order(table: str, saved: dict[str, list[str]], placed: list[tuple[str, str]]) -> list[str]:
+    """Pair each placed rule with what iptables-save printed at its position in its chain."""
+    wanted = Counter(chain for chain, _ in placed)
+    for chain, n in wanted.items():
+        made = len(saved.get(chain, []))
+        if made != n:
+            raise NetfilterError(f"{table}/{chain}: iptables made {made} rules of the {n} given; a rule that lists "
+                                 "several addresses expands to one rule each, give them one per rule", table=table)
+    cursors = {chain: iter(saved[chain]) for chain in wanted}
+    return [next(cursors[chain]) for chain, _ in placed]
