@@ -8,7 +8,6 @@ its sockets live there; nothing is sent outside namespaces this run made.
 
 from __future__ import annotations
 
-import ctypes
 import http.client
 import os
 import random
@@ -36,34 +35,24 @@ from vpclab import netns
 MOTO_PORT, FRONT_PORT = 5000, 5001
 FRONT_URL = f"http://127.0.0.1:{FRONT_PORT}"
 REGION = "us-east-1"
-CLONE_NEWNET = 0x40000000
-LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 # --- harness: a thread inside a namespace ------------------------------------------------------
 
-def enter_netns(name: str) -> None:
-    """Move the calling thread (only it) into the named network namespace."""
-    fd = os.open(netns.path(name), os.O_RDONLY)
-    try:
-        if LIBC.setns(fd, CLONE_NEWNET) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, f"setns into {name}: {os.strerror(errno)}")
-    finally:
-        os.close(fd)
-    if os.stat("/proc/thread-self/ns/net").st_ino != os.stat(netns.path(name)).st_ino:
-        raise RuntimeError(f"thread is not in {name} after setns")
-
-
 class NetnsThread:
-    """Runs callables on one thread that lives in a namespace; threads they start live there too."""
+    """Runs callables on a worker thread switched into a namespace: the sockets they open, and the
+    threads they start, live there."""
 
     def __init__(self, name: str):
-        self._pool = ThreadPoolExecutor(max_workers=1, initializer=enter_netns, initargs=(name,))
-        self(lambda: None)  # a failed setns shows here, not in the first test
+        self.name = name
+        self._pool = ThreadPoolExecutor(max_workers=1)
 
     def __call__(self, fn, *args, **kwargs):
-        return self._pool.submit(fn, *args, **kwargs).result()
+        return self._pool.submit(self._inside, fn, args, kwargs).result()
+
+    def _inside(self, fn, args, kwargs):
+        with netns.entered(self.name):
+            return fn(*args, **kwargs)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
