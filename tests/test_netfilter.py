@@ -93,14 +93,14 @@ def lock_dir(tmp_path):
     return str(tmp_path / "locks")
 
 
-def driver_cmd(ns):
-    return ["ip", "netns", "exec", ns, sys.executable, "-c", DRIVER]
+def driver_cmd(ns, wrapper=()):
+    return ["ip", "netns", "exec", ns, *wrapper, sys.executable, "-c", DRIVER]
 
 
-def drive(ns, lock_dir, mode, op, *states, env=None, **extra):
-    """Run one Netfilter operation in `ns`; the driver's JSON answer."""
+def drive(ns, lock_dir, mode, op, *states, env=None, wrapper=(), **extra):
+    """Run one Netfilter operation in `ns` (under `wrapper`, e.g. setpriv); the driver's JSON answer."""
     request = dict(mode=mode, op=op, states=list(states), lock_dir=lock_dir, **extra)
-    proc = subprocess.run(driver_cmd(ns), input=json.dumps(request), capture_output=True, text=True,
+    proc = subprocess.run(driver_cmd(ns, wrapper), input=json.dumps(request), capture_output=True, text=True,
                           cwd=ROOT, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
@@ -360,6 +360,18 @@ def test_check_reports_exactly_what_was_changed_by_hand_and_converge_restores_it
     assert drifts(drive(ns, lock_dir, variant, "converge", NAT)) == expected
     assert rules_of(ns, variant) == NAT_LINES
     assert drifts(drive(ns, lock_dir, variant, "check", NAT)) == []
+
+
+def test_without_cap_sys_admin_the_wording_is_learnt_in_a_user_namespace(make_netns, lock_dir, variant):
+    """Like the aws-node container (NET_ADMIN, no SYS_ADMIN), where a plain `unshare --net` is refused."""
+    ns = make_netns("caps")
+    no_sys_admin = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "--"]
+    refused = subprocess.run(["ip", "netns", "exec", ns, *no_sys_admin, "unshare", "--net", "true"],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "Operation not permitted" in refused.stderr
+    answer = drive(ns, lock_dir, variant, "converge", NAT_LOOSE, repeat=3, wrapper=no_sys_admin)
+    assert [len(run) for run in answer["runs"]] == [3, 0, 0]
+    assert rules_of(ns, variant) == NAT_LOOSE_LINES
 
 
 def test_foreign_rules_and_chains_are_left_alone(make_netns, lock_dir, variant):

@@ -1,7 +1,7 @@
 """Drive one iptables variant (nft or legacy) through its own iptables-save / iptables-restore binaries.
 
 Every change to a table is one `iptables-restore --noflush -w` transaction. Canonical wording is
-learnt in a scratch network namespace that lives only as long as one `unshare --net` child: the
+learnt in a scratch network namespace that lives only as long as one `unshare` child: the
 rules are restored there into empty chains and read back with iptables-save, which changes nothing
 the host can see and also tells exactly which rule iptables refuses.
 """
@@ -19,6 +19,9 @@ from .model import NetfilterError, parse_save
 from .plan import Op, script
 
 _LINE_RE = re.compile(r"\bline:? (\d+)")
+# A scratch network namespace: plain (needs CAP_SYS_ADMIN, as a plugin run by the runtime has), else
+# inside a new user namespace (enough for a container with only NET_ADMIN, where the kernel allows it).
+_SCRATCH = (["unshare", "--net"], ["unshare", "--user", "--map-root-user", "--net"])
 _NOISE = ("Try `", "Error occurred at line")
 
 
@@ -108,8 +111,15 @@ class RestoreBackend:
         os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
         env = dict(os.environ, XTABLES_LOCKFILE=os.path.join(self.lock_dir, "xtables-scratch.lock"))
         shell = f"{self.restore_tool} --noflush -w {self.wait_arg} && exec {self.save_tool} -t {table}"
-        proc = _run(["unshare", "--net", "--", "sh", "-c", shell], input="\n".join(lines) + "\n",
-                    timeout=self.wait + 30, env=env)
+        for unshare in _SCRATCH:
+            proc = _run([*unshare, "--", "sh", "-c", shell], input="\n".join(lines) + "\n",
+                        timeout=self.wait + 30, env=env)
+            if not proc.stderr.startswith("unshare:"):
+                break
+        else:
+            raise NetfilterError(f"cannot make a scratch network namespace to learn iptables' wording of the rules "
+                                 f"({proc.stderr.strip()}); give rules exactly as iptables-save prints them",
+                                 table=table, output=proc.stderr)
         if proc.returncode != 0:
             index = owner.get(failed_line(proc.stderr))
             if index is None:
