@@ -40,7 +40,7 @@ NAT_LINES = [
     "-A AWS-SNAT-CHAIN-0 -d 192.168.0.0/24 -j RETURN",
     f"-A AWS-SNAT-CHAIN-0 {SNAT_RULE}",
 ]
-# The same, worded as a person would: host bits in the CIDR, implicit -m tcp, -m comment last, --mask.
+# The same, worded loosely: host bits in the CIDR, extra spaces, implicit -m tcp, --to, --mask.
 NAT_LOOSE = {
     "table": "nat",
     "chains": {"AWS-SNAT-CHAIN-0": ["-d 10.0.7.7/16   -j RETURN", "-p tcp --dport 80 -j RETURN",
