@@ -9,6 +9,7 @@ its sockets live there; nothing is sent outside namespaces this run made.
 from __future__ import annotations
 
 import http.client
+import itertools
 import os
 import random
 import subprocess
@@ -243,6 +244,30 @@ def vpc(ec2_lab, monkeypatch):
                      SubnetId=subnet["Subnet"]["SubnetId"], SecurityGroupIds=[sg])["Instances"][0]
     return VPC(ec2_lab, instance["InstanceId"], subnet["Subnet"]["SubnetId"], sg,
                instance["NetworkInterfaces"][0]["NetworkInterfaceId"])
+
+
+_lab_names = (f"{netns.new_prefix('i')}{n}" for n in itertools.count())
+
+
+@pytest.fixture
+def vpc_lab(monkeypatch):
+    """(lab, run): a one-node m5.large VPC lab of this run, and a runner for client code inside
+    node1 with node1's environment (the lab's EC2 front and IMDS)."""
+    from vpclab.api import Lab
+
+    lab = Lab.up(name=next(_lab_names), nodes=1, owner_pid=os.getpid())
+    run = None
+    try:
+        for name in [n for n in os.environ if n.startswith("AWS_")]:
+            monkeypatch.delenv(name)
+        for name, value in lab.node_env("node1").items():
+            monkeypatch.setenv(name, value)
+        run = NetnsThread(lab.netns("node1"))
+        yield lab, run
+    finally:
+        if run is not None:
+            run.close()
+        lab.down()
 
 
 def _moto_reset():
@@ -509,3 +534,26 @@ def test_unknown_instance_type_with_describe_failing_is_a_clear_error(vpc):
                        match="'zz9.huge' is not in the shipped limits table and DescribeInstanceTypes failed: "
                              "EC2 DescribeInstanceTypes failed: InvalidInstanceType"):
         vpc.run(instance_limits.lookup, "zz9.huge", ec2)
+
+
+def test_through_the_lab_front_limits_and_faults_meet_the_client(vpc_lab):
+    lab, run = vpc_lab
+    instance_id = lab.status()["nodes"][0]["instance_id"]
+    ec2 = EC2(instance_id, **quick()[0])
+    primary = run(ec2.instance_enis)[0]
+    subnet = primary.subnet_id
+    groups = lab.ec2("DescribeNetworkInterfaces", NetworkInterfaceIds=[primary.eni_id])["NetworkInterfaces"][0]["Groups"]
+    groups = [g["GroupId"] for g in groups]
+    lab.fault("AssignPrivateIpAddresses", error="RequestLimitExceeded", count=2)
+    second = run(ec2.assign_ips, run(ec2.allocate_eni, subnet, groups).eni_id, 9)
+    assert len(second.secondary_ips) == 9
+    with pytest.raises(EC2LimitExceeded, match="PrivateIpAddressLimitExceeded"):
+        run(ec2.assign_ips, second.eni_id, 1)  # an m5.large ENI holds 10 addresses
+    run(ec2.allocate_eni, subnet, groups)
+    with pytest.raises(EC2LimitExceeded, match="AttachmentLimitExceeded"):
+        run(ec2.allocate_eni, subnet, groups)  # and the instance 3 ENIs
+    left = lab.ec2("DescribeNetworkInterfaces")["NetworkInterfaces"]
+    assert sorted(e["Attachment"]["DeviceIndex"] for e in left if e.get("Attachment")) == [0, 1, 2]
+    assert [e for e in left if e["Status"] == "available"] == []  # the 4th was deleted again
+    assert ec2.errors[("AssignPrivateIpAddresses", "RequestLimitExceeded")] == 2
+    assert dict(ec2.calls) == lab.ec2_calls()  # our count is exactly what reached EC2
