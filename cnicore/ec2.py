@@ -13,6 +13,7 @@ jitter, bounded by a RetryPolicy; everything else fails at once with an error na
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import random
@@ -162,18 +163,21 @@ class EC2:
     def allocate_eni(self, subnet_id: str, security_group_ids) -> ENI:
         """Create a tagged ENI, attach it at the lowest free device index and set
         DeleteOnTermination. If attaching fails the ENI is deleted; if the attribute cannot be
-        set it is detached and deleted. Either way the original error is raised."""
+        set it is detached and deleted. Either way the original error is raised (should the
+        clean-up fail too, the leaked-ENI sweep deletes the ENI later)."""
         eni = self.create_eni(subnet_id, security_group_ids)
         try:
             attached = self._attach(eni)
         except EC2Error:
-            self._delete(eni.eni_id)
+            with contextlib.suppress(EC2Error):
+                self._delete(eni.eni_id)
             raise
         try:
             self._call("ModifyNetworkInterfaceAttribute", NetworkInterfaceId=eni.eni_id,
                        Attachment={"AttachmentId": attached.attachment_id, "DeleteOnTermination": True})
         except EC2Error:
-            self.free_eni(eni.eni_id)
+            with contextlib.suppress(EC2Error):
+                self.free_eni(eni.eni_id)
             raise
         return attached
 

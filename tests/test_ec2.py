@@ -340,6 +340,15 @@ def test_failed_attach_deletes_the_new_eni(vpc):
     assert ec2.calls["DeleteNetworkInterface"] == 1 and ec2.calls["ModifyNetworkInterfaceAttribute"] == 0
 
 
+def test_failed_attach_is_reported_even_when_the_clean_up_fails(vpc):
+    vpc.lab.front.fail("AttachNetworkInterface", "AttachmentLimitExceeded")
+    vpc.lab.front.fail("DeleteNetworkInterface", "UnauthorizedOperation", status=403)
+    ec2 = EC2(vpc.instance_id)
+    with pytest.raises(EC2LimitExceeded, match="AttachNetworkInterface"):
+        vpc.run(ec2.allocate_eni, vpc.subnet_id, [vpc.sg_id])
+    assert [e["Status"] for e in vpc.our_enis()] == ["available"]  # left to the leaked-ENI sweep
+
+
 def test_failed_delete_on_termination_frees_the_new_eni(vpc):
     vpc.lab.front.fail("ModifyNetworkInterfaceAttribute", "InvalidParameterValue")
     ec2 = EC2(vpc.instance_id)
@@ -542,8 +551,8 @@ def test_through_the_lab_front_limits_and_faults_meet_the_client(vpc_lab):
     ec2 = EC2(instance_id, **quick()[0])
     primary = run(ec2.instance_enis)[0]
     subnet = primary.subnet_id
-    groups = lab.ec2("DescribeNetworkInterfaces", NetworkInterfaceIds=[primary.eni_id])["NetworkInterfaces"][0]["Groups"]
-    groups = [g["GroupId"] for g in groups]
+    described = lab.ec2("DescribeNetworkInterfaces", NetworkInterfaceIds=[primary.eni_id])["NetworkInterfaces"]
+    groups = [g["GroupId"] for g in described[0]["Groups"]]
     lab.fault("AssignPrivateIpAddresses", error="RequestLimitExceeded", count=2)
     second = run(ec2.assign_ips, run(ec2.allocate_eni, subnet, groups).eni_id, 9)
     assert len(second.secondary_ips) == 9

@@ -8,11 +8,9 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import sys
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

@@ -112,14 +112,16 @@ def test_no_secondary_ips_on_this_type_means_no_growth():
 
 @pytest.mark.parametrize("settings,enis,release,free_eni", [
     # surplus IPs go back from the highest device index down, only free (not cooling) ones
-    (S(warm_ip_target=2), [eni(0, 9, 1), eni(1, 9, 2)], (ReleaseIPs("eni-00000001", 7), ReleaseIPs("eni-00000000", 6)), None),
+    (S(warm_ip_target=2), [eni(0, 9, 1), eni(1, 9, 2)],
+     (ReleaseIPs("eni-00000001", 7), ReleaseIPs("eni-00000000", 6)), None),
     (S(warm_ip_target=0, minimum_ip_target=2), [eni(0, 9, 1, cooling=5)], (ReleaseIPs("eni-00000000", 3),), None),
     (S(warm_ip_target=3), [eni(0, 5, 2, cooling=3)], (), None),
     # an idle ENI goes as a whole when the others still meet both targets; the rest is trimmed
     (S(warm_ip_target=2), [eni(0, 9, 1), eni(1, 9)], (ReleaseIPs("eni-00000000", 6),), "eni-00000001"),
-    (S(warm_ip_target=9), [eni(0, 9, 1), eni(1, 9)], (ReleaseIPs("eni-00000001", 8),), None),  # needed for WARM_IP_TARGET
-    (S(warm_ip_target=1, minimum_ip_target=12), [eni(0, 9, 9), eni(1, 9)], (ReleaseIPs("eni-00000001", 6),), None),  # MINIMUM
-    (S(warm_ip_target=1), [eni(0, 9, 7), eni(1, 0)], (ReleaseIPs("eni-00000000", 1),), "eni-00000001"),  # an empty ENI
+    # ... kept when needed for WARM_IP_TARGET, or for MINIMUM_IP_TARGET; an empty ENI goes
+    (S(warm_ip_target=9), [eni(0, 9, 1), eni(1, 9)], (ReleaseIPs("eni-00000001", 8),), None),
+    (S(warm_ip_target=1, minimum_ip_target=12), [eni(0, 9, 9), eni(1, 9)], (ReleaseIPs("eni-00000001", 6),), None),
+    (S(warm_ip_target=1), [eni(0, 9, 7), eni(1, 0)], (ReleaseIPs("eni-00000000", 1),), "eni-00000001"),
     # never the primary, nor a young ENI, nor one with a pod or an IP in cool-down
     (S(warm_ip_target=1), [eni(0, 9)], (ReleaseIPs("eni-00000000", 8),), None),
     (S(warm_ip_target=1), [eni(0, 9), eni(1, 9, 5)],
