@@ -1,0 +1,611 @@
+"""cnicore.netlink: pure logic, then the real data path in namespaces.
+
+Each namespace test builds a small VPC of its own: a "router" namespace (the VPC router: 10.0.0.1
+on the primary ENI's subnet, 10.0.1.1 on the secondary ENI's), a "node" namespace with eth0 (the
+primary ENI, 10.0.0.10/24) and eth1 (a secondary ENI, device 2, found only by its MAC), and pod
+namespaces. The functions under test run in a child process that has entered the node namespace;
+nothing is done in the root namespace. The router drops packets from the secondary subnet that
+arrive on the primary ENI's link (strict rp_filter on r0), so a reply proves the ENI path.
+"""
+
+import hashlib
+import os
+import pickle
+import re
+import select
+import signal
+import socket
+import struct
+import time
+
+import pytest
+
+from cnicore import netlink
+from vpclab import netns
+
+NODE_IP = "10.0.0.10"
+ROUTER_PRIMARY_IP = "10.0.0.1"
+ROUTER_ENI_IP = "10.0.1.1"
+PRIMARY_MAC = "02:00:00:00:00:0a"
+ENI_MAC = "02:00:00:00:01:0b"
+ENI = netlink.SecondaryEni(mac=ENI_MAC, device_number=2, subnet="10.0.1.0/24", mtu=9001)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure logic
+
+
+def test_host_veth_name_hashes_pod_namespace_and_name():
+    name = netlink.host_veth_name("eni", pod_namespace="default", pod_name="nginx")
+    assert name == "eni" + hashlib.sha1(b"default.nginx").hexdigest()[:11]
+    assert len(netlink.host_veth_name("abcd", pod_namespace="a", pod_name="b")) == 15
+
+
+def test_host_veth_name_without_pod_hashes_container_id_and_ifname():
+    name = netlink.host_veth_name("eni", container_id="cnitool-0123", ifname="eth0")
+    assert name == "eni" + hashlib.sha1(b"cnitool-0123/eth0").hexdigest()[:11]
+    assert name != netlink.host_veth_name("eni", container_id="cnitool-0123", ifname="net1")
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(prefix="", pod_namespace="a", pod_name="b"), "prefix"),
+    (dict(prefix="abcde", pod_namespace="a", pod_name="b"), "prefix"),
+    (dict(prefix="eni", pod_namespace="a"), "together"),
+    (dict(prefix="eni", pod_name="b", container_id="c", ifname="eth0"), "together"),
+    (dict(prefix="eni", container_id="c"), "needs"),
+    (dict(prefix="eni"), "needs"),
+])
+def test_host_veth_name_rejects_incomplete_input(args, message):
+    prefix = args.pop("prefix")
+    with pytest.raises(ValueError, match=message):
+        netlink.host_veth_name(prefix, **args)
+
+
+def test_attachment_alias_round_trip():
+    att = netlink.Attachment("aws-vpc", "0123abc", "eth0")
+    assert att.alias == "cni:aws-vpc/0123abc/eth0"
+    assert netlink.Attachment.from_alias(att.alias) == att
+    for foreign in (None, "", "uplink", "cni:a/b", "cni:a/b/c/d", "cni:a/b/bad name"):
+        assert netlink.Attachment.from_alias(foreign) is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (("", "c", "eth0"), "network"),
+    (("n", "a/b", "eth0"), "container_id"),
+    (("n", "c", "eth0:1"), "interface name"),
+    (("n", "c", "e" * 16), "interface name"),
+    (("n" * 200, "c" * 60, "eth0"), "longer than 255"),
+])
+def test_attachment_rejects_bad_parts(args, message):
+    with pytest.raises(ValueError, match=message):
+        netlink.Attachment(*args)
+
+
+def test_secondary_eni_table_and_gateway():
+    eni = netlink.SecondaryEni(mac="02:AB:00:00:00:01", device_number=2, subnet="10.0.64.0/19")
+    assert (eni.mac, eni.table, eni.gateway) == ("02:ab:00:00:00:01", 3, "10.0.64.1")
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(mac="02:00:00:00:01"), "not a MAC"),
+    (dict(mac=None), "not a MAC"),
+    (dict(device_number=0), "device number"),
+    (dict(device_number="2"), "device number"),
+    (dict(device_number=252), "device number"),
+    (dict(subnet="10.0.1.0"), "too small"),
+    (dict(subnet="10.0.1.5/24"), "not an IPv4 CIDR"),
+    (dict(subnet="fd00::/64"), "not an IPv4 CIDR"),
+    (dict(mtu=60), "MTU"),
+    (dict(mtu="9001"), "MTU"),
+])
+def test_secondary_eni_rejects_bad_fields(args, message):
+    fields = dict(mac=ENI_MAC, device_number=2, subnet="10.0.1.0/24", mtu=9001) | args
+    with pytest.raises(ValueError, match=message):
+        netlink.SecondaryEni(**fields)
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(pod_ip="10.0.2.5"), "outside ENI"),
+    (dict(pod_ip="10.0.1.1"), "is the gateway"),
+    (dict(pod_ip="10.0.1"), "not an IPv4 address"),
+    (dict(pod_ip="fd00::5"), "not an IPv4 address"),
+    (dict(mtu=70000), "MTU"),
+    (dict(host_veth="eni0123456789abc"), "host veth"),
+    (dict(netns=""), "netns"),
+])
+def test_pod_network_rejects_bad_fields(args, message):
+    fields = dict(attachment=netlink.Attachment("n", "c", "eth0"), netns="/var/run/netns/x",
+                  host_veth="eni0123", pod_ip="10.0.1.20", mtu=9001, eni=ENI) | args
+    with pytest.raises(ValueError, match=message):
+        netlink.PodNetwork(**fields)
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(pod_ip="10.0.1.300"), "not an IPv4 address"),
+    (dict(host_veth="eni/x"), "host veth"),
+])
+def test_teardown_rejects_bad_input_before_touching_anything(args, message):
+    with pytest.raises(ValueError, match=message):
+        netlink.teardown_pod(netlink.Attachment("n", "c", "eth0"), **args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running code inside a namespace
+
+
+class Child:
+    """A forked process that enters a namespace, runs one function and pickles back the outcome."""
+
+    def __init__(self, name: str, func, *args, **kwargs):
+        self.name = name
+        read_end, write_end = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(read_end)
+            self._serve(write_end, func, args, kwargs)
+        os.close(write_end)
+        self.pipe = read_end
+
+    def _serve(self, write_end, func, args, kwargs):
+        try:
+            try:
+                with netns.entered(self.name):
+                    outcome = ("ok", func(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the parent
+                outcome = ("error", exc)
+            try:
+                data = pickle.dumps(outcome)
+            except Exception as exc:  # noqa: BLE001
+                data = pickle.dumps(("error", RuntimeError(f"unpicklable outcome: {exc}")))
+            with os.fdopen(write_end, "wb") as out:
+                out.write(data)
+        finally:
+            os._exit(0)
+
+    def result(self, timeout: float = 60):
+        chunks, deadline = [], time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.pipe], [], [], left)[0]:
+                    os.kill(self.pid, signal.SIGKILL)
+                    raise TimeoutError(f"child in {self.name} did not finish in {timeout}s")
+                chunk = os.read(self.pipe, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(self.pipe)
+            os.waitpid(self.pid, 0)
+        status, value = pickle.loads(b"".join(chunks))
+        if status == "error":
+            raise value
+        return value
+
+
+def in_netns(name: str, func, *args, **kwargs):
+    return Child(name, func, *args, **kwargs).result()
+
+
+def ping(dst: str, timeout: float = 1.0) -> bool:
+    """One ICMP echo from the current namespace; True when the matching reply came back."""
+    ident = os.getpid() & 0xFFFF
+    payload = b"avc-netlink-test"
+    header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
+    packet = header[:2] + struct.pack("!H", _checksum(header + payload)) + header[4:] + payload
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+        try:
+            sock.sendto(packet, (dst, 0))
+        except OSError:
+            return False
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([sock], [], [], left)[0]:
+                break
+            data, (src, _) = sock.recvfrom(2048)
+            start = (data[0] & 0x0F) * 4
+            kind, _, _, reply_id, _ = struct.unpack("!BBHHH", data[start:start + 8])
+            if kind == 0 and reply_id == ident and src == dst:
+                return True
+    return False
+
+
+def _checksum(data: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    return ~(total + (total >> 16)) & 0xFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# A small VPC per test
+
+
+def ip(ns: str, *args: str) -> str:
+    return netns.run(["ip", "-n", ns, *args]).stdout
+
+
+def ip_batch(ns: str, commands: str) -> None:
+    netns.run(["ip", "-n", ns, "-batch", "-"], input=commands)
+
+
+def sysctl(ns: str, *settings: str) -> None:
+    netns.run(["sysctl", "-qw", *settings], netns=ns)
+
+
+class MiniVpc:
+    """The router, the node and its two ENIs; pods on demand."""
+
+    def __init__(self, make_netns):
+        self.make_netns = make_netns
+        self.router = make_netns("rtr")
+        self.node = make_netns("node")
+        ip_batch(self.node, f"""
+link add eth0 address {PRIMARY_MAC} mtu 9001 type veth peer name r0 netns {self.router}
+link add eth1 address {ENI_MAC} mtu 1500 type veth peer name r1 netns {self.router}
+addr add {NODE_IP}/24 dev eth0
+link set eth0 up
+route add default via {ROUTER_PRIMARY_IP} dev eth0
+""")
+        ip_batch(self.router, f"""
+addr add {ROUTER_PRIMARY_IP}/24 dev r0
+addr add {ROUTER_ENI_IP}/24 dev r1
+link set r0 up
+link set r1 up
+""")
+        sysctl(self.node, "net.ipv4.ip_forward=1")
+        sysctl(self.router, "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.r0.rp_filter=1")
+
+    def pod(self, ip_address: str, *, eni=ENI, cid: str = "c1", ifname: str = "eth0",
+            host_veth: str | None = None) -> netlink.PodNetwork:
+        """A pod namespace and the PodNetwork for it; the router learns where the IP lives."""
+        pod_ns = self.make_netns("pod")
+        router_dev, mac = ("r1", ENI_MAC) if eni is not None else ("r0", PRIMARY_MAC)
+        ip(self.router, "neigh", "replace", ip_address, "lladdr", mac, "dev", router_dev,
+           "nud", "permanent")
+        host_veth = host_veth or netlink.host_veth_name("eni", container_id=cid, ifname=ifname)
+        return netlink.PodNetwork(netlink.Attachment("aws-vpc", cid, ifname),
+                                  f"/var/run/netns/{pod_ns}", host_veth, ip_address, 9001, eni)
+
+    def run(self, func, *args, **kwargs):
+        return in_netns(self.node, func, *args, **kwargs)
+
+    def node_state(self) -> str:
+        """Links, IPv4 routes of every table and rules of the node, to compare before/after.
+
+        Carrier and operational state are left out: the kernel settles them asynchronously.
+        """
+        links = re.sub(r"NO-CARRIER,|,LOWER_UP|,M-DOWN| state \S+", "",
+                       ip(self.node, "-o", "link", "show"))
+        routes = ip(self.node, "-4", "route", "show", "table", "all").replace(" linkdown", "")
+        return "\n".join((links, routes, ip(self.node, "rule", "show")))
+
+
+@pytest.fixture
+def vpc(make_netns):
+    return MiniVpc(make_netns)
+
+
+def pod_ns_of(net: netlink.PodNetwork) -> str:
+    return os.path.basename(net.netns)
+
+
+def assert_node_clean(vpc: MiniVpc, net: netlink.PodNetwork) -> None:
+    assert net.host_veth not in ip(vpc.node, "link", "show")
+    assert net.pod_ip not in ip(vpc.node, "route", "show", "table", "all")
+    assert net.pod_ip not in ip(vpc.node, "rule", "show")
+
+
+# ---------------------------------------------------------------------------------------------
+# ADD
+
+
+def test_add_primary_eni_pod_builds_the_data_path_and_pings_both_ways(vpc):
+    net = vpc.pod("10.0.0.20", eni=None)
+    pair = vpc.run(netlink.setup_pod, net)
+    pod = pod_ns_of(net)
+
+    pod_link = ip(pod, "-o", "link", "show", "dev", "eth0")
+    host_link = ip(vpc.node, "-o", "link", "show", "dev", net.host_veth)
+    assert pair == netlink.VethPair(net.host_veth, pair.host_mac, "eth0", pair.pod_mac)
+    assert f"link/ether {pair.pod_mac}" in pod_link and "mtu 9001" in pod_link
+    assert f"link/ether {pair.host_mac}" in host_link and "mtu 9001" in host_link
+    assert ",UP," in pod_link and ",UP," in host_link
+    assert "alias cni:aws-vpc/c1/eth0" in ip(vpc.node, "link", "show", "dev", net.host_veth)
+    assert "inet 10.0.0.20/32 scope global eth0" in ip(pod, "-4", "addr", "show", "dev", "eth0")
+    pod_routes = ip(pod, "route", "show").splitlines()
+    assert any(re.match(r"default via 169\.254\.1\.1 dev eth0\b", r) for r in pod_routes)
+    assert any(re.match(r"169\.254\.1\.1 dev eth0 .*scope link", r) for r in pod_routes)
+    assert f"169.254.1.1 dev eth0 lladdr {pair.host_mac} PERMANENT" in ip(pod, "neigh", "show")
+    assert re.search(rf"^10\.0\.0\.20 dev {net.host_veth} .*scope link",
+                     ip(vpc.node, "route", "show"), re.M)
+    rules = ip(vpc.node, "rule", "show")
+    assert "512:\tfrom all to 10.0.0.20 lookup main" in rules
+    assert "1536:" not in rules
+
+    assert in_netns(pod, ping, NODE_IP)
+    assert vpc.run(ping, "10.0.0.20")
+    assert in_netns(pod, ping, ROUTER_PRIMARY_IP)
+
+
+def test_add_secondary_eni_pod_leaves_through_its_eni(vpc):
+    net = vpc.pod("10.0.1.20")
+    vpc.run(netlink.setup_pod, net)
+    pod = pod_ns_of(net)
+
+    eth1 = ip(vpc.node, "-o", "link", "show", "dev", "eth1")
+    assert ",UP," in eth1 and "mtu 9001" in eth1
+    table = ip(vpc.node, "route", "show", "table", "3")
+    assert re.search(r"^default via 10\.0\.1\.1 dev eth1\b", table, re.M)
+    assert re.search(r"^10\.0\.1\.1 dev eth1 .*scope link", table, re.M)
+    rules = ip(vpc.node, "rule", "show")
+    assert "512:\tfrom all to 10.0.1.20 lookup main" in rules
+    assert "1536:\tfrom 10.0.1.20 lookup 3" in rules
+
+    assert in_netns(pod, ping, ROUTER_ENI_IP)
+    assert in_netns(pod, ping, NODE_IP)
+    assert vpc.run(ping, "10.0.1.20")
+    # Without rule 1536 the pod's packets leave by eth0, where the router drops them.
+    ip(vpc.node, "rule", "del", "pref", "1536", "from", "10.0.1.20")
+    assert not in_netns(pod, ping, ROUTER_ENI_IP)
+
+
+def test_add_with_the_ifname_taken_in_the_pod_changes_nothing(vpc):
+    net = vpc.pod("10.0.1.21")
+    pod = pod_ns_of(net)
+    ip(pod, "link", "add", "eth0", "type", "veth", "peer", "name", "other")
+    pod_before, node_before = ip(pod, "-o", "link", "show"), vpc.node_state()
+
+    with pytest.raises(netlink.InterfaceExistsError, match=f"eth0 in pod netns {net.netns}"):
+        vpc.run(netlink.setup_pod, net)
+    assert ip(pod, "-o", "link", "show") == pod_before
+    assert vpc.node_state() == node_before
+
+
+def test_add_failing_midway_undoes_what_it_built(vpc):
+    net = vpc.pod("10.0.1.22")
+    pod = pod_ns_of(net)
+    ip(pod, "route", "add", "169.254.1.1/32", "dev", "lo")  # the pod's gateway route will clash
+    vpc.run(netlink.ensure_eni_table, ENI)  # shared by the ENI's pods: set up, and kept, by design
+    node_before = vpc.node_state()
+
+    clash = r"add route 169\.254\.1\.1/32 dev eth0 scope link table 254 in the pod netns .*exists"
+    with pytest.raises(netlink.DataPathError, match=clash):
+        vpc.run(netlink.setup_pod, net)
+    assert "eth0" not in ip(pod, "link", "show")
+    assert vpc.node_state() == node_before
+
+
+def test_add_with_an_unknown_eni_mac_changes_nothing(vpc):
+    eni = netlink.SecondaryEni(mac="02:00:00:00:09:09", device_number=3, subnet="10.0.1.0/24")
+    net = vpc.pod("10.0.1.23", eni=eni)
+    node_before = vpc.node_state()
+    with pytest.raises(netlink.DataPathError, match="find ENI 02:00:00:00:09:09 .*no interface"):
+        vpc.run(netlink.setup_pod, net)
+    assert vpc.node_state() == node_before
+    assert "eth0" not in ip(pod_ns_of(net), "link", "show")
+
+
+@pytest.mark.parametrize("netns_path, message", [
+    ("/var/run/netns/avc-no-such-ns", "open pod netns /var/run/netns/avc-no-such-ns"),
+    ("/proc/self/ns/net", "is the host's own network namespace"),
+    ("/proc/self/ns/uts", "enter pod netns /proc/self/ns/uts"),
+])
+def test_add_with_an_unusable_netns_changes_nothing(vpc, netns_path, message):
+    net = vpc.pod("10.0.1.24")
+    net = netlink.PodNetwork(net.attachment, netns_path, net.host_veth, net.pod_ip, eni=net.eni)
+    node_before = vpc.node_state()
+    with pytest.raises(netlink.NetnsError, match=message):
+        vpc.run(netlink.setup_pod, net)
+    assert vpc.node_state() == node_before
+
+
+def test_add_refuses_a_host_veth_name_taken_by_another_kind_of_link(vpc):
+    net = vpc.pod("10.0.1.25")
+    ip(vpc.node, "link", "add", net.host_veth, "type", "bridge")
+    node_before = vpc.node_state()
+    with pytest.raises(netlink.DataPathError, match="a bridge link of that name exists"):
+        vpc.run(netlink.setup_pod, net)
+    assert vpc.node_state() == node_before
+    assert "eth0" not in ip(pod_ns_of(net), "link", "show")
+
+
+def test_add_replaces_a_stale_host_veth_and_the_old_del_spares_the_new_pod(vpc):
+    """A pod recreated under the same name gets the same host veth name before its old DEL."""
+    veth = netlink.host_veth_name("eni", pod_namespace="default", pod_name="web-0")
+    old = vpc.pod("10.0.1.30", cid="old", host_veth=veth)
+    new = vpc.pod("10.0.1.31", cid="new", host_veth=veth)
+    vpc.run(netlink.setup_pod, old)
+    vpc.run(netlink.setup_pod, new)
+    assert "eth0" not in ip(pod_ns_of(old), "link", "show")
+
+    vpc.run(netlink.teardown_pod, old.attachment, host_veth=veth, pod_ip=old.pod_ip)
+    assert vpc.run(netlink.check_pod, new) == []
+    assert in_netns(pod_ns_of(new), ping, ROUTER_ENI_IP)
+    assert old.pod_ip not in ip(vpc.node, "rule", "show")
+
+
+# ---------------------------------------------------------------------------------------------
+# DEL and GC
+
+
+def test_del_removes_everything_and_a_second_del_succeeds(vpc):
+    net = vpc.pod("10.0.1.40")
+    vpc.run(netlink.setup_pod, net)
+    vpc.run(netlink.teardown_pod, net.attachment, host_veth=net.host_veth, pod_ip=net.pod_ip)
+    assert_node_clean(vpc, net)
+    assert "eth0" not in ip(pod_ns_of(net), "link", "show")
+    # The ENI's table is shared by every pod on the ENI: it stays.
+    assert "default via 10.0.1.1 dev eth1" in ip(vpc.node, "route", "show", "table", "3")
+    vpc.run(netlink.teardown_pod, net.attachment, host_veth=net.host_veth, pod_ip=net.pod_ip)
+    vpc.run(netlink.teardown_pod, net.attachment, host_veth=net.host_veth)
+    assert_node_clean(vpc, net)
+
+
+def test_del_finds_the_veth_by_name_or_by_the_route_to_the_pod_ip(vpc):
+    by_route, by_name = vpc.pod("10.0.1.45", cid="r"), vpc.pod("10.0.1.46", cid="n")
+    for net in (by_route, by_name):
+        vpc.run(netlink.setup_pod, net)
+    vpc.run(netlink.teardown_pod, by_route.attachment, pod_ip=by_route.pod_ip)
+    assert_node_clean(vpc, by_route)
+    vpc.run(netlink.teardown_pod, by_name.attachment, host_veth=by_name.host_veth)
+    assert by_name.host_veth not in ip(vpc.node, "link", "show")
+    assert by_name.pod_ip not in ip(vpc.node, "route", "show", "table", "all")
+    assert "from 10.0.1.46 lookup 3" in ip(vpc.node, "rule", "show")  # no IP given: rules stay
+
+
+def test_del_after_the_pod_netns_is_gone(vpc):
+    net = vpc.pod("10.0.1.41")
+    vpc.run(netlink.setup_pod, net)
+    netns.delete(pod_ns_of(net))
+    vpc.run(netlink.teardown_pod, net.attachment, host_veth=net.host_veth, pod_ip=net.pod_ip)
+    assert_node_clean(vpc, net)
+
+
+def test_del_of_an_attachment_never_added_changes_nothing(vpc):
+    other = vpc.pod("10.0.1.42", cid="other")
+    vpc.run(netlink.setup_pod, other)
+    before = vpc.node_state()
+    vpc.run(netlink.teardown_pod, netlink.Attachment("aws-vpc", "never", "eth0"),
+            host_veth=other.host_veth, pod_ip=other.pod_ip)
+    vpc.run(netlink.teardown_pod, netlink.Attachment("aws-vpc", "never", "eth0"),
+            host_veth="eninever", pod_ip="10.0.1.43")
+    assert vpc.node_state() == before
+
+
+def test_del_leaves_the_rules_of_an_ip_already_serving_another_attachment(vpc):
+    first = vpc.pod("10.0.1.44", cid="first")
+    vpc.run(netlink.setup_pod, first)
+    vpc.run(netlink.teardown_pod, first.attachment, host_veth=first.host_veth,
+            pod_ip=first.pod_ip)
+    second = vpc.pod("10.0.1.44", cid="second")
+    vpc.run(netlink.setup_pod, second)
+    # A late, repeated DEL of the first attachment, now that its IP serves the second:
+    vpc.run(netlink.teardown_pod, first.attachment, host_veth=first.host_veth,
+            pod_ip=first.pod_ip)
+    assert vpc.run(netlink.check_pod, second) == []
+
+
+def test_gc_lists_host_veths_with_attachments_and_rule_ips(vpc):
+    nets = [vpc.pod("10.0.1.50", cid="a"), vpc.pod("10.0.0.51", cid="b", eni=None)]
+    for net in nets:
+        vpc.run(netlink.setup_pod, net)
+    ip(vpc.node, "link", "add", "eniforeign", "type", "veth", "peer", "name", "xforeign")
+
+    veths = {v.name: v for v in vpc.run(netlink.list_host_veths, "eni")}
+    assert set(veths) == {nets[0].host_veth, nets[1].host_veth, "eniforeign"}
+    for net in nets:
+        assert veths[net.host_veth].attachment == net.attachment
+        assert veths[net.host_veth].pod_ips == (net.pod_ip,)
+    assert veths["eniforeign"].attachment is None and veths["eniforeign"].pod_ips == ()
+    assert vpc.run(netlink.list_pod_rule_ips) == {"10.0.1.50", "10.0.0.51"}
+
+    vpc.run(netlink.teardown_pod, veths[nets[0].host_veth].attachment,
+            host_veth=nets[0].host_veth, pod_ip="10.0.1.50")
+    assert [v.name for v in vpc.run(netlink.list_host_veths, "eni")
+            if v.attachment] == [nets[1].host_veth]
+    assert vpc.run(netlink.list_pod_rule_ips) == {"10.0.0.51"}
+
+
+def test_concurrent_adds_on_one_eni_then_concurrent_dels(vpc):
+    nets = [vpc.pod(f"10.0.1.{60 + i}", cid=f"p{i}") for i in range(4)]
+    children = [Child(vpc.node, netlink.setup_pod, net) for net in nets]
+    pairs = [child.result() for child in children]
+    assert len({pair.host_mac for pair in pairs}) == len(nets)
+    table = ip(vpc.node, "route", "show", "table", "3").splitlines()
+    assert len(table) == 2, table
+    for net in nets:
+        assert vpc.run(netlink.check_pod, net) == []
+        assert in_netns(pod_ns_of(net), ping, ROUTER_ENI_IP)
+
+    children = [Child(vpc.node, netlink.teardown_pod, net.attachment, host_veth=net.host_veth,
+                      pod_ip=net.pod_ip) for net in nets]
+    for child in children:
+        child.result()
+    for net in nets:
+        assert_node_clean(vpc, net)
+
+
+# ---------------------------------------------------------------------------------------------
+# CHECK
+
+
+def test_check_passes_right_after_add(vpc):
+    for net in (vpc.pod("10.0.1.70", cid="s"), vpc.pod("10.0.0.71", cid="p", eni=None)):
+        pair = vpc.run(netlink.setup_pod, net)
+        assert vpc.run(netlink.check_pod, net, pod_mac=pair.pod_mac.upper(),
+                       host_mac=pair.host_mac) == []
+
+
+PIECES = [
+    ("pod", "addr del 10.0.1.80/32 dev eth0", "{netns}: address 10.0.1.80/32 missing"),
+    ("pod", "route del default via 169.254.1.1 dev eth0",
+     "route default via 169.254.1.1 dev eth0 missing"),
+    ("pod", "route del 169.254.1.1/32 dev eth0",
+     "route 169.254.1.1/32 dev eth0 scope link missing"),
+    ("pod", "neigh del 169.254.1.1 dev eth0", "permanent neighbour 169.254.1.1 missing"),
+    ("pod", "neigh replace 169.254.1.1 lladdr 02:00:00:00:00:99 dev eth0 nud permanent",
+     "neighbour 169.254.1.1 lladdr 02:00:00:00:00:99, expected the host veth's"),
+    ("pod", "link set eth0 down", "eth0 in pod netns {netns}: down"),
+    ("pod", "link del eth0", "eth0 in pod netns {netns}: missing"),
+    ("node", "link set {veth} down", "host veth {veth}: down"),
+    ("node", "link set {veth} alias other", "host veth {veth}: alias 'other'"),
+    ("node", "link del {veth}", "host veth {veth}: missing"),
+    ("node", "route del 10.0.1.80/32", "host route 10.0.1.80/32 dev {veth} scope link: missing"),
+    ("node", "rule del pref 512", "rule 512 to 10.0.1.80/32 lookup 254: missing"),
+    ("node", "rule del pref 1536", "rule 1536 from 10.0.1.80/32 lookup 3: missing"),
+    ("node", "route del default table 3", "route default via 10.0.1.1 dev eth1 table 3: missing"),
+    ("node", "route del 10.0.1.1/32 table 3",
+     "route 10.0.1.1/32 dev eth1 scope link table 3: missing"),
+    ("node", "link set eth1 down", f"ENI eth1 ({ENI_MAC}): down"),
+    ("node", "link set eth1 address 02:00:00:00:07:07", f"find ENI {ENI_MAC}"),
+]
+
+
+@pytest.mark.parametrize("where, command, problem", PIECES, ids=[p[1] for p in PIECES])
+def test_check_reports_each_piece_removed_by_hand(vpc, where, command, problem):
+    net = vpc.pod("10.0.1.80")
+    vpc.run(netlink.setup_pod, net)
+    assert vpc.run(netlink.check_pod, net) == []
+    ns = vpc.node if where == "node" else pod_ns_of(net)
+    ip(ns, *command.format(veth=net.host_veth).split())
+    problems = vpc.run(netlink.check_pod, net)
+    expected = problem.format(veth=net.host_veth, netns=net.netns)
+    assert any(expected in p for p in problems), problems
+
+
+def test_check_reports_macs_other_than_recorded(vpc):
+    net = vpc.pod("10.0.1.81")
+    pair = vpc.run(netlink.setup_pod, net)
+    problems = vpc.run(netlink.check_pod, net, pod_mac="02:00:00:00:00:01",
+                       host_mac="02:00:00:00:00:02")
+    assert problems == [
+        f"host veth {net.host_veth}: MAC {pair.host_mac}, expected 02:00:00:00:00:02",
+        f"eth0 in pod netns {net.netns}: MAC {pair.pod_mac}, expected 02:00:00:00:00:01",
+    ]
+
+
+def test_check_reports_a_host_veth_and_pod_interface_that_are_not_a_pair(vpc):
+    net = vpc.pod("10.0.1.84")
+    vpc.run(netlink.setup_pod, net)
+    pod = pod_ns_of(net)
+    ip(pod, "link", "del", "eth0")
+    ip(vpc.node, "link", "add", net.host_veth, "type", "veth", "peer", "name", "x0", "netns", pod)
+    ip(pod, "link", "add", "eth0", "type", "veth", "peer", "name", "y0")
+    problems = vpc.run(netlink.check_pod, net)
+    assert f"eth0 in pod netns {net.netns}: not the peer of host veth {net.host_veth}" in problems
+
+
+def test_check_reports_a_from_rule_for_a_primary_eni_pod(vpc):
+    net = vpc.pod("10.0.0.82", eni=None)
+    vpc.run(netlink.setup_pod, net)
+    ip(vpc.node, "rule", "add", "pref", "1536", "from", "10.0.0.82", "lookup", "3")
+    assert vpc.run(netlink.check_pod, net) == [
+        "rule 1536 from 10.0.0.82/32 lookup 3: present, but the IP is on the primary ENI"]
+
+
+def test_check_reports_a_deleted_pod_netns(vpc):
+    net = vpc.pod("10.0.1.83")
+    vpc.run(netlink.setup_pod, net)
+    netns.delete(pod_ns_of(net))
+    problems = vpc.run(netlink.check_pod, net)
+    assert f"open pod netns {net.netns}: No such file or directory" in problems
