@@ -133,6 +133,12 @@ class Lab:
         return netns.run(self.exec_argv(host, argv), input=input, env=self.exec_env(host, env), check=check,
                          timeout=timeout)
 
+    def reset(self) -> None:
+        """Back to the state `up` left: no faults, zero counts, the configured IMDS staleness, and only
+        the nodes' primary ENIs with only their primary addresses (the data plane follows before this
+        returns). What tests did inside the nodes' namespaces is theirs to undo."""
+        self._call("reset")
+
     # --- faults and counts -----------------------------------------------------------------------
 
     def fault(self, action: str, error: str | None = None, count: int | None = None, duration: float | None = None,
@@ -202,7 +208,8 @@ def labs() -> list[str]:
 
 
 def sweep_orphans() -> list[str]:
-    """Remove labs whose daemon is gone or whose owner process ended; return their names."""
+    """Remove labs whose daemon is gone (and that are not just starting) or whose owner process ended;
+    return their names."""
     gone = []
     for name in labs():
         try:
@@ -210,7 +217,7 @@ def sweep_orphans() -> list[str]:
                 owner = LabConfig.from_json(f.read()).owner_pid
         except (OSError, ValueError, TypeError, LabError):
             continue  # being created right now, or not a lab's directory
-        if _daemon_pid(name) is None or (owner is not None and not _alive(owner)):
+        if (_daemon_pid(name) is None and _age(name) > UP_TIMEOUT) or (owner is not None and not _alive(owner)):
             remove(name)
             gone.append(name)
     return gone
@@ -272,6 +279,14 @@ def _daemon_pid(name: str) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if b"vpclab.daemon" in cmdline and state_dir(name).encode() in cmdline else None
+
+
+def _age(name: str) -> float:
+    """Seconds since the lab's state directory was made (a lab younger than UP_TIMEOUT may be starting)."""
+    try:
+        return time.time() - os.stat(state_dir(name)).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _alive(pid: int) -> bool:

@@ -167,6 +167,7 @@ class LabDaemon:
             "imds_calls": lambda reset=False: self.imds_calls.read(reset),
             "ec2": self._op_ec2,
             "imds_staleness": self._op_staleness,
+            "reset": self._op_reset,
             "shutdown": self._stop.set,
         }
 
@@ -205,6 +206,27 @@ class LabDaemon:
     @functools.cache
     def _internal_client(self):
         return _client(f"http://127.0.0.1:{INTERNAL_FRONT_PORT}")
+
+    def _op_reset(self) -> None:
+        """Back to the state after start: no faults, zero counts, the configured IMDS staleness, and in
+        EC2 only the nodes' primary ENIs holding only their primary addresses; the data plane follows
+        before this returns."""
+        self.faults.clear()
+        self.front.calls.read(reset=True)
+        self.imds_calls.read(reset=True)
+        self._cache.staleness = self.config.imds_staleness
+        c = self._moto
+        with self.front.mutating:
+            for eni in self._cache.refresh().enis.values():
+                if eni.device_index == 0:
+                    if len(eni.ips) > 1:
+                        c.unassign_private_ip_addresses(NetworkInterfaceId=eni.id, PrivateIpAddresses=list(eni.ips[1:]))
+                    continue
+                if eni.attachment_id:
+                    c.detach_network_interface(AttachmentId=eni.attachment_id, Force=True)
+                c.delete_network_interface(NetworkInterfaceId=eni.id)
+            self._cache.mark_dirty()
+        self._wiring.apply(self._cache.live())
 
     def _op_staleness(self, seconds: float) -> None:
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= cfg.MAX_STALENESS:

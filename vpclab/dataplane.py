@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import re
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -146,15 +147,17 @@ class Wiring:
     def __init__(self, router_netns: str, instance_nodes: dict[str, NodePlan]):
         self._router = router_netns
         self._nodes = instance_nodes
+        self._lock = threading.Lock()
 
     def apply(self, snap: Snapshot) -> None:
         """Converge on `snap`; failures are logged and retried at the next call."""
-        router, nodes = plan_commands(desired_ports(snap, self._nodes), self._links(), self._routes(),
-                                      self._neighbours())
-        for ns, commands in [(self._router, router), *nodes.items()]:
-            if commands:
-                log.info("%s: %s", ns, "; ".join(commands))
-                batch(ns, commands, force=True)
+        with self._lock:
+            router, nodes = plan_commands(desired_ports(snap, self._nodes), self._links(), self._routes(),
+                                          self._neighbours())
+            for ns, commands in [(self._router, router), *nodes.items()]:
+                if commands:
+                    log.info("%s: %s", ns, "; ".join(commands))
+                    batch(ns, commands, force=True)
 
     def _links(self) -> dict[str, str]:
         return {link["ifname"]: link.get("ifalias", "")

@@ -31,12 +31,12 @@ class Ec2Front:
     def __init__(self, moto: tuple[str, int], cache: StateCache, faults: FaultBook, default_type: str,
                  changed: Callable[[], None]):
         self.calls = CallCounter()
+        self.mutating = threading.Lock()  # held while a change is checked and made
         self._moto = moto
         self._cache = cache
         self._faults = faults
         self._default_type = default_type
         self._changed = changed
-        self._mutating = threading.Lock()
 
     def handle(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes, counted: bool) -> Response:
         """One EC2 Query API request; `counted` is False for the lab's own calls (no count, no faults)."""
@@ -53,7 +53,7 @@ class Ec2Front:
                     return _error(status, fault.error, message)
         if action.startswith(READ_ONLY):
             return self._forward(headers, params)
-        with self._mutating:
+        with self.mutating:
             try:
                 plan = vet(action, params, self._cache.live(), self._default_type)
             except Rejection as r:
@@ -71,7 +71,10 @@ class Ec2Front:
             response = self._forward(headers, [("Action", action), ("Version", version)] + before_params)
             if response[0] != 200:
                 return response
-        return self._forward(headers, plan.params)
+        response = self._forward(headers, plan.params)
+        if response[0] == 200 and plan.reply is not None:
+            return 200, [("Content-Type", "text/xml;charset=UTF-8")], plan.reply
+        return response
 
     def _forward(self, headers: list[tuple[str, str]], params: Params) -> Response:
         body = urlencode(params).encode()

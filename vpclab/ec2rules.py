@@ -30,9 +30,11 @@ class Rejection(Exception):
 
 @dataclass
 class Plan:
-    """The call to forward, and calls to make before it (an address taken from another ENI)."""
+    """The call to forward, calls to make before it (an address taken from another ENI), and the body
+    to answer with instead of moto's when moto accepts the call."""
     params: Params
     before: list[tuple[str, Params]] = field(default_factory=list)
+    reply: bytes | None = None
 
 
 def error_xml(code: str, message: str) -> bytes:
@@ -40,6 +42,16 @@ def error_xml(code: str, message: str) -> bytes:
     return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{escape(code)}</Code>'
             f'<Message>{escape(message)}</Message></Error></Errors>'
             f'<RequestID>{uuid.uuid4()}</RequestID></Response>').encode()
+
+
+def assigned_xml(eni_id: str, addresses: list[str]) -> bytes:
+    """AssignPrivateIpAddresses' answer as EC2 gives it: only the addresses this call assigned
+    (moto lists all of the ENI's, primary included, which a pool would take for new ones)."""
+    items = "".join(f"<item><privateIpAddress>{ip}</privateIpAddress></item>" for ip in addresses)
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<AssignPrivateIpAddressesResponse '
+            f'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>{uuid.uuid4()}</requestId>'
+            f'<networkInterfaceId>{eni_id}</networkInterfaceId><assignedPrivateIpAddressesSet>{items}'
+            f'</assignedPrivateIpAddressesSet><assignedIpv4PrefixSet/></AssignPrivateIpAddressesResponse>').encode()
 
 
 def vet(action: str, params: Params, snap: Snapshot, default_type: str,
@@ -71,7 +83,7 @@ def _assign(params: Params, snap: Snapshot, default_type: str, rng: random.Rando
         _check_limit(len(eni.ips) + count, limit)
         chosen = _pick(snap, subnet, count, rng)
         numbered = [(f"PrivateIpAddress.{i}", ip) for i, ip in enumerate(chosen, 1)]
-        return Plan(_without(params, "SecondaryPrivateIpAddressCount") + numbered)
+        return Plan(_without(params, "SecondaryPrivateIpAddressCount") + numbered, reply=assigned_xml(eni.id, chosen))
     reassign = (_get(params, "AllowReassignment") or "").lower() == "true"
     new = [ip for ip in dict.fromkeys(explicit) if ip not in eni.ips]
     before = []
@@ -84,7 +96,7 @@ def _assign(params: Params, snap: Snapshot, default_type: str, rng: random.Rando
             before.append(("UnassignPrivateIpAddresses",
                            [("NetworkInterfaceId", holder.id), ("PrivateIpAddress.1", ip)]))
     _check_limit(len(eni.ips) + len(new), limit)
-    return Plan(params, before)
+    return Plan(params, before, assigned_xml(eni.id, new))
 
 
 def _unassign(params: Params, snap: Snapshot, default_type: str, rng: random.Random) -> Plan:

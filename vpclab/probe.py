@@ -3,7 +3,7 @@
     python -m vpclab.probe ping ADDR [--source IP] [--timeout S]
     python -m vpclab.probe echo tcp|udp ADDR PORT [--source IP] [--timeout S]
     python -m vpclab.probe listen-udp ADDR PORT [--timeout S]   # prints {"ready": true} first
-    python -m vpclab.probe send-udp ADDR PORT [--source IP]
+    python -m vpclab.probe send-udp ADDR PORT [--source IP] [--count N] [--interval S]
     python -m vpclab.probe imds PATH... [--ttl N] [--no-token]
 
 The machine has no ping binary; these serve the tests, and a person at `vpclab exec`.
@@ -78,11 +78,14 @@ def listen_udp(addr: str, port: int, timeout: float) -> dict:
         return {"received": received}
 
 
-def send_udp(addr: str, port: int, source: str | None) -> dict:
+def send_udp(addr: str, port: int, source: str | None, count: int, interval: float) -> dict:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         if source:
             s.bind((source, 0))
-        s.sendto(b"probe", (addr, port))
+        for i in range(count):
+            if i:
+                time.sleep(interval)
+            s.sendto(b"probe %d" % i, (addr, port))
     return {"ok": True}
 
 
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("addr")
     p.add_argument("port", type=int)
     p.add_argument("--source")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--interval", type=float, default=0.1)
     p = sub.add_parser("imds")
     p.add_argument("paths", nargs="+")
     p.add_argument("--ttl", default="21600")
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.command == "listen-udp":
         out = listen_udp(a.addr, a.port, a.timeout)
     elif a.command == "send-udp":
-        out = send_udp(a.addr, a.port, a.source)
+        out = send_udp(a.addr, a.port, a.source, a.count, a.interval)
     else:
         out = imds(a.paths, a.ttl, a.token, a.timeout)
     print(json.dumps(out), flush=True)
