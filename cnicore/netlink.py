@@ -397,7 +397,7 @@ def _route_text(route: Route, dev: str) -> str:
 def _host():
     from pyroute2.iproute.linux import IPRoute
 
-    with IPRoute() as ipr:
+    with IPRoute(groups=0) as ipr:  # no multicast: only replies to our requests
         yield _Netns(ipr, "host netns")
 
 
@@ -414,7 +414,7 @@ def _pod(path: str):
         if _same_file(fd, "/proc/thread-self/ns/net"):
             raise NetnsError(f"pod netns {path} is the host's own network namespace")
         with _inside(fd, path):
-            ipr = IPRoute()  # the socket stays bound to the namespace it was made in
+            ipr = IPRoute(groups=0)  # the socket stays in the namespace it was made in
         with ipr:
             yield _Netns(ipr, f"pod netns {path}"), fd
     finally:
