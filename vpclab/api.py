@@ -76,7 +76,8 @@ class Lab:
         except FileNotFoundError:
             raise LabError(f"no lab called {name!r} is up (no {state_dir(name)})") from None
         if _daemon_pid(name) is None:
-            raise LabError(f"lab {name!r} is not running (its daemon is gone); remove it with `vpclab down --name {name}`")
+            raise LabError(f"lab {name!r} is not running (its daemon is gone); "
+                           f"remove it with `vpclab down --name {name}`")
         return lab
 
     def down(self) -> None:

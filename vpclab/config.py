@@ -95,9 +95,7 @@ class LabConfig:
             raise LabError(f"instance_type: {self.instance_type!r} is not a string")
         instance_types.limits(self.instance_type)
         _int_in("azs", self.azs, 1, len(AZ_LETTERS))
-        if isinstance(self.imds_staleness, bool) or not isinstance(self.imds_staleness, (int, float)) \
-                or not 0 <= self.imds_staleness <= MAX_STALENESS:
-            raise LabError(f"imds_staleness: {self.imds_staleness!r} must be seconds in [0, {MAX_STALENESS:g}]")
+        check_staleness(self.imds_staleness)
         if self.owner_pid is not None:
             _int_in("owner_pid", self.owner_pid, 1, 2**22)
         vpcs = self._check_vpc_cidrs()
@@ -187,6 +185,11 @@ class LabConfig:
     @classmethod
     def from_json(cls, text: str) -> "LabConfig":
         return cls(**json.loads(text))
+
+
+def check_staleness(seconds) -> None:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_STALENESS:
+        raise LabError(f"imds_staleness: {seconds!r} must be seconds in [0, {MAX_STALENESS:g}]")
 
 
 def state_dir(name: str) -> str:

@@ -26,6 +26,7 @@ import threading
 from . import config as cfg
 from . import dataplane, echo, netns
 from .config import LabConfig
+from .control import ControlServer
 from .counting import CallCounter
 from .ec2front import Ec2Front, FrontHandler
 from .errors import Ec2Error, LabError
@@ -82,8 +83,8 @@ class LabDaemon:
         self._moto = _client(f"http://127.0.0.1:{MOTO_PORT}")
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             built = pool.submit(self._build_ec2)  # moto's first calls take a second: overlap them
-            for role in self._roles():
-                netns.create(self.config.netns(role))
+            for name in self._namespaces():
+                netns.create(name)
             dataplane.build(self.config)
             built = built.result()
         instances = built["instances"]
@@ -99,9 +100,10 @@ class LabDaemon:
         self._status = self._describe(snap, built)
         log.info("lab %s is up", self.config.name)
 
-    def _roles(self) -> list[str]:
-        return ["rtr"] + [h.netns.removeprefix(self.config.name + "-") for h in self.config.host_plans()] \
-            + [n.name for n in self.config.node_plans()]
+    def _namespaces(self) -> list[str]:
+        """All but ctl, which exists before the rest."""
+        c = self.config
+        return [c.router_netns] + [h.netns for h in c.host_plans()] + [n.netns for n in c.node_plans()]
 
     def _build_ec2(self) -> dict:
         """VPC, subnets, security group, one instance per node; returns their ids."""
@@ -133,8 +135,6 @@ class LabDaemon:
                                          front=self.front, counted=False))
         for host in self.config.host_plans():
             echo.start(host.netns, cfg.ECHO_PORT)
-        from .control import ControlServer
-
         serve_in(None, functools.partial(ControlServer, os.path.join(self.config.state_dir, "ctl.sock"),
                                          self._handlers()))
 
@@ -187,13 +187,14 @@ class LabDaemon:
         self.faults.add(fault)
 
     def _op_ec2(self, action: str, params: dict | None = None) -> dict:
+        from botocore import xform_name
         from botocore.exceptions import ClientError, ParamValidationError
 
         if action not in self._moto.meta.service_model.operation_names:
             raise LabError(f"{action!r} is not an EC2 API action")
-        client = self._internal_client()
+        call = getattr(self._internal_client(), xform_name(action))
         try:
-            reply = client._make_api_call(action, params or {})
+            reply = call(**(params or {}))
         except ClientError as e:
             err = e.response["Error"]
             raise Ec2Error(err.get("Code", "?"), err.get("Message", ""),
@@ -229,8 +230,7 @@ class LabDaemon:
         self._wiring.apply(self._cache.live())
 
     def _op_staleness(self, seconds: float) -> None:
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= cfg.MAX_STALENESS:
-            raise LabError(f"imds_staleness: {seconds!r} must be seconds in [0, {cfg.MAX_STALENESS:g}]")
+        cfg.check_staleness(seconds)
         self._cache.staleness = float(seconds)
 
     # --- status ----------------------------------------------------------------------------------

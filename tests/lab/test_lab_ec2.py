@@ -37,7 +37,8 @@ step("assign_10th", "assign_private_ip_addresses", NetworkInterfaceId=a, Seconda
 step("assign_outside", "assign_private_ip_addresses", NetworkInterfaceId=b, PrivateIpAddresses=["10.9.0.5"])
 step("assign_reserved", "assign_private_ip_addresses", NetworkInterfaceId=b, PrivateIpAddresses=["10.0.0.3"])
 held = ec2.describe_network_interfaces(NetworkInterfaceIds=[a])["NetworkInterfaces"][0]["PrivateIpAddresses"]
-step("assign_held", "assign_private_ip_addresses", NetworkInterfaceId=b, PrivateIpAddresses=[held[1]["PrivateIpAddress"]])
+step("assign_held", "assign_private_ip_addresses", NetworkInterfaceId=b,
+     PrivateIpAddresses=[held[1]["PrivateIpAddress"]])
 step("detach_primary", "detach_network_interface", AttachmentId=primary_attachment)
 step("delete_attached", "delete_network_interface", NetworkInterfaceId=a)
 out["ips_of_a"] = [x["PrivateIpAddress"] for x in held]
@@ -84,8 +85,9 @@ from botocore.exceptions import ClientError
 ec2 = boto3.client("ec2")
 out = {}
 ec2.assign_private_ip_addresses(NetworkInterfaceId=%r, SecondaryPrivateIpAddressCount=9)
-for name, call in [("assign", lambda: ec2.assign_private_ip_addresses(NetworkInterfaceId=%r, SecondaryPrivateIpAddressCount=1)),
-                   ("create", lambda: ec2.create_network_interface(SubnetId=%r))]:
+assign = lambda: ec2.assign_private_ip_addresses(NetworkInterfaceId=%r, SecondaryPrivateIpAddressCount=1)
+create = lambda: ec2.create_network_interface(SubnetId=%r)
+for name, call in [("assign", assign), ("create", create)]:
     try:
         call()
         out[name] = "ok"

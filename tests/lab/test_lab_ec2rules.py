@@ -88,21 +88,26 @@ def test_assign_with_reassignment_takes_the_address_from_its_holder_first():
 
 def test_assign_needs_exactly_one_way_to_say_which():
     snap = snapshot(PRIMARY)
-    both = [("NetworkInterfaceId", "eni-p"), ("PrivateIpAddress.1", "10.0.0.6"), ("SecondaryPrivateIpAddressCount", "1")]
+    both = [("NetworkInterfaceId", "eni-p"), ("PrivateIpAddress.1", "10.0.0.6"),
+            ("SecondaryPrivateIpAddressCount", "1")]
     assert rejected("AssignPrivateIpAddresses", both, snap).code == "InvalidParameterCombination"
     assert rejected("AssignPrivateIpAddresses", [("NetworkInterfaceId", "eni-p")], snap).code == "MissingParameter"
     zero = [("NetworkInterfaceId", "eni-p"), ("SecondaryPrivateIpAddressCount", "0")]
     assert rejected("AssignPrivateIpAddresses", zero, snap).code == "InvalidParameterValue"
 
 
+def unassign(address):
+    return [("NetworkInterfaceId", "eni-p"), ("PrivateIpAddress.1", address)]
+
+
 def test_unassign_checks_the_addresses():
     snap = snapshot(eni("eni-p", ["10.0.0.10", "10.0.0.6"], "i-1", 0))
-    r = rejected("UnassignPrivateIpAddresses", [("NetworkInterfaceId", "eni-p"), ("PrivateIpAddress.1", "10.0.0.7")], snap)
-    assert (r.code, r.message) == ("InvalidParameterValue", "Some of the specified addresses are not assigned to interface eni-p")
-    r = rejected("UnassignPrivateIpAddresses", [("NetworkInterfaceId", "eni-p"), ("PrivateIpAddress.1", "10.0.0.10")], snap)
+    r = rejected("UnassignPrivateIpAddresses", unassign("10.0.0.7"), snap)
+    assert (r.code, r.message) == ("InvalidParameterValue",
+                                   "Some of the specified addresses are not assigned to interface eni-p")
+    r = rejected("UnassignPrivateIpAddresses", unassign("10.0.0.10"), snap)
     assert r.code == "InvalidParameterValue" and "primary" in r.message
-    ok = [("NetworkInterfaceId", "eni-p"), ("PrivateIpAddress.1", "10.0.0.6")]
-    assert vet("UnassignPrivateIpAddresses", ok, snap, "m5.large").params == ok
+    assert vet("UnassignPrivateIpAddresses", unassign("10.0.0.6"), snap, "m5.large").params == unassign("10.0.0.6")
 
 
 def test_create_picks_the_primary_and_secondaries():
@@ -128,7 +133,8 @@ def test_create_with_a_given_primary_and_the_limits():
     too_many = [("SubnetId", "subnet-1"), ("SecondaryPrivateIpAddressCount", "10")]  # 11 > 10 on m5.large
     assert rejected("CreateNetworkInterface", too_many, snap).code == "PrivateIpAddressLimitExceeded"
     full = snapshot(PRIMARY, eni("eni-o", [f"10.0.0.{n}" for n in (4, 5, 6, 7, 8, 9, 11, 12, 13, 14)]))
-    assert rejected("CreateNetworkInterface", [("SubnetId", "subnet-1")], full).code == "InsufficientFreeAddressesInSubnet"
+    r = rejected("CreateNetworkInterface", [("SubnetId", "subnet-1")], full)
+    assert r.code == "InsufficientFreeAddressesInSubnet"
 
 
 def attach(eni_id, instance="i-1", device="1"):
@@ -139,14 +145,16 @@ def test_attach_rules():
     free = eni("eni-f", ["10.0.0.6"])
     second = eni("eni-s", ["10.0.0.7"], "i-1", 1)
     snap = snapshot(PRIMARY, second, free)
-    assert vet("AttachNetworkInterface", attach("eni-f", device="2"), snap, "m5.large").params == attach("eni-f", device="2")
+    ok = attach("eni-f", device="2")
+    assert vet("AttachNetworkInterface", ok, snap, "m5.large").params == ok
     r = rejected("AttachNetworkInterface", attach("eni-s", device="2"), snap)
     assert (r.code, r.message) == ("InvalidNetworkInterface.InUse", "Interface: [eni-s] in use.")
     r = rejected("AttachNetworkInterface", attach("eni-f", device="1"), snap)
     assert (r.code, r.message) == ("InvalidParameterValue",
                                    "Instance 'i-1' already has an interface attached at device index '1'.")
     assert rejected("AttachNetworkInterface", attach("eni-f", device="3"), snap).code == "AttachmentLimitExceeded"
-    assert rejected("AttachNetworkInterface", attach("eni-f", instance="i-2"), snap).code == "InvalidParameterCombination"
+    r = rejected("AttachNetworkInterface", attach("eni-f", instance="i-2"), snap)  # another AZ
+    assert r.code == "InvalidParameterCombination"
     full = snapshot(PRIMARY, second, eni("eni-t", ["10.0.0.8"], "i-1", 2), free)
     r = rejected("AttachNetworkInterface", attach("eni-f", device="3"), full)
     assert (r.code, r.message) == ("AttachmentLimitExceeded", "Interface count 4 exceeds the limit for m5.large")
@@ -161,7 +169,8 @@ def test_detach_and_delete_rules():
     assert r.code == "OperationNotPermitted"
     assert vet("DetachNetworkInterface", [("AttachmentId", "attach-eni-s")], snap, "m5.large").before == []
     r = rejected("DeleteNetworkInterface", [("NetworkInterfaceId", "eni-s")], snap)
-    assert (r.code, r.message) == ("InvalidNetworkInterface.InUse", "The network interface 'eni-s' is currently in use.")
+    assert (r.code, r.message) == ("InvalidNetworkInterface.InUse",
+                                   "The network interface 'eni-s' is currently in use.")
 
 
 def test_unknown_resources_and_other_actions_go_to_moto_unchanged():
@@ -189,7 +198,8 @@ def test_assign_answers_with_only_the_new_addresses():
     snap = snapshot(eni("eni-p", ["10.0.0.10", "10.0.0.6"], "i-1", 0))
     plan = vet("AssignPrivateIpAddresses", [("NetworkInterfaceId", "eni-p"), ("SecondaryPrivateIpAddressCount", "2")],
                snap, "m5.large")
-    shape = botocore.session.get_session().get_service_model("ec2").operation_model("AssignPrivateIpAddresses").output_shape
+    model = botocore.session.get_session().get_service_model("ec2")
+    shape = model.operation_model("AssignPrivateIpAddresses").output_shape
     parsed = parsers.create_parser("ec2").parse({"status_code": 200, "headers": {}, "body": plan.reply}, shape)
     picked = [v for k, v in plan.params if k.startswith("PrivateIpAddress.")]
     assert parsed["NetworkInterfaceId"] == "eni-p"

@@ -116,3 +116,11 @@ def test_imds_down_on_one_node(fresh_lab):
     assert "error" in down and "token_status" not in down  # the token request went unanswered
     assert probe(fresh_lab, "node2", "imds", MD + "instance-id")["token_status"] == 200
     assert probe(fresh_lab, "node1", "imds", MD + "instance-id")["token_status"] == 200
+
+
+def test_botocore_imds_client_works_against_it(fresh_lab):
+    """botocore's own IMDSv2 client (token, then GET) finds the region from the node's IMDS."""
+    code = ("import json\nfrom botocore.utils import InstanceMetadataRegionFetcher\n"
+            "print(json.dumps(InstanceMetadataRegionFetcher().retrieve_region()))")
+    assert python_in(fresh_lab, "node1", code) == "us-west-2"
+    assert fresh_lab.imds_calls() == {"node1": 2}
