@@ -90,7 +90,7 @@ class LabDaemon:
         instances = built["instances"]
         self._cache = StateCache(functools.partial(fetch, self._moto), self.config.imds_staleness)
         self.front = Ec2Front(("127.0.0.1", MOTO_PORT), self._cache, self.faults, self.config.instance_type,
-                              self._kicked.set)
+                              self._kicked.set, _complete_moto)
         self._serve(instances)
         nodes = {instances[n.name]: n for n in self.config.node_plans()}
         self._wiring = dataplane.Wiring(self.config.router_netns, nodes)
@@ -257,6 +257,18 @@ class LabDaemon:
             "endpoints": {"imds": f"http://{cfg.IMDS_ADDRESS}", "ec2": f"http://{cfg.EC2_ADDRESS}:{cfg.EC2_PORT}"},
             "router": {"netns": c.router_netns}, "ctl": {"netns": c.ctl_netns, "moto": f"http://127.0.0.1:{MOTO_PORT}"},
         }
+
+
+def _complete_moto(action: str, params: dict[str, str]) -> None:
+    """Apply what moto 5.2.5 accepts and ignores: ModifyNetworkInterfaceAttribute's
+    Attachment.DeleteOnTermination (the ENI pool sets it after each attach). moto runs in this process."""
+    if action != "ModifyNetworkInterfaceAttribute" or "Attachment.DeleteOnTermination" not in params:
+        return
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2.models import ec2_backends
+
+    eni = ec2_backends[DEFAULT_ACCOUNT_ID][cfg.REGION].get_network_interface(params["NetworkInterfaceId"])
+    eni.delete_on_termination = params["Attachment.DeleteOnTermination"].lower() == "true"
 
 
 def _http(address, handler, **attributes) -> HttpServer:

@@ -1,5 +1,5 @@
 """The EC2 endpoint the nodes talk to: it counts every call, injects faults, enforces what moto does not
-(ec2rules), and forwards the rest to moto.
+(ec2rules), forwards the rest to moto, and then has `completes` apply what moto accepted but ignored.
 
 Calls that change state are serialized, checked against a snapshot that reflects every earlier
 change, and followed by `changed()` so the data plane and IMDS catch up at once.
@@ -29,7 +29,7 @@ Response = tuple[int, list[tuple[str, str]], bytes]
 
 class Ec2Front:
     def __init__(self, moto: tuple[str, int], cache: StateCache, faults: FaultBook, default_type: str,
-                 changed: Callable[[], None]):
+                 changed: Callable[[], None], completes: Callable[[str, dict[str, str]], None]):
         self.calls = CallCounter()
         self.mutating = threading.Lock()  # held while a change is checked and made
         self._moto = moto
@@ -37,6 +37,7 @@ class Ec2Front:
         self._faults = faults
         self._default_type = default_type
         self._changed = changed
+        self._completes = completes
 
     def handle(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes, counted: bool) -> Response:
         """One EC2 Query API request; `counted` is False for the lab's own calls (no count, no faults)."""
@@ -60,6 +61,8 @@ class Ec2Front:
                 return _error(r.status, r.code, r.message)
             try:
                 response = self._forward_plan(headers, params, plan)
+                if response[0] == 200:
+                    self._completes(action, dict(params))
             finally:
                 self._cache.mark_dirty()
         self._changed()

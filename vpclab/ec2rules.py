@@ -184,6 +184,14 @@ def _detach(params: Params, snap: Snapshot, default_type: str, rng: random.Rando
     return Plan(params)
 
 
+def _modify(params: Params, snap: Snapshot, default_type: str, rng: random.Random) -> Plan:
+    eni = snap.enis.get(_get(params, "NetworkInterfaceId") or "")
+    attachment = _get(params, "Attachment.AttachmentId")
+    if eni is not None and attachment is not None and attachment != eni.attachment_id:
+        raise Rejection("InvalidAttachmentID.NotFound", f"The attachment ID '{attachment}' does not exist")
+    return Plan(params)
+
+
 def _delete(params: Params, snap: Snapshot, default_type: str, rng: random.Random) -> Plan:
     eni = snap.enis.get(_get(params, "NetworkInterfaceId") or "")
     if eni is not None and eni.status == "in-use":
@@ -197,6 +205,7 @@ RULES = {
     "CreateNetworkInterface": _create,
     "AttachNetworkInterface": _attach,
     "DetachNetworkInterface": _detach,
+    "ModifyNetworkInterfaceAttribute": _modify,
     "DeleteNetworkInterface": _delete,
 }
 

@@ -156,3 +156,29 @@ def test_bad_fault_requests_are_refused(fresh_lab):
     with pytest.raises(LabError, match="fault node 'node9'"):
         fresh_lab.fault("IMDS", node="node9")
     assert fresh_lab.status()["faults"] == []
+
+
+def test_delete_on_termination_is_kept(fresh_lab):
+    """moto 5.2.5 ignores Attachment.DeleteOnTermination; the lab applies it, as EC2 does."""
+    node = fresh_lab.status()["nodes"][0]
+    eni = fresh_lab.ec2("CreateNetworkInterface", SubnetId=node["subnet_id"])["NetworkInterface"]["NetworkInterfaceId"]
+    attachment = fresh_lab.ec2("AttachNetworkInterface", NetworkInterfaceId=eni, InstanceId=node["instance_id"],
+                               DeviceIndex=1)["AttachmentId"]
+    script = r'''
+import json, boto3
+from botocore.exceptions import ClientError
+ec2 = boto3.client("ec2")
+eni, attachment = %r
+out = {}
+try:
+    ec2.modify_network_interface_attribute(NetworkInterfaceId=eni, Attachment={"AttachmentId": "eni-attach-0",
+                                                                               "DeleteOnTermination": True})
+except ClientError as e:
+    out["wrong_attachment"] = e.response["Error"]["Code"]
+ec2.modify_network_interface_attribute(NetworkInterfaceId=eni, Attachment={"AttachmentId": attachment,
+                                                                           "DeleteOnTermination": True})
+reply = ec2.describe_network_interfaces(NetworkInterfaceIds=[eni])
+out["flag"] = reply["NetworkInterfaces"][0]["Attachment"]["DeleteOnTermination"]
+print(json.dumps(out))
+''' % ((eni, attachment),)
+    assert python_in(fresh_lab, "node1", script) == {"wrong_attachment": "InvalidAttachmentID.NotFound", "flag": True}
