@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from labtools import probe, start_udp_listener, wait_for
+from .labtools import probe, start_udp_listener, wait_for
 
 pytestmark = pytest.mark.lab
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from labtools import python_in
+from .labtools import python_in
 
 pytestmark = pytest.mark.lab
 

@@ -1,32 +1,13 @@
 """The EC2 rules the lab's front enforces in front of moto, as pure logic on snapshots."""
 
-import hashlib
 import ipaddress
 import random
 
 import pytest
 
-from vpclab.ec2model import Eni, Instance, Snapshot, Subnet, Vpc
 from vpclab.ec2rules import Rejection, error_xml, vet
 
-SUBNET = Subnet("subnet-1", "vpc-1", "10.0.0.0/28", "us-west-2a")
-
-
-def eni(eni_id, ips, instance=None, device=None, subnet=SUBNET):
-    status = "in-use" if instance else "available"
-    mac = "02:00:00:" + ":".join(f"{b:02x}" for b in hashlib.sha1(eni_id.encode()).digest()[:3])
-    return Eni(eni_id, mac, subnet.id, "vpc-1", subnet.az, "123456789012",
-               tuple(ips), (("sg-1", "nodes"),), status, instance, device, f"attach-{eni_id}" if instance else None)
-
-
-def snapshot(*enis, instance_type="m5.large", subnets=(SUBNET,)):
-    return Snapshot(0.0, {"vpc-1": Vpc("vpc-1", ("10.0.0.0/16",))}, {s.id: s for s in subnets},
-                    {"i-1": Instance("i-1", instance_type, "us-west-2a", "subnet-1", "vpc-1", "10.0.0.10", "ami-1"),
-                     "i-2": Instance("i-2", instance_type, "us-west-2b", "subnet-2", "vpc-1", "10.0.1.10", "ami-1")},
-                    {e.id: e for e in enis})
-
-
-PRIMARY = eni("eni-p", ["10.0.0.10"], "i-1", 0)
+from .samples import PRIMARY, SUBNET, eni, snapshot
 
 
 def rejected(action, params, snap, default_type="m5.large") -> Rejection:

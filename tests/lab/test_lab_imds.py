@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from labtools import probe, python_in, wait_for
+from .labtools import probe, python_in, wait_for
 
 pytestmark = pytest.mark.lab
 

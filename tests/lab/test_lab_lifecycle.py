@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from labtools import wait_for
+from .labtools import wait_for
 from vpclab import api, netns
 from vpclab.api import Lab
 from vpclab.config import state_dir

@@ -13,7 +13,7 @@ from vpclab.faults import Fault, FaultBook
 from vpclab.imds import lookup, metadata_tree
 from vpclab.state import StateCache
 
-from test_lab_ec2rules import PRIMARY, eni, snapshot
+from .samples import PRIMARY, eni, snapshot
 
 
 # --- faults --------------------------------------------------------------------------------------
