@@ -132,10 +132,16 @@ class Pool:
         for eni_id, eni in sorted(self.enis.items(), key=lambda kv: kv[1]["device_number"]):
             states = [self._effective_state(e) for e in eni["ips"].values()]
             out.append({"eni_id": eni_id, "device_number": eni["device_number"], "primary": eni["primary"],
+                        "ours": eni.get("ours", False),
                         "attached_at": eni["attached_at"], "total": len(states),
                         "assigned": states.count(ASSIGNED), "cooling": states.count(COOLING),
                         "free": states.count(FREE)})
         return out
+
+    def free_ips(self, eni_id: str) -> list[str]:
+        """The ENI's IPs that can be handed out (or given back) now, lowest first."""
+        ips = self.enis[eni_id]["ips"]
+        return sorted((ip for ip, e in ips.items() if self._effective_state(e) == FREE), key=_ip_key)
 
     def free_count(self) -> int:
         return sum(s["free"] for s in self.eni_stats())

@@ -8,7 +8,7 @@ aws-eni-ipam's no-agent slow path runs `grow_for_add()` under the lock it alread
 What the agent last did lives in the document's `agent` section, so a plugin can say why the pool
 is empty and a restarted agent keeps its pauses:
     {"blocked": {"reason", "since"} | null, "insufficient_addresses_at", "last_release_at",
-     "last_error": {"action", "code", "message", "at"} | null, "last_tick"}
+     "last_error": {"action", "code", "message", "kind", "at"} | null, "last_refresh", "last_tick"}
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ from __future__ import annotations
 import time
 
 from . import instance_limits, warmpool
-from .pool import ASSIGNED, COOLING, FREE, Pool, new_document
+from .ec2 import ENI_DESCRIPTION_PREFIX  # cnicore.ec2 imports boto3 only when it calls EC2
+from .pool import ASSIGNED, Pool, new_document
 from .store import Store
+
+NO_MANAGE_TAG = "node.k8s.amazonaws.com/no_manage"  # upstream: an ENI so tagged is not the CNI's
+REFRESH_INTERVAL = 60.0  # s between two reads of EC2's view when the agent did nothing itself
 
 
 class NodePool:
@@ -27,9 +31,7 @@ class NodePool:
         self.cfg = cfg
         self.log = log
         self.clock = clock
-        self.settings = warmpool.PoolSettings(
-            warm_ip_target=cfg["WARM_IP_TARGET"], minimum_ip_target=cfg["MINIMUM_IP_TARGET"],
-            warm_eni_target=cfg["WARM_ENI_TARGET"], max_eni=cfg["MAX_ENI"])
+        self.settings = warmpool.PoolSettings.from_settings(cfg)
         self._imds = imds
         self._ec2 = ec2
 
@@ -64,7 +66,7 @@ class NodePool:
                 "security_groups": list(primary.security_group_ids), "vpc_cidrs": list(primary.vpc_cidrs)}
         doc = new_document(node)
         limits = instance_limits.lookup(ident.instance_type, self.ec2(doc))
-        node.update(max_enis=limits.max_enis, ipv4_per_eni=limits.ipv4_per_eni)
+        doc["node"].update(max_enis=limits.max_enis, ipv4_per_eni=limits.ipv4_per_eni)
         return doc
 
     def limits(self, doc: dict) -> instance_limits.InstanceLimits:
@@ -77,15 +79,16 @@ class NodePool:
         pool = Pool(doc, self.clock())
         seen = set()
         for eni in enis:
-            if eni.device_index is None:
+            if eni.device_index is None or eni.tags.get(NO_MANAGE_TAG, "").lower() == "true":
                 continue
             seen.add(eni.eni_id)
             known = pool.enis.get(eni.eni_id, {})
             subnet_cidr = (doc["node"]["subnet_cidr"] if eni.subnet_id == doc["node"]["subnet_id"]
                            else known.get("subnet_cidr") or self.imds.eni(eni.mac).subnet_cidr)
-            pool.put_eni(eni.eni_id, mac=eni.mac, device_number=eni.device_index, subnet_cidr=subnet_cidr,
-                         primary_ip=eni.primary_ip, primary=eni.device_index == 0,
-                         attached_at=known.get("attached_at", self.clock()))
+            entry = pool.put_eni(eni.eni_id, mac=eni.mac, device_number=eni.device_index, subnet_cidr=subnet_cidr,
+                                 primary_ip=eni.primary_ip, primary=eni.device_index == 0,
+                                 attached_at=known.get("attached_at", self.clock()))
+            entry["ours"] = eni.description.startswith(ENI_DESCRIPTION_PREFIX)
             lost = pool.set_secondary_ips(eni.eni_id, list(eni.secondary_ips))
             if lost:
                 self.log.error("EC2 no longer lists IPs that pods hold", eni=eni.eni_id, ips=lost)
@@ -104,9 +107,8 @@ class NodePool:
                                insufficient_addresses_at=agent.get("insufficient_addresses_at"))
 
     def eni_states(self, doc: dict) -> list[warmpool.ENIState]:
-        return [warmpool.ENIState(eni_id=s["eni_id"], device_index=s["device_number"], total=s["total"],
-                                  assigned=s["assigned"], cooling=s["cooling"], attached_at=s["attached_at"])
-                for s in Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"]).eni_stats()]
+        return [warmpool.ENIState.from_stats(row)
+                for row in Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"]).eni_stats()]
 
     # --- acting -------------------------------------------------------------------------------
     def grow(self, doc: dict, steps) -> None:
@@ -130,8 +132,11 @@ class NodePool:
             self._record_error(doc, exc)
 
     def _record_error(self, doc: dict, exc) -> None:
+        from .ec2 import EC2Throttled, EC2Unreachable, InsufficientAddresses
+        kind = ("throttled" if isinstance(exc, EC2Throttled) else "unreachable" if isinstance(exc, EC2Unreachable)
+                else "insufficient-addresses" if isinstance(exc, InsufficientAddresses) else "error")
         doc["agent"]["last_error"] = {"action": exc.action, "code": exc.code, "message": exc.message,
-                                      "at": self.clock()}
+                                      "kind": kind, "at": self.clock()}
         self.log.error(str(exc))
 
     def blocked_reason(self, doc: dict, decision: warmpool.Decision) -> str | None:
@@ -140,8 +145,10 @@ class NodePool:
             return decision.blocked
         error = doc["agent"].get("last_error")
         if error and self.clock() - error["at"] < 60:
-            if error["code"] in ("RequestLimitExceeded", "Throttling") or error["code"].startswith("5"):
+            if error["kind"] == "throttled":
                 return f"EC2 is throttling or failing this node's requests ({error['code']} on {error['action']})"
+            if error["kind"] == "unreachable":
+                return f"EC2 does not answer ({error['action']}: {error['message']})"
             return f"EC2 {error['action']} failed: {error['code']}: {error['message']}"
         return None
 
@@ -177,16 +184,17 @@ class NodePool:
             releasing = self._take_releases(doc, decision)
             freeing = self._take_free_eni(doc, decision)
             tx.write(doc)
-        acted = bool(decision.grow or releasing or freeing)
         self.grow(doc, decision.grow)
         self._release(doc, releasing)
         self._free_eni(doc, freeing)
-        enis = self.ec2(doc).instance_enis() if acted else None
+        refresh_due = self.clock() - doc["agent"].get("last_refresh", 0) >= REFRESH_INTERVAL
+        enis = self._ec2_view(doc) if (decision.grow or releasing or freeing or refresh_due) else None
         with store.locked() as tx:
             fresh = tx.read() or doc
             fresh["agent"] = doc["agent"]
             if enis is not None:
                 self.apply_ec2_view(fresh, enis)
+                fresh["agent"]["last_refresh"] = self.clock()
             decision = self.decide(fresh)
             fresh["agent"]["blocked"] = self._blocked_entry(fresh, decision)
             fresh["agent"]["last_tick"] = self.clock()
@@ -200,27 +208,36 @@ class NodePool:
         previous = doc["agent"].get("blocked") or {}
         return {"reason": reason, "since": previous.get("since", self.clock())}
 
+    def _ec2_view(self, doc: dict):
+        """The instance's ENIs as EC2 lists them, or None (error recorded) if EC2 does not say."""
+        from .ec2 import EC2Error
+        try:
+            return self.ec2(doc).instance_enis()
+        except EC2Error as exc:
+            self._record_error(doc, exc)
+            return None
+
     def _take_releases(self, doc: dict, decision) -> dict[str, list[str]]:
         """Take the free IPs to give back out of the pool (under the lock) so no pod gets them."""
         pool = Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"])
         taken: dict[str, list[str]] = {}
         for step in decision.release:
-            ips = pool.enis[step.eni_id]["ips"]
-            free = [ip for ip, e in ips.items() if e["state"] == FREE][:step.count]
+            free = pool.free_ips(step.eni_id)[-step.count:]  # the highest addresses go back
             for ip in free:
-                del ips[ip]
+                del pool.enis[step.eni_id]["ips"][ip]
             if free:
                 taken[step.eni_id] = free
         return taken
 
     def _take_free_eni(self, doc: dict, decision) -> str | None:
         eni_id = decision.free_eni
-        if eni_id is None:
+        if eni_id is None or not doc["enis"][eni_id].get("ours"):
+            return None  # never detach an ENI someone else attached
+        pool = Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"])
+        stats = next(row for row in pool.eni_stats() if row["eni_id"] == eni_id)
+        if stats["assigned"] or stats["cooling"]:
             return None
-        states = {e["state"] for e in doc["enis"][eni_id]["ips"].values()}
-        if ASSIGNED in states or COOLING in states:
-            return None
-        Pool(doc, self.clock()).remove_eni(eni_id)
+        pool.remove_eni(eni_id)
         return eni_id
 
     def _release(self, doc: dict, releasing: dict[str, list[str]]) -> None:

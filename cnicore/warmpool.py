@@ -14,7 +14,7 @@ cannot be handed out (`free` excludes it).
 - Grow by filling existing ENIs first (lowest device index first), then new ENIs, never beyond
   the instance type's limits or MAX_ENI; not at all for GROWTH_PAUSE after EC2 said the subnet
   is out of addresses.
-- An ENI may be freed only if it is not the primary, is ENI_MIN_AGE old, holds no pod and no IP
+- An ENI may be freed only if this CNI created it, it is not the primary, is ENI_MIN_AGE old, holds no pod and no IP
   in cool-down, and (with IP targets) the other ENIs still meet both targets.
 """
 
@@ -74,6 +74,7 @@ class ENIState:
     assigned: int = 0
     cooling: int = 0         # released IPs still in cool-down (not assigned)
     attached_at: float = 0.0  # when the node started using the ENI (clock seconds)
+    ours: bool = True         # created by this CNI: only such an ENI may be freed
 
     def __post_init__(self):
         if not (self.device_index >= 0 and self.total >= 0 and 0 <= self.assigned <= self.total
@@ -84,7 +85,7 @@ class ENIState:
     @classmethod
     def from_stats(cls, row: Mapping[str, Any]) -> "ENIState":
         return cls(row["eni_id"], row["device_number"], row["total"], row["assigned"], row["cooling"],
-                   row["attached_at"])
+                   row["attached_at"], row.get("ours", True))
 
     @property
     def primary(self) -> bool:
@@ -234,7 +235,8 @@ def _eni_to_free(enis: Sequence[ENIState], settings: PoolSettings, figures: Figu
     if settings.mode == MODE_ENI_TARGET and figures.available < (settings.warm_eni_target + 1) * figures.ips_per_eni:
         return None
     for eni in sorted(enis, key=lambda e: -e.device_index):
-        if eni.primary or eni.assigned or eni.cooling or now - eni.attached_at < ENI_MIN_AGE:
+        if (eni.primary or not eni.ours or eni.assigned or eni.cooling
+                or now - eni.attached_at < ENI_MIN_AGE):
             continue
         if settings.mode == MODE_IP_TARGET:
             others_available = figures.available - eni.available

@@ -44,3 +44,23 @@ def cnitool():
         path = shutil.which("cnitool")
     assert path, "cnitool is missing: run build/setup.sh"
     return path
+
+
+# --- the VPC lab ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def lab():
+    """One lab for the session: 2 m5.large nodes, the internet host and an extra host 198.51.100.10.
+    It removes itself if this process dies."""
+    from vpclab import api
+    api.sweep_orphans()
+    lab = api.Lab.up(name=netns.new_prefix("l"), nodes=2, extra_hosts=["198.51.100.0/24"], owner_pid=os.getpid())
+    yield lab
+    lab.down()
+
+
+@pytest.fixture
+def fresh_lab(lab):
+    """The session lab, back to its initial EC2 state (no extra ENIs or IPs, no faults) around the test."""
+    lab.reset()
+    yield lab
+    lab.reset()

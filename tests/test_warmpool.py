@@ -195,7 +195,7 @@ def test_state_from_the_pool_documents_figures():
     pool.assign("c2", "eth0")
     pool.release("c2", "eth0")
     state = [ENIState.from_stats(row) for row in pool.eni_stats()]
-    assert state == [ENIState("eni-00000000", 0, 3, assigned=1, cooling=1, attached_at=0.0)]
+    assert state == [ENIState("eni-00000000", 0, 3, assigned=1, cooling=1, attached_at=0.0, ours=False)]
     assert measure(state, S(warm_ip_target=2), M5).short == 0
 
 

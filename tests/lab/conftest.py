@@ -1,9 +1,6 @@
 """Fixtures for the VPC lab. They are thin over vpclab.api so they can move to tests/conftest.py as is.
 
-- `lab`: one lab for the whole session (2 nodes of m5.large in 10.0.0.0/24, the internet host and one
-  extra host 198.51.100.10); it removes itself if this process dies.
-- `fresh_lab`: that lab, reset before and after the test (faults, counts, staleness, extra ENIs and
-  addresses in EC2). Tests undo what they do inside the nodes' namespaces themselves.
+- `lab` and `fresh_lab` come from tests/conftest.py (one session lab for the whole suite).
 - `make_lab(**settings)`: a dedicated lab for a test that needs other settings or breaks things.
 """
 
@@ -23,20 +20,6 @@ def _lab_orphans_swept():
     """Remove labs left behind by test runs that died (a lab whose owner ended removes itself, but a
     daemon killed with -9 cannot)."""
     api.sweep_orphans()
-
-
-@pytest.fixture(scope="session")
-def lab():
-    lab = Lab.up(name=next(_names), nodes=2, extra_hosts=["198.51.100.0/24"], owner_pid=os.getpid())
-    yield lab
-    lab.down()
-
-
-@pytest.fixture
-def fresh_lab(lab):
-    lab.reset()
-    yield lab
-    lab.reset()
 
 
 @pytest.fixture
