@@ -203,8 +203,8 @@ def render_conflist(cfg: dict, network: str = DEFAULT_NETWORK, cni_version: str 
     logging = pick("AWS_VPC_K8S_PLUGIN_LOG_FILE", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL")
     ipam = {"type": "aws-eni-ipam", **pick("AWS_VPC_CNI_DATA_DIR", "WARM_IP_TARGET", "MINIMUM_IP_TARGET",
                                             "WARM_ENI_TARGET", "MAX_ENI", "IP_COOLDOWN_PERIOD", "CLUSTER_NAME")}
-    bridge = {"type": "aws-vpc-bridge", **pick("AWS_VPC_K8S_CNI_VETHPREFIX", "POD_MTU", "AWS_VPC_ENI_MTU",
-                                               "AWS_VPC_CNI_DATA_DIR"), **logging, "ipam": ipam}
+    bridge = {"type": "aws-vpc-bridge", **pick("AWS_VPC_K8S_CNI_VETHPREFIX", "POD_MTU", "AWS_VPC_ENI_MTU"),
+              **logging, "ipam": ipam}
     snat = {"type": "aws-snat", **pick("AWS_VPC_K8S_CNI_EXTERNALSNAT", "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
                                        "AWS_VPC_K8S_CNI_RANDOMIZESNAT", "AWS_VPC_CNI_NODE_PORT_SUPPORT",
                                        "AWS_VPC_K8S_CNI_CONNMARK", "AWS_VPC_K8S_CNI_VETHPREFIX",

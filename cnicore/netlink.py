@@ -41,6 +41,7 @@ IFF_UP = 0x1
 NUD_PERMANENT = 0x80
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
+RTPROT_KERNEL = 2
 GONE_ERRNOS = (errno.ENOENT, errno.ENODEV)  # rule, link
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
@@ -130,6 +131,7 @@ class SecondaryEni:
     device_number: int
     subnet: str
     mtu: int = 9001
+    primary_ip: str | None = None  # the ENI's own address: put on ethN so ARP there has a source
 
     def __post_init__(self):
         if not isinstance(self.mac, str) or not MAC_RE.match(self.mac.lower()):
@@ -145,6 +147,13 @@ class SecondaryEni:
                              f"{exc}") from None
         if network.prefixlen > 30:
             raise ValueError(f"ENI {self.mac} subnet {self.subnet} is too small for a gateway")
+        if self.primary_ip is not None:
+            try:
+                inside = ipaddress.IPv4Address(self.primary_ip) in network
+            except ValueError:
+                inside = False
+            if not inside:
+                raise ValueError(f"ENI {self.mac} primary IP {self.primary_ip!r} is not an address of {self.subnet}")
         _check_mtu(f"ENI {self.mac}", self.mtu)
 
     @property
@@ -155,6 +164,13 @@ class SecondaryEni:
     def gateway(self) -> str:
         """The VPC router's address: the subnet's base address + 1."""
         return str(ipaddress.IPv4Network(self.subnet).network_address + 1)
+
+    @property
+    def address(self) -> str | None:
+        """`<primary IP>/<subnet prefix>` as it sits on the ENI's interface."""
+        if self.primary_ip is None:
+            return None
+        return f"{self.primary_ip}/{ipaddress.IPv4Network(self.subnet).prefixlen}"
 
 
 @dataclass(frozen=True)
@@ -485,6 +501,16 @@ def _ensure_eni_table(host: _Netns, eni: SecondaryEni) -> str:
     if link.mtu != eni.mtu or not link.up:
         host.do(f"set ENI {link.name} ({eni.mac}) up with MTU {eni.mtu}", host.ipr.link, "set",
                 index=link.index, mtu=eni.mtu, state="up")
+    if eni.address is not None and eni.address not in host.addresses(link.index):
+        # As upstream: the ENI's own address on ethN (the source of its ARP requests), without the
+        # subnet route the kernel adds to main, which must keep routing the subnet by eth0.
+        ip, prefixlen = eni.address.split("/")
+        host.do(f"add address {eni.address} to ENI {link.name}", host.ipr.addr, "add", index=link.index,
+                address=ip, prefixlen=int(prefixlen), tolerate=(errno.EEXIST,))
+        subnet = str(ipaddress.IPv4Network(eni.subnet))
+        host.do(f"delete the kernel's route {subnet} dev {link.name}", host.ipr.route, "del", dst=subnet,
+                oif=link.index, table=MAIN_TABLE, scope=RT_SCOPE_LINK, proto=RTPROT_KERNEL,
+                tolerate=(errno.ESRCH,))
     for route in _eni_routes(eni, link.index):
         host.add_route(route, link.name, eni.table, replace=True)
     return link.name
@@ -683,6 +709,8 @@ def _check_eni(host: _Netns, eni: SecondaryEni, problems: list) -> None:
         return
     if not link.up:
         problems.append(f"ENI {link.name} ({eni.mac}): down")
+    if eni.address is not None and eni.address not in host.addresses(link.index):
+        problems.append(f"ENI {link.name} ({eni.mac}): address {eni.address} missing")
     routes = host.routes(eni.table)
     for route in _eni_routes(eni, link.index):
         if route not in routes:

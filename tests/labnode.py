@@ -9,6 +9,9 @@ import time
 
 BIN = os.path.join(sys.prefix, "bin")
 NETWORK = "aws-vpc"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CNITOOL = os.path.join(ROOT, ".tools", "bin", "cnitool")
+REFERENCE_PLUGINS = "/usr/lib/cni"
 
 
 class LabNode:
@@ -20,6 +23,45 @@ class LabNode:
         self.log_file = str(tmp_path / f"{node}-plugin.log")
         self.ipam_settings = {"ipCooldownPeriod": 0, **ipam_settings}
         self.agents = []
+
+    def write_conflist(self, plugins=("aws-vpc-bridge",), version="1.0.0", **overrides) -> str:
+        """conflists/10-aws-vpc.conflist with its paths moved into this test's tmp dir, keeping the
+        plugins named (in the file's order); `overrides` are extra keys per plugin type."""
+        with open(os.path.join(ROOT, "conflists", "10-aws-vpc.conflist")) as f:
+            conflist = json.load(f)
+        conflist["cniVersion"] = version
+        conflist["plugins"] = [p for p in conflist["plugins"] if p["type"] in plugins]
+        for plugin in conflist["plugins"]:
+            plugin["pluginLogFile"] = self.log_file
+            for section in (plugin, plugin.get("ipam", {})):
+                if "dataDir" in section:
+                    section["dataDir"] = self.data_dir
+            if "ipam" in plugin:
+                plugin["ipam"].update(self.ipam_settings)
+            plugin.update(overrides.get(plugin["type"], {}))
+        conf_dir = self.data_dir + "-net.d"
+        os.makedirs(conf_dir, exist_ok=True)
+        with open(os.path.join(conf_dir, "10-aws-vpc.conflist"), "w") as f:
+            json.dump(conflist, f)
+        self.conf_dir = conf_dir
+        self.conflist = conflist
+        return conf_dir
+
+    def cnitool(self, command, pod_netns, pod_name, cap_args=None, check=False):
+        """`cnitool <command> aws-vpc /var/run/netns/<pod_netns>` run in the node; (rc, stdout, stderr)."""
+        env = {"NETCONFPATH": self.conf_dir, "CNI_PATH": f"{BIN}:{REFERENCE_PLUGINS}",
+               "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod_name}"}
+        if cap_args is not None:
+            env["CAP_ARGS"] = json.dumps(cap_args)
+        proc = self.lab.exec(self.node, [CNITOOL, command, NETWORK, f"/var/run/netns/{pod_netns}"], env=env,
+                             check=check)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    def probe(self, host_netns, *argv):
+        """`python -m vpclab.probe ARGV` in a namespace (a pod's, or a lab host's); True if it succeeded."""
+        proc = subprocess.run(["ip", "netns", "exec", host_netns, sys.executable, "-m", "vpclab.probe", *argv],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)
+        return proc.returncode == 0
 
     @property
     def instance_id(self):

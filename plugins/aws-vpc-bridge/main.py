@@ -1,0 +1,165 @@
+"""aws-vpc-bridge: puts a pod on the VPC with its own secondary IP, no overlay (ARCHITECTURE §4).
+
+ADD: the IPAM plugin named in `ipam` hands out an IP; the state store says which ENI holds it; the
+netlink layer builds the veth pair, the pod's /32 address and routes via 169.254.1.1, the node's
+/32 route and rule 512, and for an IP of a secondary ENI rule 1536 into that ENI's table. Anything
+failing after the IPAM ADD is undone and the IP released (IPAM DEL) before the error is returned.
+DEL tears down from the node's side (so it works after the pod's netns is gone), then releases the IP.
+"""
+
+from __future__ import annotations
+
+import time
+
+from cnicore import netlink, settings, skel
+from cnicore.errors import CHECK_FAILED, CNIError, INVALID_CONFIG
+from cnicore.invoke import delegate
+from cnicore.pool import Pool
+from cnicore.store import Store, StoreError
+
+BRIDGE_SETTINGS = ("AWS_VPC_K8S_CNI_VETHPREFIX", "POD_MTU", "AWS_VPC_ENI_MTU")
+
+
+def _config(args: skel.CmdArgs) -> tuple[dict, str, Store]:
+    """(settings, IPAM plugin type, the IPAM's state store) from the plugin's config."""
+    cfg = settings.from_conf(args.conf, BRIDGE_SETTINGS)
+    ipam = args.conf.get("ipam")
+    if not isinstance(ipam, dict) or not isinstance(ipam.get("type"), str) or not ipam["type"]:
+        raise CNIError(INVALID_CONFIG, "aws-vpc-bridge needs an \"ipam\" object with a \"type\"")
+    data_dir = settings.from_conf(ipam, ("AWS_VPC_CNI_DATA_DIR",))["AWS_VPC_CNI_DATA_DIR"]
+    return cfg, ipam["type"], Store(data_dir, args.network)
+
+
+def _host_veth(args: skel.CmdArgs, cfg: dict) -> str:
+    try:
+        return netlink.host_veth_name(cfg["AWS_VPC_K8S_CNI_VETHPREFIX"], pod_namespace=args.pod_namespace,
+                                      pod_name=args.pod_name, container_id=args.container_id, ifname=args.ifname)
+    except ValueError as exc:
+        raise CNIError(INVALID_CONFIG, f"cannot name the host veth: {exc}") from None
+
+
+def _held_eni(store: Store, args: skel.CmdArgs, cfg: dict) -> tuple[str | None, netlink.SecondaryEni | None]:
+    """The attachment's IP and, if it lives on a secondary ENI, that ENI (found later by its MAC)."""
+    with store.locked(shared=True) as tx:
+        doc = tx.read()
+    held = Pool(doc, time.time()).find(args.container_id, args.ifname) if doc else None
+    if held is None:
+        return None, None
+    if held.primary_eni:
+        return held.ip, None
+    eni = doc["enis"][held.eni_id]
+    return held.ip, netlink.SecondaryEni(mac=eni["mac"], device_number=held.device_number, subnet=held.subnet_cidr,
+                                         mtu=cfg["AWS_VPC_ENI_MTU"], primary_ip=eni["primary_ip"])
+
+
+def _pod_network(args: skel.CmdArgs, cfg: dict, pod_ip: str, eni) -> netlink.PodNetwork:
+    try:
+        return netlink.PodNetwork(attachment=netlink.Attachment(args.network, args.container_id, args.ifname),
+                                  netns=args.netns, host_veth=_host_veth(args, cfg), pod_ip=pod_ip,
+                                  mtu=cfg["POD_MTU"], eni=eni)
+    except ValueError as exc:
+        raise CNIError(INVALID_CONFIG, str(exc)) from None
+
+
+def cmd_add(args: skel.CmdArgs) -> dict:
+    cfg, ipam_type, store = _config(args)
+    _host_veth(args, cfg)  # refuse a bad name before any IP is taken
+    ipam_result = delegate(args, ipam_type, "ADD")
+    try:
+        ips = [ip for ip in ipam_result["ips"] if ":" not in ip["address"]]
+        if len(ips) != 1:
+            raise CNIError(INVALID_CONFIG, f"{ipam_type} returned {len(ips)} IPv4 addresses; aws-vpc-bridge needs one")
+        pod_ip = ips[0]["address"].split("/")[0]
+        held_ip, eni = _held_eni(store, args, cfg)
+        if held_ip not in (None, pod_ip):
+            raise CNIError(INVALID_CONFIG, f"{ipam_type} returned {pod_ip} but the store holds {held_ip}")
+        pair = netlink.setup_pod(_pod_network(args, cfg, pod_ip, eni))
+    except BaseException:
+        delegate(args, ipam_type, "DEL")
+        raise
+    args.log.info("pod attached", ip=pod_ip, host_veth=pair.host_name,
+                  eni_device=eni.device_number if eni else 0)
+    return {
+        "interfaces": [{"name": pair.host_name, "mac": pair.host_mac},
+                       {"name": pair.pod_name, "mac": pair.pod_mac, "sandbox": args.netns}],
+        "ips": [{"address": f"{pod_ip}/32", "gateway": netlink.POD_GATEWAY, "interface": 1}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": netlink.POD_GATEWAY}],
+        "dns": args.conf.get("dns") or ipam_result.get("dns", {}),
+    }
+
+
+def cmd_del(args: skel.CmdArgs) -> None:
+    cfg, ipam_type, store = _config(args)
+    pod_ip = next((ip["address"].split("/")[0] for ip in (args.prev_result or {}).get("ips", [])
+                   if ":" not in ip["address"]), None)
+    try:
+        pod_ip = pod_ip or _held_eni(store, args, cfg)[0]
+    except StoreError as exc:
+        args.log.error(f"DEL cannot read the store; tearing down by the veth's name: {exc}")
+    attachment = netlink.Attachment(args.network, args.container_id, args.ifname)
+    netlink.teardown_pod(attachment, host_veth=_host_veth(args, cfg), pod_ip=pod_ip)
+    delegate(args, ipam_type, "DEL")
+
+
+def cmd_check(args: skel.CmdArgs) -> None:
+    cfg, ipam_type, store = _config(args)
+    if args.prev_result is None:
+        raise CNIError(INVALID_CONFIG, "CHECK needs prevResult")
+    delegate(args, ipam_type, "CHECK")
+    interfaces = args.prev_result.get("interfaces", [])
+    ours = {i for i, iface in enumerate(interfaces) if iface.get("name") == args.ifname
+            and iface.get("sandbox") == args.netns}
+    pod_ips = [ip["address"].split("/")[0] for ip in args.prev_result.get("ips", [])
+               if ":" not in ip["address"] and ip.get("interface") in ours]
+    if len(pod_ips) != 1:
+        raise CNIError(CHECK_FAILED, f"prevResult has no single IPv4 address on {args.ifname} in {args.netns}")
+    held_ip, eni = _held_eni(store, args, cfg)
+    net = _pod_network(args, cfg, pod_ips[0], eni)
+    macs = {i["name"]: i.get("mac") for i in interfaces}
+    problems = netlink.check_pod(net, pod_mac=macs.get(args.ifname), host_mac=macs.get(net.host_veth))
+    if problems:
+        raise CNIError(CHECK_FAILED, "; ".join(problems))
+
+
+def cmd_gc(args: skel.CmdArgs) -> None:
+    """Remove host veths, routes and rules of this network's attachments that are not valid."""
+    cfg, ipam_type, store = _config(args)
+    keep = skel.valid_attachments(args.conf)
+    errors = []
+    routed = set()
+    for veth in netlink.list_host_veths(cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
+        att = veth.attachment
+        if att is None or att.network != args.network or (att.container_id, att.ifname) in keep:
+            routed.update(veth.pod_ips)
+            continue
+        try:
+            netlink.teardown_pod(att, host_veth=veth.name, pod_ip=veth.pod_ips[0] if veth.pod_ips else None)
+            args.log.info("GC removed a stale attachment", container=att.container_id, host_veth=veth.name)
+        except CNIError as exc:
+            errors.append(str(exc))
+    delegate(args, ipam_type, "GC")  # releases the stale reservations
+    with store.locked(shared=True) as tx:
+        doc = tx.read()
+    held = {ip for _, _, ip in Pool(doc, time.time()).attachments()} if doc else set()
+    for ip in netlink.list_pod_rule_ips() - routed - held:  # rules whose veth and reservation are gone
+        try:
+            netlink.teardown_pod(netlink.Attachment(args.network, "gc", "gc"), pod_ip=ip)
+        except CNIError as exc:
+            errors.append(str(exc))
+    if errors:
+        args.log.error("GC could not remove everything", errors=errors)
+
+
+def cmd_status(args: skel.CmdArgs) -> None:
+    _, ipam_type, _ = _config(args)
+    delegate(args, ipam_type, "STATUS")
+
+
+def main() -> None:
+    skel.plugin_main("aws-vpc-bridge", {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check,
+                                        "GC": cmd_gc, "STATUS": cmd_status},
+                     about="aws-vpc-bridge: pods on secondary IPs of the node's ENIs, no overlay")
+
+
+if __name__ == "__main__":
+    main()
