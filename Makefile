@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: setup test demo build install clean
+.PHONY: setup test demo bench build install clean
 
 setup:
 	@bash build/setup.sh
@@ -14,6 +14,9 @@ test: setup
 
 demo: setup
 	$(PY) -m vpclab.demo
+
+bench: build
+	$(PY) -m tests.bench.run
 
 build: setup
 	@bash build/build.sh
