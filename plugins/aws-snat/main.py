@@ -1,0 +1,386 @@
+"""aws-snat: the node's SNAT and connmark rules (ARCHITECTURE §5), a chained plugin.
+
+The rules are node-wide, shared by every pod: each ADD converges them (desired versus actual, never
+appended twice, a rule removed by hand is put back) and passes `prevResult` through unchanged; DEL
+leaves them alone; CHECK reports each difference; GC converges again.
+
+    nat     AWS-SNAT-CHAIN-0      -d <VPC or excluded CIDR> -j RETURN ...,
+                                  "AWS, SNAT": not to a local address -> SNAT to the primary IP
+            POSTROUTING           "AWS SNAT CHAIN" -> AWS-SNAT-CHAIN-0
+            AWS-CONNMARK-CHAIN-0  -d <VPC or excluded CIDR> -j RETURN ..., "AWS, CONNMARK": set the mark
+            PREROUTING            -i <vethPrefix>+ "AWS, outbound connections" -> AWS-CONNMARK-CHAIN-0,
+                                  then "AWS, CONNMARK": restore the mark (first packets)
+    mangle  PREROUTING            "AWS, primary ENI": -i <primary> to a local address: set the mark
+                                  (NodePort), -i <vethPrefix>+: restore the mark (every later packet)
+    ip rule 1024                  from all fwmark <mark>/<mark> lookup main
+    sysctl                        rp_filter=2 (loose) on the primary interface
+
+Why each piece: a pod whose IP is on a secondary ENI has its traffic routed out of that ENI (rule
+1536). Traffic that the node SNATs to its primary IP, and replies to NodePort traffic (un-DNATed to
+the primary IP), must leave by the primary ENI instead, or the VPC drops it (source/dest check). The
+connection mark steers those packets to the main table (rule 1024); the replies coming back on the
+primary ENI are addressed to a pod whose reverse route is the secondary ENI, hence loose rp_filter.
+Beyond upstream 1.1 (which ties them to NodePort support): the mangle restore rule, rule 1024 and
+rp_filter are there for "SNAT or NodePort", as SNAT of secondary-ENI pods needs all three too. With
+external SNAT both nat chains go (marking pod traffic to the primary ENI would make the VPC drop it:
+the pod IP is not the primary ENI's).
+
+Cost: in the steady state one iptables-save per table (the rules are written exactly as
+iptables-save prints them, so they compare as text) and one rtnetlink rule dump; a table that
+differs gets one iptables-restore transaction (two when a rule must move, see `plan`).
+
+Our rules in built-in chains are found by their comments ("AWS, ..."), so rules of ours left by an
+earlier setting (another mark, prefix, or external SNAT switched on) or by upstream aws-node are
+removed; nothing else in those chains is touched, and ours are appended after the others' (kube-proxy's
+service DNAT must come before the connmark jump).
+
+Node facts (primary IP and MAC, VPC CIDRs) come from the state store that aws-eni-ipam and the agent
+keep (no IMDS call on ADD); without one, from IMDS. The primary interface is found by its MAC.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import re
+import socket
+import struct
+from typing import NamedTuple
+
+from cnicore import settings, skel
+from cnicore.errors import (AWS_FAILURE, CHECK_FAILED, INVALID_CONFIG, NETLINK_FAILURE, PLUGIN_NOT_AVAILABLE,
+                            STORE_FAILURE, CNIError)
+from cnicore.netfilter import Netfilter, NetfilterError, Rule, TableState, quote
+from cnicore.netfilter.model import jump_target, split_spec
+from cnicore.netfilter.plan import compare
+from cnicore.store import Store
+
+from aws_snat import fibrule
+
+SNAT_SETTINGS = ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
+                 "AWS_VPC_CNI_NODE_PORT_SUPPORT", "AWS_VPC_K8S_CNI_CONNMARK", "AWS_VPC_K8S_CNI_VETHPREFIX",
+                 "AWS_VPC_CNI_DATA_DIR", "AWS_VPC_CNI_NETFILTER_MODE")
+
+SNAT_CHAIN = "AWS-SNAT-CHAIN-0"
+CONNMARK_CHAIN = "AWS-CONNMARK-CHAIN-0"
+RULE_PRIORITY = 1024
+MAIN_TABLE = 254
+SNAT_JUMP_COMMENT = "AWS SNAT CHAIN"
+SNAT_COMMENT = "AWS, SNAT"
+CONNMARK_JUMP_COMMENT = "AWS, outbound connections"
+CONNMARK_COMMENT = "AWS, CONNMARK"
+NODEPORT_COMMENT = "AWS, primary ENI"
+# Built-in chains we put rules in; a rule there with one of these comments is ours.
+SWEPT_CHAINS = {"nat": ("PREROUTING", "POSTROUTING"), "mangle": ("PREROUTING",)}
+OUR_COMMENTS = {SNAT_JUMP_COMMENT, SNAT_COMMENT, CONNMARK_JUMP_COMMENT, CONNMARK_COMMENT, NODEPORT_COMMENT}
+RANDOM_FLAG = {"prng": " --random-fully", "hashrandom": " --random", "none": ""}
+SIOCGIFHWADDR = 0x8927
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+class Node(NamedTuple):
+    primary_ip: str
+    primary_mac: str
+    vpc_cidrs: tuple[str, ...]
+    source: str  # where the facts came from
+
+
+class Desired(NamedTuple):
+    nat: TableState
+    mangle: TableState
+    fwmark: bool                 # rule 1024 wanted (else: ours must be absent)
+    loose_rp_filter: str | None  # the interface that needs rp_filter 0 or 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The handlers
+
+
+def cmd_add(args: skel.CmdArgs) -> dict:
+    if args.prev_result is None:
+        raise CNIError(INVALID_CONFIG, "must be called as chained plugin",
+                       "aws-snat needs the prevResult of the plugins before it in the conflist")
+    cfg = _settings(args)
+    want = desired(cfg, *_node(args, cfg))
+    fixed = converge(cfg, want)
+    if fixed:
+        args.log.info("node rules converged", fixed=fixed)
+    return args.prev_result
+
+
+def cmd_del(args: skel.CmdArgs) -> None:
+    # The rules are the node's, shared by every pod: one pod going away changes none of them.
+    return None
+
+
+def cmd_check(args: skel.CmdArgs) -> None:
+    if args.prev_result is None:
+        raise CNIError(INVALID_CONFIG, "required prevResult missing")
+    cfg = _settings(args)
+    found = differences(cfg, desired(cfg, *_node(args, cfg)))
+    if found:
+        raise CNIError(CHECK_FAILED, f"node SNAT rules are not as ADD leaves them: {'; '.join(found)}")
+
+
+def cmd_gc(args: skel.CmdArgs) -> None:
+    cfg = _settings(args)  # a bad setting is an error; anything else is logged and GC carries on
+    try:
+        fixed = converge(cfg, desired(cfg, *_node(args, cfg)))
+    except CNIError as exc:
+        args.log.error(f"GC could not converge the node rules: {exc}")
+        return
+    if fixed:
+        args.log.info("node rules converged", fixed=fixed)
+
+
+def cmd_status(args: skel.CmdArgs) -> None:
+    cfg = _settings(args)
+    try:
+        nf = _netfilter(cfg)
+        for table in SWEPT_CHAINS:
+            nf.chains(table)
+    except NetfilterError as exc:
+        raise CNIError(PLUGIN_NOT_AVAILABLE, f"netfilter is not usable: {exc.msg}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and node facts
+
+
+def _settings(args: skel.CmdArgs) -> dict:
+    return settings.from_conf(args.conf, SNAT_SETTINGS)
+
+
+def _netfilter(cfg: dict) -> Netfilter:
+    return Netfilter(cfg["AWS_VPC_CNI_NETFILTER_MODE"], lock_dir=cfg["AWS_VPC_CNI_DATA_DIR"])
+
+
+def _node(args: skel.CmdArgs, cfg: dict) -> tuple[Node, str | None]:
+    """(node facts, primary interface name or None when no rule needs it)."""
+    node = node_facts(args.network, cfg["AWS_VPC_CNI_DATA_DIR"])
+    needs_interface = cfg["AWS_VPC_CNI_NODE_PORT_SUPPORT"] or not cfg["AWS_VPC_K8S_CNI_EXTERNALSNAT"]
+    if not needs_interface:
+        return node, None
+    name = interface_by_mac(node.primary_mac)
+    if name is None:
+        raise CNIError(NETLINK_FAILURE, f"no interface of this node has the primary ENI's MAC {node.primary_mac} "
+                                        f"(from {node.source})")
+    return node, name
+
+
+def node_facts(network: str, data_dir: str) -> Node:
+    """Primary IP and MAC and the VPC CIDRs: from the state store, else (no document) from IMDS."""
+    with Store(data_dir, network).locked(shared=True) as tx:
+        doc = tx.read()
+    if doc is not None and doc.get("node"):
+        facts = doc["node"]
+        return _checked(facts.get("primary_ip"), facts.get("primary_mac"), facts.get("vpc_cidrs"),
+                        f"the state store {tx.store.path}")
+    from cnicore.imds import IMDS, IMDSError  # the slow path only: aws-snat used without aws-eni-ipam
+    try:
+        with IMDS() as imds:
+            eni = imds.eni(imds.get("mac").strip().lower())
+    except (IMDSError, ValueError) as exc:
+        raise CNIError(AWS_FAILURE, f"no state store document for network {network} in {data_dir}, "
+                                    f"and IMDS failed: {exc}") from None
+    return _checked(eni.primary_ip, eni.mac, eni.vpc_cidrs, "IMDS")
+
+
+def _checked(ip, mac, cidrs, source: str) -> Node:
+    try:
+        ip = str(ipaddress.IPv4Address(ip))
+        if not isinstance(mac, str) or not MAC_RE.match(mac):
+            raise ValueError(f"bad MAC {mac!r}")
+        if not isinstance(cidrs, (list, tuple)) or not cidrs:
+            raise ValueError(f"bad VPC CIDR list {cidrs!r}")
+        cidrs = tuple(str(ipaddress.IPv4Network(c)) for c in cidrs)
+    except (ValueError, TypeError) as exc:
+        raise CNIError(STORE_FAILURE if source != "IMDS" else AWS_FAILURE,
+                       f"node facts from {source} are unusable: {exc}") from None
+    return Node(ip, mac, cidrs, source)
+
+
+def interface_by_mac(mac: str) -> str | None:
+    """The name of this network namespace's interface with hardware address `mac`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                ifreq = fcntl.ioctl(sock, SIOCGIFHWADDR, struct.pack("256s", name.encode()))
+            except OSError:
+                continue  # gone meanwhile
+            if ifreq[18:24].hex(":") == mac:
+                return name
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# What the node must look like (pure), written as iptables-save prints it
+
+
+def desired(cfg: dict, node: Node, primary_if: str | None) -> Desired:
+    snat = not cfg["AWS_VPC_K8S_CNI_EXTERNALSNAT"]
+    node_port = cfg["AWS_VPC_CNI_NODE_PORT_SUPPORT"]
+    mark = f"{cfg['AWS_VPC_K8S_CNI_CONNMARK']:#x}"
+    veths = cfg["AWS_VPC_K8S_CNI_VETHPREFIX"] + "+"
+    returns = [f"{_to(cidr)}-j RETURN"
+               for cidr in dict.fromkeys((*node.vpc_cidrs, *cfg["AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS"]))]
+    restore = f"-j CONNMARK --restore-mark --nfmask {mark} --ctmask {mark}"
+    random = RANDOM_FLAG[cfg["AWS_VPC_K8S_CNI_RANDOMIZESNAT"]]
+    if snat:
+        nat = TableState("nat", chains={
+            SNAT_CHAIN: [*returns, f"-m comment --comment {quote(SNAT_COMMENT)} -m addrtype ! --dst-type LOCAL "
+                                   f"-j SNAT --to-source {node.primary_ip}{random}"],
+            CONNMARK_CHAIN: [*returns, f"-m comment --comment {quote(CONNMARK_COMMENT)} "
+                                       f"-j CONNMARK --set-xmark {mark}/{mark}"],
+        }, rules=[
+            Rule("POSTROUTING", f"-m comment --comment {quote(SNAT_JUMP_COMMENT)} -j {SNAT_CHAIN}"),
+            # the jump before the restore: a first packet gets its mark set, then copied
+            Rule("PREROUTING", f"-i {veths} -m comment --comment {quote(CONNMARK_JUMP_COMMENT)} -j {CONNMARK_CHAIN}"),
+            Rule("PREROUTING", f"-m comment --comment {quote(CONNMARK_COMMENT)} {restore}"),
+        ])
+    else:
+        nat = TableState("nat", absent_chains=[SNAT_CHAIN, CONNMARK_CHAIN])
+    mangle = []
+    if node_port:
+        mangle.append(Rule("PREROUTING", f"-i {primary_if} -m comment --comment {quote(NODEPORT_COMMENT)} "
+                                         f"-m addrtype --dst-type LOCAL --limit-iface-in "
+                                         f"-j CONNMARK --set-xmark {mark}/{mark}"))
+    if node_port or snat:
+        mangle.append(Rule("PREROUTING", f"-i {veths} -m comment --comment {quote(NODEPORT_COMMENT)} {restore}"))
+    marking = node_port or snat
+    return Desired(nat, TableState("mangle", rules=mangle), marking, primary_if if marking else None)
+
+
+def _to(cidr: str) -> str:
+    return "" if cidr == "0.0.0.0/0" else f"-d {cidr} "  # iptables-save leaves out a match-all destination
+
+
+# ---------------------------------------------------------------------------------------------
+# Converge and compare
+
+
+class TablePlan(NamedTuple):
+    drifts: list[str]   # what differs, for CHECK and the log
+    stale: list[Rule]   # rules of ours in built-in chains that are no longer wanted
+    reorder: list[Rule]  # wanted rules present in the wrong order: removed, then added again
+
+
+def plan(nf: Netfilter, state: TableState) -> TablePlan:
+    """Compare one table with `state` after one iptables-save (our rules are written canonically)."""
+    actual = nf.chains(state.table)
+    drifts = [str(d) for d in compare(state, actual, str)[0]]
+    wanted = {(rule.chain, rule.spec) for rule in state.rules}
+    stale = [Rule(chain, spec) for chain in SWEPT_CHAINS[state.table]
+             for spec in dict.fromkeys(actual.get(chain, []))
+             if (chain, spec) not in wanted and _comment(spec) in OUR_COMMENTS
+             and jump_target(spec) not in state.absent_chains]  # those go with their chain
+    drifts += [f"{state.table}/{rule.chain}: unexpected rule: {rule.spec}" for rule in stale]
+    reorder = []
+    chain_rules = [rule for rule in state.rules if rule.chain == "PREROUTING"]
+    if state.table == "nat" and len(chain_rules) == 2:
+        jump, restore = chain_rules
+        have = actual.get("PREROUTING", [])
+        # A missing jump would be appended after the restore: take the restore out and add both.
+        if restore.spec in have and (jump.spec not in have or have.index(restore.spec) < have.index(jump.spec)):
+            reorder.append(restore)
+            if jump.spec in have:
+                drifts.append(f"nat/PREROUTING: rule before the jump to {CONNMARK_CHAIN}: {restore.spec}")
+    return TablePlan(drifts, stale, reorder)
+
+
+def converge(cfg: dict, want: Desired) -> list[str]:
+    """Make the node so; return what was fixed (empty in the steady state)."""
+    nf = _netfilter(cfg)
+    fixed = []
+    for state in (want.nat, want.mangle):
+        found = plan(nf, state)
+        if not (found.drifts or found.stale or found.reorder):
+            continue
+        if found.reorder:
+            nf.remove(state.table, rules=found.reorder)
+        nf.converge(state._replace(absent_rules=[*state.absent_rules, *found.stale]))
+        fixed += found.drifts
+    fixed += _converge_fwmark(cfg["AWS_VPC_K8S_CNI_CONNMARK"], want.fwmark)
+    if want.loose_rp_filter:
+        fixed += _converge_rp_filter(want.loose_rp_filter)
+    return fixed
+
+
+def differences(cfg: dict, want: Desired) -> list[str]:
+    nf = _netfilter(cfg)
+    found = [drift for state in (want.nat, want.mangle) for drift in plan(nf, state).drifts]
+    wrong, missing = _fwmark_plan(cfg["AWS_VPC_K8S_CNI_CONNMARK"], want.fwmark)
+    found += [f"unexpected ip rule {rule}" for rule in wrong]
+    found += [f"ip rule missing: {missing}"] if missing else []
+    if want.loose_rp_filter:
+        value = _rp_filter(want.loose_rp_filter)
+        if value not in ("0", "2"):
+            found.append(f"rp_filter of {want.loose_rp_filter} is {value}, not 2 (loose)")
+    return found
+
+
+def _comment(spec: str) -> str | None:
+    words = split_spec(spec)
+    for option, value in zip(words, words[1:]):
+        if option == "--comment":
+            return value
+    return None
+
+
+def _fwmark_plan(mark: int, wanted: bool) -> tuple[list, fibrule.FwmarkRule | None]:
+    """(rules at our priority to delete: another mark, a duplicate, or ours when unwanted; ours if missing)."""
+    ours = fibrule.FwmarkRule(RULE_PRIORITY, mark, mark, MAIN_TABLE)
+    try:
+        present = [rule for rule in fibrule.fwmark_rules()
+                   if rule.priority == RULE_PRIORITY and rule.table == MAIN_TABLE and rule.mark == rule.mask]
+    except (OSError, fibrule.RuleError) as exc:
+        raise CNIError(NETLINK_FAILURE, f"cannot list the ip rules: {exc}") from None
+    same = [rule for rule in present if rule.key == ours.key]
+    wrong = [rule for rule in present if rule.key != ours.key or not wanted]
+    if wanted:
+        wrong += same[1:]  # one copy stays; duplicates go
+    return wrong, (ours if wanted and not same else None)
+
+
+def _converge_fwmark(mark: int, wanted: bool) -> list[str]:
+    wrong, missing = _fwmark_plan(mark, wanted)
+    done = []
+    try:
+        for rule in wrong:
+            if fibrule.delete(rule):  # False: a concurrent process deleted it first
+                done.append(f"removed ip rule {rule}")
+        if missing and fibrule.add(missing):  # False: a concurrent ADD added it first (never twice)
+            done.append(f"added ip rule {missing}")
+    except (OSError, fibrule.RuleError) as exc:
+        raise CNIError(NETLINK_FAILURE, str(exc)) from None
+    return done
+
+
+def _rp_filter(ifname: str) -> str:
+    try:
+        with open(f"/proc/sys/net/ipv4/conf/{ifname}/rp_filter") as f:
+            return f.read().strip()
+    except OSError as exc:
+        raise CNIError(NETLINK_FAILURE, f"cannot read rp_filter of {ifname}: {exc.strerror}") from None
+
+
+def _converge_rp_filter(ifname: str) -> list[str]:
+    value = _rp_filter(ifname)
+    if value in ("0", "2"):  # off or loose already
+        return []
+    try:
+        with open(f"/proc/sys/net/ipv4/conf/{ifname}/rp_filter", "w") as f:
+            f.write("2")
+    except OSError as exc:
+        raise CNIError(NETLINK_FAILURE, f"cannot set rp_filter of {ifname} to 2: {exc.strerror}") from None
+    return [f"rp_filter of {ifname}: {value} -> 2"]
+
+
+def main() -> None:
+    skel.plugin_main("aws-snat", {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check,
+                                  "GC": cmd_gc, "STATUS": cmd_status},
+                     about="aws-snat: node SNAT and connmark rules for pods on VPC addresses")
+
+
+if __name__ == "__main__":
+    main()

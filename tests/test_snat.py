@@ -1,0 +1,711 @@
+"""aws-snat (issue 6 item 2): the node's SNAT and connmark rules.
+
+Three levels: the rule rendering for each setting combination (pure); the plugin binary in namespaces
+of this run (both netfilter variants: the mode is per namespace, forced with `netfilterMode`); and the
+plugin in the VPC lab's nodes, alone and in the real chain through cnitool, with traffic to the
+internet host, an excluded CIDR, the other node and its pods, and NodePort-style DNAT.
+Nothing here touches the root namespace's netfilter or rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from aws_snat import main as snat
+from cnicore import settings
+from cnicore.netfilter import Rule, TableState
+from cnicore.netfilter.model import split_spec
+from cnicore.pool import new_document
+from cnicore.store import Store
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(sys.prefix, "bin")
+PLUGIN = os.path.join(BIN, "aws-snat")
+NETWORK = "aws-vpc"
+VARIANTS = ("nft", "legacy")
+MAC = "02:00:00:00:5a:01"
+PRIMARY_IP = "10.0.0.10"
+VPC = "10.0.0.0/16"
+PREV = {"cniVersion": "1.0.0",
+        "interfaces": [{"name": "eni0123456789a", "mac": "aa:bb:cc:dd:ee:01"},
+                       {"name": "eth0", "mac": "aa:bb:cc:dd:ee:02", "sandbox": "/var/run/netns/pod"}],
+        "ips": [{"address": "10.0.0.20/32", "gateway": "169.254.1.1", "interface": 1}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}], "dns": {}}
+
+# The node rules of ARCHITECTURE §5 for PRIMARY_IP / VPC / MAC on eth0 with default settings,
+# as iptables-save prints them.
+SNAT_JUMP = '-m comment --comment "AWS SNAT CHAIN" -j AWS-SNAT-CHAIN-0'
+CONNMARK_JUMP = '-i eni+ -m comment --comment "AWS, outbound connections" -j AWS-CONNMARK-CHAIN-0'
+CONNMARK_RESTORE = '-m comment --comment "AWS, CONNMARK" -j CONNMARK --restore-mark --nfmask 0x80 --ctmask 0x80'
+SNAT_RULE = ('-m comment --comment "AWS, SNAT" -m addrtype ! --dst-type LOCAL '
+             '-j SNAT --to-source 10.0.0.10 --random-fully')
+CONNMARK_SET = '-m comment --comment "AWS, CONNMARK" -j CONNMARK --set-xmark 0x80/0x80'
+NODEPORT_MARK = ('-i eth0 -m comment --comment "AWS, primary ENI" -m addrtype --dst-type LOCAL --limit-iface-in '
+                 '-j CONNMARK --set-xmark 0x80/0x80')
+VETH_RESTORE = '-i eni+ -m comment --comment "AWS, primary ENI" -j CONNMARK --restore-mark --nfmask 0x80 --ctmask 0x80'
+DEFAULT_NAT = {
+    "PREROUTING": [CONNMARK_JUMP, CONNMARK_RESTORE],
+    "POSTROUTING": [SNAT_JUMP],
+    "AWS-CONNMARK-CHAIN-0": ["-d 10.0.0.0/16 -j RETURN", CONNMARK_SET],
+    "AWS-SNAT-CHAIN-0": ["-d 10.0.0.0/16 -j RETURN", SNAT_RULE],
+}
+DEFAULT_MANGLE = {"PREROUTING": [NODEPORT_MARK, VETH_RESTORE]}
+FWMARK_RULE = "1024:\tfrom all fwmark 0x80/0x80 lookup main proto boot"
+
+
+def cfg(**overrides) -> dict:
+    """Settings as the plugin parses them, from conflist keys."""
+    return settings.from_conf(overrides, snat.SNAT_SETTINGS)
+
+
+NODE = snat.Node(PRIMARY_IP, MAC, (VPC,), "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering (pure): every setting combination
+
+
+def test_default_settings_render_the_rules_of_section_5():
+    want = snat.desired(cfg(), NODE, "eth0")
+    assert want.nat == TableState("nat", chains={
+        "AWS-SNAT-CHAIN-0": ["-d 10.0.0.0/16 -j RETURN", SNAT_RULE],
+        "AWS-CONNMARK-CHAIN-0": ["-d 10.0.0.0/16 -j RETURN", CONNMARK_SET],
+    }, rules=[Rule("POSTROUTING", SNAT_JUMP), Rule("PREROUTING", CONNMARK_JUMP), Rule("PREROUTING", CONNMARK_RESTORE)])
+    assert want.mangle == TableState("mangle", rules=[Rule("PREROUTING", NODEPORT_MARK),
+                                                      Rule("PREROUTING", VETH_RESTORE)])
+    assert want.fwmark is True and want.loose_rp_filter == "eth0"
+
+
+@pytest.mark.parametrize("randomize,tail", [("prng", " --random-fully"), ("hashrandom", " --random"), ("none", "")])
+def test_randomize_snat_picks_the_snat_flag(randomize, tail):
+    chain = snat.desired(cfg(randomizeSNAT=randomize), NODE, "eth0").nat.chains["AWS-SNAT-CHAIN-0"]
+    assert chain[-1] == ('-m comment --comment "AWS, SNAT" -m addrtype ! --dst-type LOCAL '
+                         f'-j SNAT --to-source 10.0.0.10{tail}')
+
+
+def test_every_vpc_and_excluded_cidr_returns_once_in_order_before_the_snat_and_the_mark():
+    node = NODE._replace(vpc_cidrs=("10.0.0.0/16", "100.64.0.0/16"))
+    want = snat.desired(cfg(excludeSNATCIDRs="198.51.100.0/24, 10.0.0.0/16,192.0.2.0/25,0.0.0.0/0"), node, "eth0")
+    returns = ["-d 10.0.0.0/16 -j RETURN", "-d 100.64.0.0/16 -j RETURN", "-d 198.51.100.0/24 -j RETURN",
+               "-d 192.0.2.0/25 -j RETURN", "-j RETURN"]  # iptables-save omits a match-all destination
+    assert want.nat.chains["AWS-SNAT-CHAIN-0"] == [*returns, SNAT_RULE]
+    assert want.nat.chains["AWS-CONNMARK-CHAIN-0"] == [*returns, CONNMARK_SET]
+
+
+def test_external_snat_removes_both_nat_chains_and_keeps_node_port_marking():
+    want = snat.desired(cfg(externalSNAT=True), NODE, "eth0")
+    assert want.nat == TableState("nat", absent_chains=["AWS-SNAT-CHAIN-0", "AWS-CONNMARK-CHAIN-0"])
+    assert want.mangle.rules == [Rule("PREROUTING", NODEPORT_MARK), Rule("PREROUTING", VETH_RESTORE)]
+    assert want.fwmark is True and want.loose_rp_filter == "eth0"
+
+
+def test_without_node_port_support_snat_still_restores_the_mark_on_every_packet():
+    # SNAT'd connections of secondary-ENI pods need the mark on every packet, not only the first one
+    # the nat table sees; their replies arrive on the primary ENI for a pod routed by another ENI.
+    want = snat.desired(cfg(nodePortSupport=False), NODE, "eth0")
+    assert set(want.nat.chains) == {"AWS-SNAT-CHAIN-0", "AWS-CONNMARK-CHAIN-0"}
+    assert want.mangle.rules == [Rule("PREROUTING", VETH_RESTORE)]
+    assert want.fwmark is True and want.loose_rp_filter == "eth0"
+
+
+def test_external_snat_without_node_port_support_marks_nothing():
+    want = snat.desired(cfg(externalSNAT="true", nodePortSupport="false"), NODE, None)
+    assert want == snat.Desired(TableState("nat", absent_chains=["AWS-SNAT-CHAIN-0", "AWS-CONNMARK-CHAIN-0"]),
+                                TableState("mangle", rules=[]), False, None)
+
+
+def test_mark_and_veth_prefix_are_used_everywhere():
+    want = snat.desired(cfg(connmark="0x4000", vethPrefix="veth"), NODE, "ens5")
+    text = json.dumps([want.nat.chains, want.nat.rules, want.mangle.rules])
+    assert "0x80" not in text and "eni+" not in text and "eth0" not in text
+    assert Rule("PREROUTING", '-i veth+ -m comment --comment "AWS, outbound connections" '
+                              '-j AWS-CONNMARK-CHAIN-0') in want.nat.rules
+    assert want.nat.chains["AWS-CONNMARK-CHAIN-0"][-1].endswith("--set-xmark 0x4000/0x4000")
+    assert want.mangle.rules[0].spec.startswith("-i ens5 ")
+    assert want.mangle.rules[1].spec.endswith("--restore-mark --nfmask 0x4000 --ctmask 0x4000")
+
+
+BAD_SETTINGS = [
+    ({"excludeSNATCIDRs": ["10.0.0.1/16"]}, "excludeSNATCIDRs"),   # host bits set
+    ({"excludeSNATCIDRs": "banana"}, "excludeSNATCIDRs"),
+    ({"excludeSNATCIDRs": ["2001:db8::/32"]}, "excludeSNATCIDRs"),
+    ({"connmark": 0}, "connmark"),
+    ({"connmark": "0x1ffffffff"}, "connmark"),
+    ({"connmark": "mark"}, "connmark"),
+    ({"randomizeSNAT": "yes"}, "randomizeSNAT"),
+    ({"externalSNAT": "maybe"}, "externalSNAT"),
+    ({"vethPrefix": "eth"}, "vethPrefix"),
+    ({"netfilterMode": "iptables"}, "netfilterMode"),
+]
+
+
+@pytest.mark.parametrize("bad,key", BAD_SETTINGS)
+def test_bad_settings_are_config_errors_naming_the_setting(bad, key):
+    with pytest.raises(settings.SettingError) as err:
+        cfg(**bad)
+    assert err.value.code == 7 and key in err.value.msg
+
+
+# ---------------------------------------------------------------------------------------------
+# The plugin binary in a namespace of this run
+
+
+class NodeNs:
+    """A namespace standing in for a node: eth0 (a veth) with the primary ENI's MAC and IP, strict
+    rp_filter as on an EKS node, and a state store document with the node facts."""
+
+    def __init__(self, make_netns, tmp_path, doc=True):
+        self.ns = make_netns("snat")
+        self.data_dir = str(tmp_path / "data")
+        self.log_file = str(tmp_path / "plugin.log")
+        self.sh(f"ip link add eth0 address {MAC} type veth peer name peer0 && ip link set lo up && "
+                f"ip link set eth0 up && ip link set peer0 up && ip addr add {PRIMARY_IP}/24 dev eth0 && "
+                "sysctl -qw net.ipv4.conf.all.rp_filter=1 net.ipv4.conf.eth0.rp_filter=1")
+        if doc:
+            with Store(self.data_dir, NETWORK).locked() as tx:
+                tx.write(new_document({"primary_ip": PRIMARY_IP, "primary_mac": MAC, "vpc_cidrs": [VPC]}))
+
+    def sh(self, script: str, check=True) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.ns, "sh", "-ec", script], capture_output=True, text=True,
+                              check=check, timeout=60)
+
+    def conf(self, prev=PREV, version="1.0.0", **keys) -> dict:
+        conf = {"cniVersion": version, "name": NETWORK, "type": "aws-snat", "dataDir": self.data_dir,
+                "pluginLogFile": self.log_file, **keys}
+        if prev is not None:
+            conf["prevResult"] = prev
+        return conf
+
+    def run(self, command, conf, netns=None, wait=True):
+        env = dict(os.environ, CNI_COMMAND=command, CNI_CONTAINERID="c1", CNI_IFNAME="eth0", CNI_PATH=BIN,
+                   CNI_NETNS=netns if netns is not None else f"/var/run/netns/{self.ns}")
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns, PLUGIN], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        if not wait:
+            proc.stdin.write(json.dumps(conf))
+            proc.stdin.close()
+            return proc
+        out, _ = proc.communicate(json.dumps(conf), timeout=120)
+        return proc.returncode, (json.loads(out) if out.strip() else None)
+
+    def add(self, **keys):
+        rc, out = self.run("ADD", self.conf(**keys))
+        assert rc == 0, out
+        return out
+
+    def tables(self, variant) -> dict:
+        return saved_tables(self.sh(f"iptables-{variant}-save").stdout)
+
+    def ip_rules(self) -> list[str]:
+        return [line for line in self.sh("ip -4 rule show").stdout.splitlines() if line.startswith("1024:")]
+
+    def rp_filter(self) -> str:
+        return self.sh("cat /proc/sys/net/ipv4/conf/eth0/rp_filter").stdout.strip()
+
+    def converged_lines(self) -> list:
+        """What the plugin logged as fixed, per invocation that fixed something."""
+        if not os.path.exists(self.log_file):
+            return []
+        with open(self.log_file) as f:
+            return [rec["fixed"] for rec in map(json.loads, f) if rec.get("msg") == "node rules converged"]
+
+
+def saved_tables(text: str) -> dict:
+    """iptables-save output as {table: {chain: [rule specs]}}: user chains, and built-in ones with rules."""
+    tables, table = {}, None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = tables.setdefault(line[1:], {})
+        elif line.startswith(":") and table is not None:
+            name, policy = line[1:].split()[:2]
+            if policy == "-":  # a user chain
+                table.setdefault(name, [])
+        elif line.startswith("-A ") and table is not None:
+            _, chain, spec = line.split(" ", 2)
+            table.setdefault(chain, []).append(spec)
+    return {name: chains for name, chains in tables.items() if chains}
+
+
+def ours(tables: dict) -> dict:
+    return {t: tables[t] for t in ("nat", "mangle") if t in tables}
+
+
+def expected_tables(keys, facts):
+    """The nat and mangle rules `desired` renders, shaped as `ours(saved_tables(...))` reads them."""
+    want = snat.desired(cfg(**keys), facts, "eth0")
+    tables = {"nat": {}, "mangle": {}}
+    for state in (want.nat, want.mangle):
+        for rule in state.rules:
+            tables[state.table].setdefault(rule.chain, []).append(rule.spec)
+        tables[state.table].update(state.chains)
+    return {t: c for t, c in tables.items() if c}
+
+
+@pytest.fixture
+def node(make_netns, tmp_path):
+    return NodeNs(make_netns, tmp_path)
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request):
+    return request.param
+
+
+COMBOS = [
+    {},
+    {"externalSNAT": True},
+    {"nodePortSupport": False},
+    {"externalSNAT": True, "nodePortSupport": False},
+    {"randomizeSNAT": "hashrandom", "excludeSNATCIDRs": ["198.51.100.0/24", "0.0.0.0/0"]},
+    {"randomizeSNAT": "none", "connmark": "0x4000", "vethPrefix": "veth"},
+]
+
+
+@pytest.mark.parametrize("keys", COMBOS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "defaults")
+def test_add_writes_the_rendered_rules_word_for_word_and_only_in_its_variant(node, variant, keys):
+    out = node.add(netfilterMode=variant, **keys)
+    assert out == PREV
+    want = snat.desired(cfg(**keys), NODE, "eth0")
+    # the rules as rendered are exactly what iptables-save prints: steady state costs one save per table
+    assert ours(node.tables(variant)) == expected_tables(keys, NODE)
+    assert node.tables({"nft": "legacy", "legacy": "nft"}[variant]) == {}
+    mark = cfg(**keys)["AWS_VPC_K8S_CNI_CONNMARK"]
+    assert node.ip_rules() == ([f"1024:\tfrom all fwmark {mark:#x}/{mark:#x} lookup main proto boot"]
+                               if want.fwmark else [])
+    assert node.rp_filter() == ("2" if want.loose_rp_filter else "1")
+    assert len(node.converged_lines()) == (1 if want.fwmark else 0)  # nothing to do for the last combination
+    node.add(netfilterMode=variant, **keys)
+    assert len(node.converged_lines()) == (1 if want.fwmark else 0), "a second ADD changed something"
+    assert node.run("CHECK", node.conf(netfilterMode=variant, **keys)) == (0, None)
+
+
+def test_auto_mode_writes_into_the_variant_that_holds_the_rules(node):
+    node.sh("iptables-legacy -t filter -A INPUT -s 192.0.2.1 -j DROP")
+    node.add()
+    assert ours(node.tables("legacy")) == {"nat": DEFAULT_NAT, "mangle": DEFAULT_MANGLE}
+    assert node.tables("nft") == {}
+
+
+def test_concurrent_adds_write_every_rule_and_the_ip_rule_once(node, variant):
+    procs = [node.run("ADD", node.conf(netfilterMode=variant), wait=False) for _ in range(12)]
+    for proc in procs:
+        out = proc.stdout.read()
+        assert proc.wait(120) == 0, out
+        proc.stdout.close()
+        proc.stderr.close()
+    assert ours(node.tables(variant)) == {"nat": DEFAULT_NAT, "mangle": DEFAULT_MANGLE}
+    assert node.ip_rules() == [FWMARK_RULE]
+
+
+def test_rules_of_others_are_never_touched(node, variant):
+    ipt = f"iptables-{variant} -w"
+    node.sh(f"""
+        {ipt} -t nat -N KUBE-SERVICES
+        {ipt} -t nat -A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+        {ipt} -t nat -A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
+        {ipt} -t mangle -A PREROUTING -i eth0 -j MARK --set-xmark 0x4000/0x4000
+        ip rule add pref 1024 iif eth0 fwmark 0x80/0x80 lookup main
+        ip rule add pref 1000 fwmark 0x100 lookup 100
+    """)
+    before = node.tables(variant)
+    foreign_rules = node.ip_rules()
+    node.add(netfilterMode=variant)
+    after = node.tables(variant)
+    assert after["nat"]["PREROUTING"][0] == before["nat"]["PREROUTING"][0]  # ours are appended
+    assert after["nat"]["POSTROUTING"][0] == before["nat"]["POSTROUTING"][0]
+    assert after["nat"]["KUBE-SERVICES"] == []
+    assert after["mangle"]["PREROUTING"][0] == before["mangle"]["PREROUTING"][0]
+    node.add(netfilterMode=variant, externalSNAT=True, nodePortSupport=False)
+    assert node.tables(variant) == before
+    assert node.ip_rules() == foreign_rules
+    assert "1000:\tfrom all fwmark 0x100 lookup 100" in node.sh("ip rule").stdout
+
+
+def test_rules_left_by_earlier_settings_or_upstream_are_replaced(node, variant):
+    ipt = f"iptables-{variant} -w"
+    # upstream 1.1 wrote its SNAT rule straight into POSTROUTING
+    node.sh(f"""{ipt} -t nat -A POSTROUTING ! -d 10.0.0.0/16 -m comment --comment "AWS, SNAT" \
+                  -m addrtype ! --dst-type LOCAL -j SNAT --to-source 10.0.0.10""")
+    node.add(netfilterMode=variant, connmark="0x4000", vethPrefix="veth")
+    node.add(netfilterMode=variant)
+    assert ours(node.tables(variant)) == {"nat": DEFAULT_NAT, "mangle": DEFAULT_MANGLE}
+    assert node.ip_rules() == [FWMARK_RULE]
+    assert node.run("CHECK", node.conf(netfilterMode=variant)) == (0, None)
+
+
+@pytest.mark.parametrize("bad,key", BAD_SETTINGS)
+def test_a_bad_setting_is_code_7_and_touches_no_rule(node, bad, key):
+    for command in ("ADD", "CHECK", "GC", "STATUS"):
+        rc, err = node.run(command, node.conf(version="1.1.0", **bad))
+        assert rc == 1 and err["code"] == 7 and key in err["msg"], (command, err)
+    assert node.tables("nft") == {} and node.tables("legacy") == {}
+    assert node.ip_rules() == [] and node.rp_filter() == "1"
+
+
+def test_without_prev_result_add_and_check_are_errors_and_change_nothing(node):
+    rc, err = node.run("ADD", node.conf(prev=None))
+    assert rc == 1 and err["code"] == 7 and err["msg"] == "must be called as chained plugin"
+    rc, err = node.run("CHECK", node.conf(prev=None))
+    assert rc == 1 and err["code"] == 7 and err["msg"] == "required prevResult missing"
+    assert node.tables("nft") == {} and node.ip_rules() == []
+
+
+PREV_BY_VERSION = {
+    "0.3.1": {"cniVersion": "0.3.1", "interfaces": PREV["interfaces"],
+              "ips": [{"version": "4", "address": "10.0.0.20/32", "gateway": "169.254.1.1", "interface": 1}],
+              "routes": [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}], "dns": {"nameservers": ["10.0.0.2"]}},
+    "0.4.0": {"cniVersion": "0.4.0", "interfaces": PREV["interfaces"],
+              "ips": [{"version": "4", "address": "10.0.0.20/32", "interface": 1}], "dns": {}},
+    "1.0.0": PREV,
+    "1.1.0": {**PREV, "cniVersion": "1.1.0", "routes": [{"dst": "0.0.0.0/0", "gw": "169.254.1.1", "mtu": 1500}]},
+}
+
+
+@pytest.mark.parametrize("version", PREV_BY_VERSION)
+def test_prev_result_passes_through_unchanged(node, version):
+    prev = PREV_BY_VERSION[version]
+    assert node.add(prev=prev, version=version) == prev
+
+
+def test_del_always_succeeds_and_leaves_the_node_rules_to_the_other_pods(node):
+    node.add()
+    before = node.tables("nft")
+    for conf, netns in ((node.conf(), None), (node.conf(prev=None), ""), (node.conf(connmark="bad"), ""),
+                        (node.conf(netfilterMode="iptc"), None)):
+        assert node.run("DEL", conf, netns=netns) == (0, None)
+    assert node.tables("nft") == before and node.ip_rules() == [FWMARK_RULE]
+
+
+def test_gc_converges_again_and_carries_on_past_errors(node):
+    node.add()
+    node.sh('iptables-nft -t nat -D AWS-SNAT-CHAIN-0 -d 10.0.0.0/16 -j RETURN; ip rule del pref 1024')
+    assert node.run("GC", node.conf(prev=None, version="1.1.0", **{"cni.dev/valid-attachments": []})) == (0, None)
+    assert ours(node.tables("nft")) == {"nat": DEFAULT_NAT, "mangle": DEFAULT_MANGLE}
+    assert node.ip_rules() == [FWMARK_RULE]
+    # iptc refused on this nf_tables namespace: logged, GC still exits 0
+    assert node.run("GC", node.conf(prev=None, version="1.1.0", netfilterMode="iptc")) == (0, None)
+
+
+def test_status_is_ok_when_netfilter_works_and_unavailable_when_it_does_not(node):
+    assert node.run("STATUS", node.conf(prev=None, version="1.1.0")) == (0, None)
+    rc, err = node.run("STATUS", node.conf(prev=None, version="1.1.0", netfilterMode="iptc"))
+    assert rc == 1 and err["code"] == 50 and "iptc" in err["msg"]
+
+
+def test_check_names_each_difference_and_add_repairs_them_in_order(node, variant):
+    node.add(netfilterMode=variant)
+    ipt = f"iptables-{variant} -w"
+    node.sh(f"""
+        {ipt} -t nat -D PREROUTING {CONNMARK_JUMP}
+        {ipt} -t nat -A AWS-SNAT-CHAIN-0 -d 192.0.2.0/24 -j RETURN
+        {ipt} -t mangle -D PREROUTING {VETH_RESTORE}
+        ip rule del pref 1024
+        sysctl -qw net.ipv4.conf.eth0.rp_filter=1
+    """)
+    rc, err = node.run("CHECK", node.conf(netfilterMode=variant))
+    assert rc == 1 and err["code"] == 104
+    for missing in (f"nat/PREROUTING: rule missing: {CONNMARK_JUMP}",
+                    "nat/AWS-SNAT-CHAIN-0: unexpected rule: -d 192.0.2.0/24 -j RETURN",
+                    f"mangle/PREROUTING: rule missing: {VETH_RESTORE}",
+                    "ip rule missing: 1024: from all fwmark 0x80/0x80 lookup main",
+                    "rp_filter of eth0 is 1, not 2 (loose)"):
+        assert missing in err["msg"]
+    node.add(netfilterMode=variant)
+    # the jump to the connmark chain is back before the restore rule, as a first packet needs
+    assert ours(node.tables(variant)) == {"nat": DEFAULT_NAT, "mangle": DEFAULT_MANGLE}
+    assert node.run("CHECK", node.conf(netfilterMode=variant)) == (0, None)
+    assert node.ip_rules() == [FWMARK_RULE] and node.rp_filter() == "2"
+
+
+def test_without_the_primary_mac_on_the_node_add_fails_before_any_rule(make_netns, tmp_path):
+    node = NodeNs(make_netns, tmp_path, doc=False)
+    with Store(node.data_dir, NETWORK).locked() as tx:
+        tx.write(new_document({"primary_ip": PRIMARY_IP, "primary_mac": "02:00:00:00:00:99", "vpc_cidrs": [VPC]}))
+    rc, err = node.run("ADD", node.conf())
+    assert rc == 1 and err["code"] == 102 and "02:00:00:00:00:99" in err["msg"]
+    assert node.tables("nft") == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# In the VPC lab's nodes
+
+LAB_VPC = "10.0.0.0/16"
+INTERNET = "203.0.113.10"
+EXCLUDED_HOST, EXCLUDED_CIDR = "198.51.100.10", "198.51.100.0/24"
+ECHO_PORT = 7007
+NODE_PORT = 30080
+CLEAN_NODE = """
+for v in nft legacy; do for t in nat mangle; do iptables-$v -w -t $t -F; iptables-$v -w -t $t -X; done; done
+while ip rule del priority 1024 2>/dev/null; do :; done
+sysctl -qw net.ipv4.conf.eth0.rp_filter=1
+"""
+
+
+def lab_node_facts(lab, name):
+    info = next(n for n in lab.status()["nodes"] if n["name"] == name)
+    return snat.Node(info["primary_ip"], info["mac"], (LAB_VPC,), "lab")
+
+
+def lab_tables(lab, name, variant):
+    return ours(saved_tables(lab.exec(name, [f"iptables-{variant}-save"]).stdout))
+
+
+def lab_ip_rules(lab, name):
+    return [line for line in lab.exec(name, ["ip", "-4", "rule"]).stdout.splitlines() if line.startswith("1024:")]
+
+
+@pytest.fixture
+def lab_nodes(fresh_lab):
+    """The session lab with both nodes' nat/mangle tables (both variants), rule 1024 and eth0's
+    rp_filter as the lab made them, before and after the test."""
+    for name in ("node1", "node2"):
+        fresh_lab.exec(name, ["sh", "-c", CLEAN_NODE])
+    yield fresh_lab
+    for name in ("node1", "node2"):
+        fresh_lab.exec(name, ["sh", "-c", CLEAN_NODE])
+
+
+def test_in_a_lab_node_rules_converge_from_imds_or_the_store_and_repair_themselves(lab_nodes, tmp_path, variant):
+    from labnode import LabNode
+    lab = lab_nodes
+    node = LabNode(lab, "node1", tmp_path)
+    facts = lab_node_facts(lab, "node1")
+    conf = {"cniVersion": "1.0.0", "name": NETWORK, "type": "aws-snat", "dataDir": node.data_dir,
+            "pluginLogFile": node.log_file, "netfilterMode": variant, "excludeSNATCIDRs": [EXCLUDED_CIDR]}
+    keys = {"excludeSNATCIDRs": [EXCLUDED_CIDR]}
+
+    def add(**extra):
+        rc, out = node.plugin("aws-snat", "ADD", {**conf, **extra, "prevResult": PREV})
+        assert rc == 0, out
+        assert out == PREV
+        return out
+
+    def check(**extra):
+        return node.plugin("aws-snat", "CHECK", {**conf, **extra, "prevResult": PREV})
+
+    # No state store yet (aws-snat without our IPAM): the facts come from IMDS, the interface by MAC.
+    lab.imds_calls(reset=True)
+    add()
+    assert lab.imds_calls()["node1"] > 0
+    assert lab_tables(lab, "node1", variant) == expected_tables(keys, facts)
+    assert lab_ip_rules(lab, "node1") == [FWMARK_RULE]
+    assert lab.exec("node1", ["cat", "/proc/sys/net/ipv4/conf/eth0/rp_filter"]).stdout.strip() == "2"
+    # With the store aws-eni-ipam keeps: no IMDS call at all, the same rules.
+    assert node.ipam("ADD", cid="filler")[0] == 0
+    lab.imds_calls(reset=True)
+    add()
+    assert not any(lab.imds_calls().values())
+    assert check() == (0, None)
+    # 50 more ADDs leave exactly the rules one left.
+    one = lab_tables(lab, "node1", variant)
+    for _ in range(50):
+        add()
+    assert lab_tables(lab, "node1", variant) == one
+    assert sum(map(len, one["nat"].values())) + sum(map(len, one["mangle"].values())) == 11
+    assert lab_ip_rules(lab, "node1") == [FWMARK_RULE]
+    # A rule deleted by hand: CHECK fails naming it, the next ADD puts it back.
+    ipt = [f"iptables-{variant}", "-w", "-t", "nat"]
+    lab.exec("node1", [*ipt, "-D", "POSTROUTING", "-m", "comment", "--comment", "AWS SNAT CHAIN",
+                       "-j", "AWS-SNAT-CHAIN-0"])
+    lab.exec("node1", [*ipt, "-D", "AWS-SNAT-CHAIN-0", "-d", EXCLUDED_CIDR, "-j", "RETURN"])
+    rc, err = check()
+    assert rc == 1 and err["code"] == 104
+    assert f"nat/POSTROUTING: rule missing: {SNAT_JUMP}" in err["msg"]
+    assert "nat/AWS-SNAT-CHAIN-0: rule missing: -d 198.51.100.0/24 -j RETURN" in err["msg"]
+    add()
+    assert lab_tables(lab, "node1", variant) == one
+    assert check() == (0, None)
+    # External SNAT on: our SNAT and connmark chains and their jumps go, the NodePort marking stays.
+    add(externalSNAT=True)
+    assert lab_tables(lab, "node1", variant) == {"mangle": one["mangle"]}
+    assert check(externalSNAT=True) == (0, None)
+    rc, err = check()
+    assert rc == 1 and "nat/AWS-SNAT-CHAIN-0: chain missing" in err["msg"]
+    add()
+    assert lab_tables(lab, "node1", variant) == one
+
+
+# --- traffic through the real chain (aws-vpc-bridge + aws-eni-ipam -> aws-snat -> portmap-compat) ---
+
+ECHO_SERVER = r"""
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1])))
+srv.listen(64)
+print("ready", flush=True)
+while True:
+    conn, peer = srv.accept()
+    with conn:
+        conn.settimeout(2)
+        try:
+            conn.recv(100)
+            conn.sendall(("%s %d\n" % peer).encode())
+        except OSError:
+            pass
+"""
+
+
+class Chain:
+    """One lab node running the default conflist, rendered by the agent from upstream settings."""
+
+    def __init__(self, lab, name, tmp_path, make_netns, variant):
+        from labnode import LabNode
+        self.lab, self.name, self.variant, self.make_netns = lab, name, variant, make_netns
+        self.node = LabNode(lab, name, tmp_path)
+        self.pods = {}  # pod name -> (netns, ip)
+        self.render()
+
+    def render(self, **env):
+        """Write the conflist the agent renders for these settings (paths under the test's tmp dir)."""
+        from aws_vpc_cni_agent.main import render_conflist, write_conflist
+        environ = {"AWS_VPC_CNI_DATA_DIR": self.node.data_dir, "AWS_VPC_K8S_PLUGIN_LOG_FILE": self.node.log_file,
+                   "IP_COOLDOWN_PERIOD": "0", "AWS_VPC_CNI_NETFILTER_MODE": self.variant,
+                   "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS": EXCLUDED_CIDR, **env}
+        self.conflist = render_conflist(settings.from_env(environ))
+        self.node.conf_dir = self.node.data_dir + "-net.d"
+        write_conflist(self.conflist, self.node.conf_dir)
+
+    def apply(self, **env):
+        """New settings, applied as the next pod's ADD would: aws-snat ADD with its conflist entry."""
+        self.render(**env)
+        entry = next(p for p in self.conflist["plugins"] if p["type"] == "aws-snat")
+        conf = dict(entry, cniVersion=self.conflist["cniVersion"], name=NETWORK, prevResult=PREV)
+        rc, out = self.node.plugin("aws-snat", "ADD", conf)
+        assert rc == 0, out
+
+    def add_pod(self, name):
+        netns = self.make_netns(name)
+        rc, out, err = self.node.cnitool("add", netns, name)
+        assert rc == 0, err + out
+        self.pods[name] = (netns, json.loads(out)["ips"][0]["address"].split("/")[0])
+        return self.pods[name]
+
+    def device_of(self, ip):
+        with Store(self.node.data_dir, NETWORK).locked(shared=True) as tx:
+            doc = tx.read()
+        return next(eni["device_number"] for eni in doc["enis"].values() if ip in eni["ips"])
+
+    def fill_primary_eni(self):
+        """Hold every free IP of the primary ENI with bare IPAM reservations, so the next pod lands
+        on a secondary ENI (the pool hands out the lowest device first)."""
+        for i in range(20):
+            rc, result = self.node.ipam("ADD", cid=f"fill{i}")
+            assert rc == 0, result
+            if self.device_of(result["ips"][0]["address"].split("/")[0]) > 0:
+                assert self.node.ipam("DEL", cid=f"fill{i}")[0] == 0  # no cool-down here: free again
+                return
+        raise AssertionError("the pool never reached a secondary ENI")
+
+    def delete_pods(self):
+        for name, (netns, _) in self.pods.items():
+            self.node.cnitool("del", netns, name)
+
+
+def echo_seen(netns, addr, port=ECHO_PORT, proto="tcp", timeout=2):
+    """The source address the echo server at addr:port saw, or None if no answer came back."""
+    proc = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "vpclab.probe", "echo", proto, addr,
+                           str(port), "--timeout", str(timeout)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    answer = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return answer["answer"].split()[0] if answer.get("ok") else None
+
+
+@pytest.fixture
+def servers():
+    """Start TCP echo servers in namespaces; stopped (by pid) when the test ends."""
+    started = []
+
+    def start(netns):
+        proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", ECHO_SERVER, str(ECHO_PORT)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started.append(proc)
+        line = []
+        reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(15)
+        assert line and line[0].strip() == "ready", f"echo server in {netns} did not start: {proc.stderr.read()}"
+
+    yield start
+    for proc in started:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_pod_traffic_is_translated_only_when_it_leaves_the_vpc(lab_nodes, tmp_path, make_netns, servers, variant):
+    lab = lab_nodes
+    node1_ip, node2_ip = (lab_node_facts(lab, n).primary_ip for n in ("node1", "node2"))
+    chain1 = Chain(lab, "node1", tmp_path, make_netns, variant)
+    chain2 = Chain(lab, "node2", tmp_path, make_netns, variant)
+    try:
+        prim_ns, prim_ip = chain1.add_pod("on-primary")
+        assert chain1.device_of(prim_ip) == 0
+        chain1.fill_primary_eni()
+        sec_ns, sec_ip = chain1.add_pod("on-secondary")
+        assert chain1.device_of(sec_ip) > 0
+        remote_ns, remote_ip = chain2.add_pod("remote")
+        for netns in (sec_ns, remote_ns, lab.netns("node2")):
+            servers(netns)
+        assert lab_tables(lab, "node1", variant) == expected_tables(
+            {"excludeSNATCIDRs": [EXCLUDED_CIDR]}, lab_node_facts(lab, "node1"))
+        # NodePort-style: node1's primary IP, port 30080, DNAT to the pod on the secondary ENI
+        lab.exec("node1", [f"iptables-{variant}", "-w", "-t", "nat", "-A", "PREROUTING", "-i", "eth0", "-p", "tcp",
+                           "--dport", str(NODE_PORT), "-j", "DNAT", "--to-destination", f"{sec_ip}:{ECHO_PORT}"])
+        node2_ns = lab.netns("node2")
+
+        # Default settings: the internet host sees the node's primary IP, from either ENI's pods.
+        assert echo_seen(prim_ns, INTERNET) == node1_ip
+        assert echo_seen(sec_ns, INTERNET) == node1_ip
+        assert echo_seen(sec_ns, INTERNET, proto="udp") == node1_ip
+        # The excluded CIDR's host sees the pod IPs.
+        assert echo_seen(sec_ns, EXCLUDED_HOST) == sec_ip
+        assert echo_seen(prim_ns, EXCLUDED_HOST) == prim_ip
+        # Inside the VPC nothing is translated: the other node's pod and the other node see pod IPs.
+        assert echo_seen(sec_ns, remote_ip) == sec_ip
+        assert echo_seen(prim_ns, remote_ip) == prim_ip
+        assert echo_seen(sec_ns, node2_ip) == sec_ip
+        assert echo_seen(remote_ns, sec_ip) == remote_ip
+        # The NodePort reply leaves by the primary ENI (else the VPC drops it): the client gets it.
+        assert echo_seen(node2_ns, node1_ip, port=NODE_PORT) == node2_ip
+
+        # Without NodePort support, SNAT of the secondary-ENI pod still works (its mark is restored on
+        # every packet) but the NodePort replies leave by the pod's ENI and are lost: the rules matter.
+        chain1.apply(AWS_VPC_CNI_NODE_PORT_SUPPORT="false")
+        assert echo_seen(sec_ns, INTERNET) == node1_ip
+        assert echo_seen(node2_ns, node1_ip, port=NODE_PORT, timeout=1) is None
+        # ... and that needs both pieces upstream 1.1 ties to NodePort support: without the mangle
+        # restore only the first packet leaves by eth0; with strict rp_filter the replies are dropped.
+        lab.exec("node1", [f"iptables-{variant}", "-w", "-t", "mangle", "-D", "PREROUTING", *split_spec(VETH_RESTORE)])
+        assert echo_seen(sec_ns, INTERNET, timeout=1) is None
+        chain1.apply(AWS_VPC_CNI_NODE_PORT_SUPPORT="false")
+        lab.exec("node1", ["sysctl", "-qw", "net.ipv4.conf.eth0.rp_filter=1"])
+        assert echo_seen(sec_ns, INTERNET, timeout=1) is None
+        chain1.apply(AWS_VPC_CNI_NODE_PORT_SUPPORT="false")
+        assert echo_seen(sec_ns, INTERNET) == node1_ip
+
+        # External SNAT: the internet host sees the pod IPs; NodePort works again.
+        chain1.apply(AWS_VPC_K8S_CNI_EXTERNALSNAT="true")
+        assert "AWS-SNAT-CHAIN-0" not in lab_tables(lab, "node1", variant).get("nat", {})
+        assert echo_seen(sec_ns, INTERNET) == sec_ip
+        assert echo_seen(prim_ns, INTERNET) == prim_ip
+        assert echo_seen(sec_ns, EXCLUDED_HOST) == sec_ip
+        assert echo_seen(sec_ns, remote_ip) == sec_ip
+        assert echo_seen(node2_ns, node1_ip, port=NODE_PORT) == node2_ip
+
+        # And back: the node translates again.
+        chain1.apply()
+        assert echo_seen(sec_ns, INTERNET) == node1_ip
+        for pod in ("on-primary", "on-secondary"):
+            rc, out, err = chain1.node.cnitool("check", chain1.pods[pod][0], pod)
+            assert rc == 0, err + out
+    finally:
+        chain1.delete_pods()
+        chain2.delete_pods()
