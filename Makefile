@@ -12,7 +12,7 @@ setup:
 test: setup
 	$(VENV)/bin/pytest -q
 
-demo: setup
+demo: build
 	$(PY) -m vpclab.demo
 
 bench: build

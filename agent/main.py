@@ -43,6 +43,7 @@ class Agent:
         self.stopping = threading.Event()
         self.last_decision = None
         self.ticks = 0
+        self.startup_error: str | None = None
 
     # --- start-up -------------------------------------------------------------------------------
     def reconcile(self) -> None:
@@ -61,7 +62,16 @@ class Agent:
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self) -> None:
-        self.reconcile()
+        while not self.stopping.is_set():  # until IMDS and EC2 answer; the status says why not
+            try:
+                self.reconcile()
+                break
+            except Exception as exc:
+                self.startup_error = f"{type(exc).__name__}: {exc}"
+                self.log.error(f"cannot reconcile the pool yet: {self.startup_error}")
+                self.wake.wait(self.interval)
+                self.wake.clear()
+        self.startup_error = None
         while not self.stopping.is_set():
             try:
                 self.last_decision = self.pool.tick(self.store)
@@ -80,7 +90,7 @@ class Agent:
         calls = self.pool.ec2_calls()
         return {"node": doc.get("node", {}), "enis": pool.eni_stats() if doc else [], "figures": figures,
                 "blocked": agent.get("blocked"), "last_error": agent.get("last_error"),
-                "ec2_calls": calls, "ticks": self.ticks}
+                "ec2_calls": calls, "ticks": self.ticks, "startup_error": self.startup_error}
 
     # --- local servers --------------------------------------------------------------------------
     def serve_nudges(self) -> None:
@@ -162,6 +172,8 @@ def status_table(status: dict) -> str:
         rows.append(f"{name:<24}{e['device_number']:>7}{e['total']:>7}{e['assigned']:>10}{e['cooling']:>9}{e['free']:>6}")
     totals = {k: sum(e[k] for e in status["enis"]) for k in ("total", "assigned", "cooling", "free")}
     rows.append(f"{'all':<24}{'':>7}{totals['total']:>7}{totals['assigned']:>10}{totals['cooling']:>9}{totals['free']:>6}")
+    if status.get("startup_error"):
+        rows.append(f"not started yet: {status['startup_error']}")
     if status.get("blocked"):
         rows.append(f"blocked: {status['blocked']['reason']}")
     if status.get("last_error"):

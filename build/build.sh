@@ -19,7 +19,7 @@ done
 PYTHONHASHSEED=0 SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || echo 0) \
 .venv/bin/pyinstaller --noconfirm --clean --onedir --name aws-vpc-cni --log-level WARN \
     --distpath "$top/dist" --workpath "$work/pyinstaller" --specpath "$work" \
-    --paths "$work/src" "${hidden[@]}" build/entry.py
+    --paths "$work/src" --collect-data cnicore "${hidden[@]}" build/entry.py
 mkdir -p dist/bin
 for p in "${programs[@]}"; do
     ln -sfn ../aws-vpc-cni/aws-vpc-cni "dist/bin/$p"

@@ -119,8 +119,8 @@ def test_del_leaves_nothing_of_the_pod(fresh_lab, tmp_path, make_netns, netns_go
         assert node_state(fresh_lab, "node1", ip) == ([], [])
         assert host_veth not in fresh_lab.exec("node1", ["ip", "-o", "link"]).stdout
         with open(os.path.join(node.data_dir, f"{NETWORK}.json")) as f:
-            assert ip not in json.dumps([e for eni in json.load(f)["enis"].values()
-                                         for e in eni["ips"].items() if e[1]["state"] == "assigned"])
+            assert ip not in {addr for eni in json.load(f)["enis"].values()
+                              for addr, e in eni["ips"].items() if e["state"] == "assigned"}
     assert links_before - link_names() == deleted and not link_names() - links_before
     for name, (netns, _) in pods.results.items():
         node.cnitool("del", netns, name)
