@@ -24,13 +24,14 @@ class LabNode:
         self.ipam_settings = {"ipCooldownPeriod": 0, **ipam_settings}
         self.agents = []
 
-    def write_conflist(self, plugins=("aws-vpc-bridge",), version="1.0.0", **overrides) -> str:
+    def write_conflist(self, plugins=None, version="1.0.0", **overrides) -> str:
         """conflists/10-aws-vpc.conflist with its paths moved into this test's tmp dir, keeping the
-        plugins named (in the file's order); `overrides` are extra keys per plugin type."""
+        plugins named (default: the whole chain, in the file's order); `overrides` are extra keys
+        per plugin type."""
         with open(os.path.join(ROOT, "conflists", "10-aws-vpc.conflist")) as f:
             conflist = json.load(f)
         conflist["cniVersion"] = version
-        conflist["plugins"] = [p for p in conflist["plugins"] if p["type"] in plugins]
+        conflist["plugins"] = [p for p in conflist["plugins"] if plugins is None or p["type"] in plugins]
         for plugin in conflist["plugins"]:
             plugin["pluginLogFile"] = self.log_file
             for section in (plugin, plugin.get("ipam", {})):
