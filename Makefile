@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 setup:
 	@bash build/setup.sh
 
-test: setup
+test: build
 	$(VENV)/bin/pytest -q
 
 demo: build

@@ -3,11 +3,11 @@
 # atomically. The bundle goes into a new folder named by its content hash; each link is switched with
 # one rename(2), so a pod starting during an upgrade runs either the old or the new bundle, never a
 # half-copied one. The previous bundle is kept (a running plugin may still load files from it); older
-# ones are removed.
+# ones are removed. BUNDLE=DIR installs another bundle folder than dist/aws-vpc-cni.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 bin_dir="${DESTDIR:-}${CNI_BIN_DIR:-/opt/cni/bin}"
-bundle="$top/dist/aws-vpc-cni"
+bundle="${BUNDLE:-$top/dist/aws-vpc-cni}"
 [ -x "$bundle/aws-vpc-cni" ] || { echo "no bundle at $bundle: run make build" >&2; exit 1; }
 programs=(aws-eni-ipam aws-vpc-bridge aws-snat portmap-compat aws-vpc-cni-agent)
 

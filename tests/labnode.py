@@ -17,18 +17,19 @@ REFERENCE_PLUGINS = "/usr/lib/cni"
 class LabNode:
     """One lab node with its own data dir and log file (under the test's tmp_path)."""
 
-    def __init__(self, lab, node, tmp_path, **ipam_settings):
+    def __init__(self, lab, node, tmp_path, bin_dir=BIN, **ipam_settings):
         self.lab, self.node = lab, node
+        self.bin_dir = bin_dir  # our programs: the venv's console scripts, or the frozen bundle's links
         self.data_dir = str(tmp_path / f"{node}-data")
         self.log_file = str(tmp_path / f"{node}-plugin.log")
         self.ipam_settings = {"ipCooldownPeriod": 0, **ipam_settings}
         self.agents = []
 
-    def write_conflist(self, plugins=None, version="1.0.0", **overrides) -> str:
-        """conflists/10-aws-vpc.conflist with its paths moved into this test's tmp dir, keeping the
-        plugins named (default: the whole chain, in the file's order); `overrides` are extra keys
-        per plugin type."""
-        with open(os.path.join(ROOT, "conflists", "10-aws-vpc.conflist")) as f:
+    def write_conflist(self, plugins=None, version="1.0.0", source="10-aws-vpc.conflist", **overrides) -> str:
+        """A conflist of conflists/ (default: the default chain) with its paths moved into this test's
+        tmp dir, keeping the plugins named (default: all, in the file's order); `overrides` are extra
+        keys per plugin type."""
+        with open(os.path.join(ROOT, "conflists", source)) as f:
             conflist = json.load(f)
         conflist["cniVersion"] = version
         conflist["plugins"] = [p for p in conflist["plugins"] if plugins is None or p["type"] in plugins]
@@ -50,7 +51,7 @@ class LabNode:
 
     def cnitool(self, command, pod_netns, pod_name, cap_args=None, check=False):
         """`cnitool <command> aws-vpc /var/run/netns/<pod_netns>` run in the node; (rc, stdout, stderr)."""
-        env = {"NETCONFPATH": self.conf_dir, "CNI_PATH": f"{BIN}:{REFERENCE_PLUGINS}",
+        env = {"NETCONFPATH": self.conf_dir, "CNI_PATH": f"{self.bin_dir}:{REFERENCE_PLUGINS}",
                "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod_name}"}
         if cap_args is not None:
             env["CAP_ARGS"] = json.dumps(cap_args)
@@ -75,8 +76,9 @@ class LabNode:
     def plugin(self, name, command, conf, cid="c1", ifname="eth0", netns="/var/run/netns/none",
                args="IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web", env=None):
         environ = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": ifname,
-                   "CNI_PATH": BIN, "CNI_ARGS": args, **(env or {})}
-        proc = self.lab.exec(self.node, [os.path.join(BIN, name)], input=json.dumps(conf), env=environ, check=False)
+                   "CNI_PATH": self.bin_dir, "CNI_ARGS": args, **(env or {})}
+        proc = self.lab.exec(self.node, [os.path.join(self.bin_dir, name)], input=json.dumps(conf), env=environ,
+                             check=False)
         out = proc.stdout.strip()
         return proc.returncode, (json.loads(out) if out else None)
 
@@ -87,7 +89,7 @@ class LabNode:
         """The agent in the node, settings from its environment as the DaemonSet passes them."""
         environ = self.lab.exec_env(self.node, {"AWS_VPC_CNI_DATA_DIR": self.data_dir, "IP_COOLDOWN_PERIOD": "0",
                                                 "AWS_VPC_CNI_AGENT_LOG_FILE": self.log_file + ".agent", **env})
-        proc = subprocess.Popen(self.lab.exec_argv(self.node, [os.path.join(BIN, "aws-vpc-cni-agent"), "run",
+        proc = subprocess.Popen(self.lab.exec_argv(self.node, [os.path.join(self.bin_dir, "aws-vpc-cni-agent"), "run",
                                                                "--interval", str(interval), "--metrics-address", ""]),
                                 env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.agents.append(proc)
@@ -104,7 +106,7 @@ class LabNode:
         raise AssertionError("agent did not complete a tick in 30 s")
 
     def agent_status(self):
-        proc = self.lab.exec(self.node, [os.path.join(BIN, "aws-vpc-cni-agent"), "status", "--json"],
+        proc = self.lab.exec(self.node, [os.path.join(self.bin_dir, "aws-vpc-cni-agent"), "status", "--json"],
                              env={"AWS_VPC_CNI_DATA_DIR": self.data_dir})
         return json.loads(proc.stdout)
 

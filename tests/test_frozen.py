@@ -1,0 +1,125 @@
+"""The PyInstaller bundle: every program by name, links elsewhere, atomic installs, and the chain (issue 8)."""
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+
+import pytest
+
+from labnode import LabNode, ROOT
+
+PROGRAMS = ["aws-eni-ipam", "aws-vpc-bridge", "aws-snat", "portmap-compat", "aws-vpc-cni-agent"]
+DIST_BIN = os.path.join(ROOT, "dist", "bin")
+BUNDLE = os.path.join(ROOT, "dist", "aws-vpc-cni")
+
+
+@pytest.fixture(scope="session")
+def frozen():
+    """The bundle `make test` builds first (built here if a bare pytest run finds none)."""
+    if not os.access(os.path.join(BUNDLE, "aws-vpc-cni"), os.X_OK):
+        subprocess.run(["bash", os.path.join(ROOT, "build", "build.sh")], check=True, cwd=ROOT)
+    return DIST_BIN
+
+
+def version(exe):
+    proc = subprocess.run([exe], env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin:/bin"}, input=b"",
+                          capture_output=True, timeout=60)
+    return proc.returncode, proc.stdout
+
+
+@pytest.mark.parametrize("program", PROGRAMS[:4])
+def test_each_frozen_plugin_answers_version(frozen, program):
+    rc, out = version(os.path.join(frozen, program))
+    assert rc == 0 and json.loads(out)["supportedVersions"] == ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+
+
+def test_frozen_agent_renders_the_conflist(frozen):
+    out = subprocess.run([os.path.join(frozen, "aws-vpc-cni-agent"), "render-conflist"], capture_output=True,
+                         text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
+    with open(os.path.join(ROOT, "conflists", "10-aws-vpc.conflist")) as f:
+        assert json.loads(out) == json.load(f)
+
+
+def test_unknown_program_name_is_refused(frozen, tmp_path):
+    link = tmp_path / "not-a-plugin"
+    link.symlink_to(os.path.join(BUNDLE, "aws-vpc-cni"))
+    proc = subprocess.run([str(link)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "aws-eni-ipam" in proc.stderr
+
+
+def install(bundle, dest):
+    subprocess.run(["bash", os.path.join(ROOT, "build", "install.sh")], check=True, capture_output=True,
+                   env={**os.environ, "BUNDLE": str(bundle), "DESTDIR": str(dest), "CNI_BIN_DIR": "/opt/cni/bin"})
+    return dest / "opt" / "cni" / "bin"
+
+
+def test_install_puts_links_that_find_their_bundle_from_any_folder(frozen, tmp_path):
+    bin_dir = install(BUNDLE, tmp_path / "root")
+    for program in PROGRAMS[:4]:
+        assert version(str(bin_dir / program))[0] == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "aws-eni-ipam").symlink_to(bin_dir / "aws-eni-ipam")  # a link to a link, in another folder
+    assert version(str(elsewhere / "aws-eni-ipam"))[0] == 0
+
+
+def test_upgrade_switches_atomically_keeps_the_previous_bundle_and_removes_older(frozen, tmp_path):
+    bundles = []
+    for n in range(3):
+        copy = tmp_path / f"bundle{n}"
+        shutil.copytree(BUNDLE, copy, symlinks=True)
+        (copy / f"release-{n}").write_text(str(n))  # a different content hash per release
+        bundles.append(copy)
+    dest = tmp_path / "root"
+    bin_dir = install(bundles[0], dest)
+    failures, stop = [], threading.Event()
+
+    def exec_loop():
+        while not stop.is_set():
+            rc, out = version(str(bin_dir / "aws-eni-ipam"))
+            if rc != 0:
+                failures.append(out)
+
+    runner = threading.Thread(target=exec_loop)
+    runner.start()
+    try:
+        for bundle in bundles[1:]:
+            install(bundle, dest)
+    finally:
+        stop.set()
+        runner.join()
+    assert failures == []  # a pod starting during the upgrade always ran a whole bundle
+    kept = sorted(p.name for p in bin_dir.iterdir() if p.name.startswith(".aws-vpc-cni-"))
+    assert len(kept) == 2  # the current and the previous one
+    current = os.readlink(bin_dir / "aws-eni-ipam").split("/")[0]
+    assert current in kept and (bin_dir / current / "release-2").exists()
+    assert all(os.readlink(bin_dir / p).split("/")[0] == current for p in PROGRAMS)
+
+
+def test_frozen_chain_passes_the_source_tree_scenario(frozen, fresh_lab, tmp_path, make_netns):
+    """ADD through cnitool on both nodes (a pod per node on a secondary ENI), ping across, CHECK, DEL."""
+    pods = {}
+    for name in ("node1", "node2"):
+        node = LabNode(fresh_lab, name, tmp_path, bin_dir=frozen)
+        node.write_conflist()
+        for i in range(10):
+            netns = make_netns(f"{name[-1]}f{i}")
+            rc, out, err = node.cnitool("add", netns, f"p{i}")
+            assert rc == 0, err + out
+            pods[(name, i)] = (node, netns, json.loads(out))
+    ip = {k: v[2]["ips"][0]["address"].split("/")[0] for k, v in pods.items()}
+    node1 = pods[("node1", 0)][0]
+    assert node1.probe(pods[("node1", 9)][1], "ping", ip[("node2", 9)])
+    assert node1.probe(pods[("node2", 0)][1], "ping", ip[("node1", 9)])
+    for (name, i), (node, netns, _) in pods.items():
+        rc, out, err = node.cnitool("check", netns, f"p{i}")
+        assert rc == 0, err + out
+    for (name, i), (node, netns, result) in pods.items():
+        rc, out, err = node.cnitool("del", netns, f"p{i}")
+        assert rc == 0, err + out
+        assert result["interfaces"][0]["name"] not in fresh_lab.exec(name, ["ip", "-o", "link"]).stdout
+    for name in ("node1", "node2"):
+        priorities = {line.split(":")[0] for line in fresh_lab.exec(name, ["ip", "rule"]).stdout.splitlines()}
+        assert not priorities & {"512", "1536"}
