@@ -112,6 +112,20 @@ class Pool:
                     return self._assignment(eni_id, ip)
         raise PoolExhausted(cooling)
 
+    def claim(self, ip: str, container_id: str, ifname: str) -> bool:
+        """Record that the attachment holds `ip` (found on the host after the store was rebuilt).
+        False if the pool does not have the IP or another attachment holds it."""
+        for eni in self.enis.values():
+            entry = eni["ips"].get(ip)
+            if entry is None:
+                continue
+            if entry["state"] == ASSIGNED:
+                return (entry["container_id"], entry["ifname"]) == (container_id, ifname)
+            eni["ips"][ip] = {"state": ASSIGNED, "container_id": container_id, "ifname": ifname,
+                              "pod_namespace": "", "pod_name": "", "since": self.now}
+            return True
+        return False
+
     def release(self, container_id: str, ifname: str) -> str | None:
         """Put the attachment's IP into cool-down; return it, or None if there was none."""
         found = self.find(container_id, ifname)
