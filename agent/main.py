@@ -28,6 +28,11 @@ from cnicore.pool import Pool
 from cnicore.store import Store, StoreError
 
 DEFAULT_NETWORK = "aws-vpc"
+ADD_GRACE = 120.0  # s a reservation may exist without its host veth (an ADD in flight)
+
+
+def _since(doc: dict, ip: str) -> float:
+    return next(eni["ips"][ip]["since"] for eni in doc["enis"].values() if ip in eni["ips"])
 
 
 class Agent:
@@ -47,17 +52,40 @@ class Agent:
 
     # --- start-up -------------------------------------------------------------------------------
     def reconcile(self) -> None:
-        """Bring the store in line with EC2; rebuild it if it is unusable, keeping the bad file."""
+        """Bring the store in line with EC2 and with the attachments that exist on the host.
+
+        An unusable store is rebuilt (the bad file kept aside): ENIs and IPs from EC2, assignments
+        from the host veths, which carry their attachment in their alias. A reservation with no
+        host veth is released once it is older than ADD_GRACE (an ADD may be between its IPAM and
+        its veth right now); the runtime's DEL would have done the same.
+        """
+        from cnicore import netlink
+        on_host = {}
+        for veth in netlink.list_host_veths(self.cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
+            att = veth.attachment
+            if att is not None and att.network == self.store.network:
+                on_host[(att.container_id, att.ifname)] = veth.pod_ips
         with self.store.locked() as tx:
             try:
                 doc = tx.read()
             except StoreError as exc:
                 aside = self.store.set_aside()
-                self.log.error("state store unusable; rebuilding from EC2", error=str(exc), kept_at=aside)
+                self.log.error("state store unusable; rebuilding from EC2 and the host", error=str(exc),
+                               kept_at=aside)
                 doc = None
             if doc is None:
                 doc = self.pool.new_document()
             self.pool.refresh(doc)
+            pool = Pool(doc, time.time(), self.cfg["IP_COOLDOWN_PERIOD"])
+            for (cid, ifname), ips in on_host.items():
+                for ip in ips:
+                    if not pool.claim(ip, cid, ifname):
+                        self.log.error("a pod on the host uses an IP the pool cannot give it",
+                                       container=cid, ifname=ifname, ip=ip)
+            for cid, ifname, ip in pool.attachments():
+                if (cid, ifname) not in on_host and time.time() - _since(doc, ip) > ADD_GRACE:
+                    pool.release(cid, ifname)
+                    self.log.info("released a reservation whose pod is gone", container=cid, ip=ip)
             tx.write(doc)
 
     # --- the loop -------------------------------------------------------------------------------

@@ -85,12 +85,12 @@ class LabNode:
     def ipam(self, command, cid="c1", **conf_extra):
         return self.plugin("aws-eni-ipam", command, self.ipam_conf(**conf_extra), cid=cid)
 
-    def start_agent(self, interval=0.3, **env):
+    def start_agent(self, interval=0.3, metrics="", **env):
         """The agent in the node, settings from its environment as the DaemonSet passes them."""
         environ = self.lab.exec_env(self.node, {"AWS_VPC_CNI_DATA_DIR": self.data_dir, "IP_COOLDOWN_PERIOD": "0",
                                                 "AWS_VPC_CNI_AGENT_LOG_FILE": self.log_file + ".agent", **env})
         proc = subprocess.Popen(self.lab.exec_argv(self.node, [os.path.join(self.bin_dir, "aws-vpc-cni-agent"), "run",
-                                                               "--interval", str(interval), "--metrics-address", ""]),
+                                                               "--interval", str(interval), "--metrics-address", metrics]),
                                 env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.agents.append(proc)
         deadline = time.time() + 30

@@ -1,0 +1,117 @@
+"""The node agent in the VPC lab: its status, metrics, settings, and rebuilding a broken store (issue 4)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from labnode import BIN, LabNode, NETWORK
+
+
+def agent_cli(node, *argv, env=None):
+    return node.lab.exec(node.node, [os.path.join(BIN, "aws-vpc-cni-agent"), *argv], check=False,
+                         env={"AWS_VPC_CNI_DATA_DIR": node.data_dir, **(env or {})})
+
+
+def test_status_as_table_and_json_and_prometheus_metrics(fresh_lab, tmp_path):
+    node = LabNode(fresh_lab, "node1", tmp_path)
+    node.start_agent(metrics="127.0.0.1:61678")
+    try:
+        node.wait_for(lambda: node.agent_status()["figures"]["short"] == 0, what="a warm pool")
+        assert node.ipam("ADD", cid="pod0")[0] == 0  # 8 free < 9: the agent attaches a second ENI
+        status = node.wait_for(lambda: (lambda s: s if len(s["enis"]) == 2 and s["figures"]["short"] == 0 else None)(
+            node.agent_status()), what="the second ENI")
+        assert [(e["device_number"], e["total"], e["assigned"]) for e in status["enis"]] == [(0, 9, 1), (1, 9, 0)]
+        assert status["node"]["instance_type"] == "m5.large" and status["blocked"] is None
+        table = agent_cli(node, "status").stdout
+        assert "(primary)" in table and "assigned" in table
+        assert [line.split()[-4:] for line in table.splitlines() if line.startswith("all")] == [["18", "1", "0", "17"]]
+        metrics = fresh_lab.exec("node1", [sys.executable, "-c", "import urllib.request; print(urllib.request."
+                                           "urlopen('http://127.0.0.1:61678/metrics', timeout=5).read().decode())"]).stdout
+        assert "awscni_eni_allocated 2" in metrics
+        assert "awscni_ip_max 27" in metrics
+        assert any(line.startswith("awscni_ip_assigned{") and line.endswith(" 1") for line in metrics.splitlines())
+    finally:
+        node.stop_agents()
+
+
+def test_bad_settings_are_refused_by_name_before_anything_starts(fresh_lab, tmp_path):
+    node = LabNode(fresh_lab, "node1", tmp_path)
+    for env, name in [({"WARM_IP_TARGET": "-1"}, "WARM_IP_TARGET"), ({"MAX_ENI": "zero"}, "MAX_ENI"),
+                      ({"AWS_VPC_K8S_CNI_VETHPREFIX": "eth"}, "AWS_VPC_K8S_CNI_VETHPREFIX")]:
+        for command in ("run", "render-conflist"):
+            proc = agent_cli(node, command, env=env)
+            assert proc.returncode == 2 and name in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.exists(os.path.join(node.data_dir, f"{NETWORK}.json"))
+
+
+def test_write_conflist_renders_the_environment(fresh_lab, tmp_path):
+    node = LabNode(fresh_lab, "node1", tmp_path)
+    conf_dir = str(tmp_path / "net.d")
+    agent_cli(node, "write-conflist", conf_dir, env={"WARM_IP_TARGET": "3", "AWS_VPC_K8S_CNI_EXTERNALSNAT": "true"})
+    with open(os.path.join(conf_dir, "10-aws-vpc.conflist")) as f:
+        conflist = json.load(f)
+    assert conflist["plugins"][0]["ipam"]["warmIPTarget"] == 3
+    assert conflist["plugins"][1]["externalSNAT"] is True
+    assert [n for n in os.listdir(conf_dir)] == ["10-aws-vpc.conflist"]  # no temp file left
+
+
+def test_corrupt_store_is_rebuilt_from_ec2_and_the_host_keeping_the_bad_file(fresh_lab, tmp_path, make_netns):
+    node = LabNode(fresh_lab, "node1", tmp_path)
+    node.write_conflist()
+    pods = {}
+    for i in range(3):
+        netns = make_netns(f"pod{i}")
+        rc, out, err = node.cnitool("add", netns, f"web-{i}")
+        assert rc == 0, err + out
+        pods[netns] = json.loads(out)["ips"][0]["address"].split("/")[0]
+    store = os.path.join(node.data_dir, f"{NETWORK}.json")
+    with open(store, "w") as f:
+        f.write('{"schema": 1, "enis": {')  # torn by hand
+    node.start_agent()
+    try:
+        status = node.agent_status()
+        assert sum(e["assigned"] for e in status["enis"]) == 3  # the pods on the host, claimed back
+        with open(store) as f:
+            held = {ip for eni in json.load(f)["enis"].values() for ip, e in eni["ips"].items()
+                    if e["state"] == "assigned"}
+        assert held == set(pods.values())
+        aside = [n for n in os.listdir(node.data_dir) if ".corrupt-" in n]
+        assert len(aside) == 1
+        with open(os.path.join(node.data_dir, aside[0])) as f:
+            assert f.read() == '{"schema": 1, "enis": {'
+        netns = make_netns("pod3")
+        rc, out, err = node.cnitool("add", netns, "web-3")
+        assert rc == 0, err + out
+        assert json.loads(out)["ips"][0]["address"].split("/")[0] not in pods.values()
+        pods[netns] = None
+    finally:
+        node.stop_agents()
+        for i, netns in enumerate(pods):
+            node.cnitool("del", netns, f"web-{i}")
+
+
+def test_idle_enis_and_surplus_ips_return_to_ec2(fresh_lab, tmp_path):
+    """WARM_IP_TARGET=2: 12 pods need a second ENI; once they are gone the agent gives the IPs back
+    and, the ENI being 60 s old and idle, detaches and deletes it."""
+    node = LabNode(fresh_lab, "node1", tmp_path, warmIPTarget=2)
+    for i in range(12):
+        assert node.ipam("ADD", cid=f"pod{i}")[0] == 0
+    attached = set(node.ec2_enis())
+    assert len(attached) == 2
+    started = time.time()
+    node.start_agent(WARM_IP_TARGET="2")
+    try:
+        for i in range(12):
+            assert node.ipam("DEL", cid=f"pod{i}")[0] == 0
+        node.wait_for(lambda: len(node.ec2_enis()) == 1, timeout=120, what="the idle ENI to be freed")
+        assert time.time() - started >= 50  # not before the ENI's minimum age
+        view = node.ec2_enis()
+        assert [d for d, _ in view.values()] == [0] and sum(len(s) for _, s in view.values()) == 2
+        gone = (attached - set(view)).pop()
+        found = fresh_lab.ec2("DescribeNetworkInterfaces", Filters=[{"Name": "network-interface-id",
+                                                                       "Values": [gone]}])["NetworkInterfaces"]
+        assert found == []  # deleted, not left detached
+    finally:
+        node.stop_agents()
