@@ -14,10 +14,9 @@ import socket
 import struct
 from typing import NamedTuple
 
+from cnicore.rawnetlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, attr, attributes, request
+
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
-NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x200, 0x400, 0x300
 FR_ACT_TO_TBL = 1
 FIB_RULE_INVERT = 0x2
 FRA_PRIORITY, FRA_FWMARK, FRA_SUPPRESS_IFGROUP, FRA_SUPPRESS_PREFIXLEN = 6, 10, 13, 14
@@ -27,9 +26,7 @@ RTPROT_BOOT = 3  # the origin we record on our rule (`ip rule` shows "proto boot
 # Attributes that say nothing about which packets a rule matches (besides the mark we read).
 _PLAIN = {FRA_PRIORITY, FRA_TABLE, FRA_PROTOCOL, FRA_FWMARK, FRA_FWMASK}
 _UNSET = b"\xff\xff\xff\xff"  # the kernel reports the suppress_* options with -1 when not set
-_NLMSGHDR = struct.Struct("=IHHII")
 _FIB_RULE_HDR = struct.Struct("=BBBBBBBBI")  # family dst_len src_len tos table res1 res2 action flags
-_RTA = struct.Struct("=HH")
 
 
 class RuleError(Exception):
@@ -56,11 +53,12 @@ class FwmarkRule(NamedTuple):
 def fwmark_rules() -> list[FwmarkRule]:
     """The IPv4 rules whose one selector is a fwmark and whose action is a table lookup."""
     found = []
-    for kind, body in _request(RTM_GETRULE, NLM_F_DUMP, _FIB_RULE_HDR.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)):
+    for kind, body in request(socket.NETLINK_ROUTE, RTM_GETRULE, NLM_F_DUMP,
+                              _FIB_RULE_HDR.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)):
         if kind != RTM_NEWRULE or len(body) < _FIB_RULE_HDR.size:
             continue
         family, dst_len, src_len, tos, table, _, _, action, flags = _FIB_RULE_HDR.unpack_from(body)
-        attrs = {key: value for key, value in _attributes(body[_FIB_RULE_HDR.size:]).items()
+        attrs = {key: value for key, value in attributes(body[_FIB_RULE_HDR.size:]).items()
                  if not (key in (FRA_SUPPRESS_IFGROUP, FRA_SUPPRESS_PREFIXLEN) and value == _UNSET)}
         if (family != socket.AF_INET or dst_len or src_len or tos or action != FR_ACT_TO_TBL
                 or flags & FIB_RULE_INVERT or FRA_FWMARK not in attrs or set(attrs) - _PLAIN):
@@ -75,8 +73,9 @@ def fwmark_rules() -> list[FwmarkRule]:
 def add(rule: FwmarkRule) -> bool:
     """Add the rule; False if the very same rule was already there (it is never added twice)."""
     try:
-        _request(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK, _rule_message(rule, rule.protocol))
-    except _KernelError as exc:
+        request(socket.NETLINK_ROUTE, RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
+                _rule_message(rule, rule.protocol))
+    except OSError as exc:
         if exc.errno == errno.EEXIST:
             return False
         raise RuleError(f"cannot add ip rule '{rule}': {os.strerror(exc.errno)}") from None
@@ -91,8 +90,8 @@ def delete(rule: FwmarkRule) -> bool:
     `1024 iif eth0 fwmark 0x80/0x80 lookup main`. Naming the rule's protocol (ours: boot) keeps such
     a rule of someone else's safe unless it also has that protocol."""
     try:
-        _request(RTM_DELRULE, NLM_F_ACK, _rule_message(rule, rule.protocol or None))
-    except _KernelError as exc:
+        request(socket.NETLINK_ROUTE, RTM_DELRULE, NLM_F_ACK, _rule_message(rule, rule.protocol or None))
+    except OSError as exc:
         if exc.errno == errno.ENOENT:
             return False
         raise RuleError(f"cannot delete ip rule '{rule}': {os.strerror(exc.errno)}") from None
@@ -102,63 +101,11 @@ def delete(rule: FwmarkRule) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-class _KernelError(Exception):
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.errno = code
-
-
 def _rule_message(rule: FwmarkRule, protocol: int | None) -> bytes:
     table = rule.table if rule.table < 256 else 0
     return (_FIB_RULE_HDR.pack(socket.AF_INET, 0, 0, 0, table, 0, 0, FR_ACT_TO_TBL, 0)
-            + _attr(FRA_PRIORITY, struct.pack("=I", rule.priority))
-            + _attr(FRA_FWMARK, struct.pack("=I", rule.mark))
-            + _attr(FRA_FWMASK, struct.pack("=I", rule.mask))
-            + _attr(FRA_TABLE, struct.pack("=I", rule.table))
-            + (_attr(FRA_PROTOCOL, struct.pack("=B", protocol)) if protocol is not None else b""))
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    data = _RTA.pack(_RTA.size + len(payload), kind) + payload
-    return data + b"\0" * (-len(data) % 4)
-
-
-def _attributes(data: bytes) -> dict[int, bytes]:
-    attrs, offset = {}, 0
-    while offset + _RTA.size <= len(data):
-        length, kind = _RTA.unpack_from(data, offset)
-        if length < _RTA.size:
-            break
-        attrs[kind & 0x3FFF] = data[offset + _RTA.size:offset + length]
-        offset += (length + 3) & ~3
-    return attrs
-
-
-def _request(kind: int, flags: int, payload: bytes) -> list[tuple[int, bytes]]:
-    """Send one request; return the (type, body) of each answer. Raises _KernelError on a NACK."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as sock:
-        sock.bind((0, 0))
-        seq = 1
-        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, NLM_F_REQUEST | flags, seq, 0) + payload)
-        answers = []
-        while True:
-            data = sock.recv(1 << 17)
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(data):
-                length, mtype, mflags, mseq, _ = _NLMSGHDR.unpack_from(data, offset)
-                if length < _NLMSGHDR.size:
-                    raise RuleError("malformed netlink answer")
-                body = data[offset + _NLMSGHDR.size:offset + length]
-                offset += (length + 3) & ~3
-                if mseq != seq:
-                    continue
-                if mtype == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", body)[0]
-                    if code:
-                        raise _KernelError(code)
-                    return answers  # the ACK
-                if mtype == NLMSG_DONE:
-                    return answers
-                answers.append((mtype, body))
-                if not mflags & NLM_F_MULTI and not flags & NLM_F_ACK:
-                    return answers
+            + attr(FRA_PRIORITY, struct.pack("=I", rule.priority))
+            + attr(FRA_FWMARK, struct.pack("=I", rule.mark))
+            + attr(FRA_FWMASK, struct.pack("=I", rule.mask))
+            + attr(FRA_TABLE, struct.pack("=I", rule.table))
+            + (attr(FRA_PROTOCOL, struct.pack("=B", protocol)) if protocol is not None else b""))
