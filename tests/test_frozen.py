@@ -4,7 +4,9 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -99,7 +101,8 @@ def test_upgrade_switches_atomically_keeps_the_previous_bundle_and_removes_older
 
 
 def test_frozen_chain_passes_the_source_tree_scenario(frozen, fresh_lab, tmp_path, make_netns):
-    """ADD through cnitool on both nodes (a pod per node on a secondary ENI), ping across, CHECK, DEL."""
+    """ADD through cnitool on both nodes (a pod per node on a secondary ENI), ping across, SNAT to the
+    internet host, a hostPort from the other node, CHECK, DEL leaving nothing."""
     pods = {}
     for name in ("node1", "node2"):
         node = LabNode(fresh_lab, name, tmp_path, bin_dir=frozen)
@@ -113,11 +116,40 @@ def test_frozen_chain_passes_the_source_tree_scenario(frozen, fresh_lab, tmp_pat
     node1 = pods[("node1", 0)][0]
     assert node1.probe(pods[("node1", 9)][1], "ping", ip[("node2", 9)])
     assert node1.probe(pods[("node2", 0)][1], "ping", ip[("node1", 9)])
+    # SNAT (aws-snat): the internet host sees the node's primary IP for a primary- and a secondary-ENI pod
+    status = fresh_lab.status()
+    internet, node1_ip = status["internet"], status["nodes"][0]["primary_ip"]
+    for i in (0, 9):
+        seen = subprocess.run(["ip", "netns", "exec", pods[("node1", i)][1], sys.executable, "-m", "vpclab.probe",
+                               "echo", "tcp", internet["address"], str(internet["echo_port"])],
+                              capture_output=True, text=True, cwd=ROOT).stdout
+        assert json.loads(seen)["answer"].split()[0] == node1_ip
+    # hostPort (portmap-compat): node2 reaches a pod of node1 through node1's port 8080
+    web = make_netns("1web")
+    rc, out, err = node1.cnitool("add", web, "web", cap_args={"portMappings": [
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]})
+    assert rc == 0, err + out
+    pods[("node1", "web")] = (node1, web, json.loads(out))
+    server = subprocess.Popen(["ip", "netns", "exec", web, sys.executable, "-c",
+                               "import socket; s = socket.create_server(('0.0.0.0', 80)); c, _ = s.accept(); "
+                               "c.sendall(b'pod answered')"])
+    try:
+        reply = ""
+        for _ in range(20):  # until the server listens
+            reply = fresh_lab.exec("node2", [sys.executable, "-c", "import socket; print(socket.create_connection("
+                                             f"('{node1_ip}', 8080), timeout=2).recv(64).decode())"], check=False).stdout
+            if reply:
+                break
+            time.sleep(0.2)
+        assert reply.strip() == "pod answered"
+    finally:
+        server.kill()
+        server.wait()
     for (name, i), (node, netns, _) in pods.items():
-        rc, out, err = node.cnitool("check", netns, f"p{i}")
+        rc, out, err = node.cnitool("check", netns, i if i == "web" else f"p{i}")
         assert rc == 0, err + out
     for (name, i), (node, netns, result) in pods.items():
-        rc, out, err = node.cnitool("del", netns, f"p{i}")
+        rc, out, err = node.cnitool("del", netns, i if i == "web" else f"p{i}")
         assert rc == 0, err + out
         assert result["interfaces"][0]["name"] not in fresh_lab.exec(name, ["ip", "-o", "link"]).stdout
     for name in ("node1", "node2"):
