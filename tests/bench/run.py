@@ -79,6 +79,13 @@ def say(msg: str) -> None:
 # Machine facts
 
 
+def source() -> dict:
+    """The commit measured, and whether the working tree differed from it (the bundle is built from it)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD") or os.environ.get("BENCH_COMMIT", "unknown"), "dirty_files": git("status", "--porcelain", "--untracked-files=no").count("\n") + bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
 def machine() -> dict:
     model = "?"
     with suppress(OSError):
@@ -266,7 +273,8 @@ class Bench:
         self.drivers: dict[str, Driver] = {}
         self.agents: dict[str, Agent] = {}
         self.pod_count = 0
-        self.results: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.results: dict = {"machine": machine(), "source": source(),
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self.ours_ops = 0
 
     # --- set-up -----------------------------------------------------------------------------
@@ -548,6 +556,8 @@ class Bench:
             "del_p50_ratio": round(ratio(seq["ours"]["del"]["p50"], seq["ref"]["del"]["p50"]), 2),
             "ref_add_cpu_ms": seq["ref"]["add"]["cpu_ms_mean"], "ours_add_cpu_ms": seq["ours"]["add"]["cpu_ms_mean"],
             "ref_del_cpu_ms": seq["ref"]["del"]["cpu_ms_mean"], "ours_del_cpu_ms": seq["ours"]["del"]["cpu_ms_mean"],
+            "add_cpu_ratio": round(ratio(seq["ours"]["add"]["cpu_ms_mean"], seq["ref"]["add"]["cpu_ms_mean"]), 2),
+            "del_cpu_ratio": round(ratio(seq["ours"]["del"]["cpu_ms_mean"], seq["ref"]["del"]["cpu_ms_mean"]), 2),
             "burst_ratio": round(res["burst"]["add_ratio"], 2),
             "ref_burst_ms": round(sum(res["burst"]["ref"]["add_wall_ms"]) / len(res["burst"]["ref"]["add_wall_ms"]), 1),
             "ours_burst_ms": round(sum(res["burst"]["ours"]["add_wall_ms"]) / len(res["burst"]["ours"]["add_wall_ms"]), 1),
@@ -630,10 +640,12 @@ def sweep_dead_runs() -> None:
 
 def table(res: dict) -> str:
     seq, burst = res["sequential"], res["burst"]
-    lines = [f"machine: {res['machine']['nproc']} x {res['machine']['cpu_model']}, kernel {res['machine']['kernel']}, "
+    lines = [f"source: {res['source']['commit'][:12]} ({res['source']['dirty_files']} files changed since)",
+             f"machine: {res['machine']['nproc']} x {res['machine']['cpu_model']}, kernel {res['machine']['kernel']}, "
              f"load {res['machine']['loadavg']} -> {res['machine'].get('loadavg_end')}",
              f"reference: {res['chains']['reference']}",
              f"ours:      {res['chains']['ours']}", ""]
+    lines.append(f"CPU per op, ours / reference: ADD {res['add_cpu_ratio']}, DEL {res['del_cpu_ratio']}")
     lines.append(f"{'':<12}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'min':>8}{'max':>8}{'CPU ms/op':>11}")
     for key in ("ref", "ours"):
         for command in ("add", "del"):
