@@ -6,13 +6,12 @@ its error code and message are passed through unchanged.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
 from . import result as cniresult
 from .errors import CNIError, DECODING_FAILURE, INTERNAL, INVALID_CONFIG, INVALID_ENVIRONMENT
-from .skel import CmdArgs
+from .skel import CmdArgs, load_json
 
 
 def find_in_path(plugin_type: str, path: list[str]) -> str:
@@ -40,7 +39,7 @@ def delegate(args: CmdArgs, plugin_type: str, command: str, stdin: bytes | None 
     if command != "ADD":
         return None
     try:
-        answer = json.loads(proc.stdout)
+        answer = load_json(proc.stdout)  # no NaN/Infinity, and too deep is an error, not a crash
     except ValueError as exc:
         raise CNIError(DECODING_FAILURE, f"{plugin_type} ADD printed no valid result: {exc}") from None
     return cniresult.parse(answer, answer.get("cniVersion", args.version) if isinstance(answer, dict) else args.version)
@@ -48,7 +47,7 @@ def delegate(args: CmdArgs, plugin_type: str, command: str, stdin: bytes | None 
 
 def _delegate_error(plugin_type: str, command: str, proc: subprocess.CompletedProcess) -> CNIError:
     try:
-        err = json.loads(proc.stdout)
+        err = load_json(proc.stdout)
         if isinstance(err, dict) and isinstance(err.get("code"), int) and isinstance(err.get("msg"), str):
             return CNIError(err["code"], err["msg"], str(err.get("details", "")))
     except ValueError:

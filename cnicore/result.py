@@ -47,11 +47,17 @@ def parse(obj, version: str) -> dict:
                                                    for i in interfaces):
         raise CNIError(DECODING_FAILURE, "prevResult.interfaces must be a list of objects with a name")
     ips = []
-    for ip in out.get("ips", []) or []:
+    listed = out.get("ips", []) or []
+    if not isinstance(listed, list):
+        raise CNIError(DECODING_FAILURE, "prevResult.ips must be a list of objects")
+    for ip in listed:
         if not isinstance(ip, dict):
             raise CNIError(DECODING_FAILURE, "prevResult.ips must be a list of objects")
         ip = dict(ip)
         try:
+            # a string in CIDR form, as Go's net.ParseCIDR reads it: not a number, no IPv6 zone
+            if not isinstance(ip.get("address"), str) or "%" in ip["address"]:
+                raise ValueError
             addr = ipaddress.ip_interface(ip["address"])
         except (KeyError, TypeError, ValueError):
             raise CNIError(DECODING_FAILURE, f"prevResult has an invalid address: {ip.get('address')!r}") from None
@@ -62,7 +68,7 @@ def parse(obj, version: str) -> dict:
         if family is not None and family != str(addr.version):
             raise CNIError(DECODING_FAILURE, f"prevResult ip {ip['address']} is not IPv{family}")
         index = ip.get("interface")
-        if index is not None and (not isinstance(index, int) or not 0 <= index < len(interfaces)):
+        if index is not None and (type(index) is not int or not 0 <= index < len(interfaces)):
             raise CNIError(DECODING_FAILURE, f"prevResult ip {ip['address']} names interface {index!r}, "
                                              f"which is not in interfaces")
         ips.append(ip)

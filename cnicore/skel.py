@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import result as cniresult
+from . import settings as cnisettings
 from .errors import (CNIError, DECODING_FAILURE, INCOMPATIBLE_VERSION, INTERNAL, INVALID_CONFIG,
                      INVALID_ENVIRONMENT, IO_FAILURE, UNKNOWN_CONTAINER)
-from .log import DEFAULT_FILE, Logger
+from .log import Logger
 
 COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 # Which CNI_* variables each command requires (as the reference skel does; DEL needs no netns).
@@ -34,17 +35,18 @@ REQUIRED_ENV = {
 }
 MIN_VERSION = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
 
-CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "c1\n" through.
+CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
+NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
 MAX_IFNAME = 15  # IFNAMSIZ - 1
 
 # CNI_ARGS keys that Kubernetes runtimes send, with what their values may be.
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 K8S_ARGS = {
-    "K8S_POD_NAMESPACE": re.compile(rf"^{_DNS_LABEL}$"),
-    "K8S_POD_NAME": re.compile(rf"^(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*$"),
+    "K8S_POD_NAMESPACE": re.compile(rf"^{_DNS_LABEL}\Z"),
+    "K8S_POD_NAME": re.compile(rf"^(?=.{{1,253}}\Z){_DNS_LABEL}(\.{_DNS_LABEL})*\Z"),
     "K8S_POD_INFRA_CONTAINER_ID": CONTAINER_ID_RE,
-    "K8S_POD_UID": re.compile(r"^[A-Za-z0-9-]{1,64}$"),
+    "K8S_POD_UID": re.compile(r"^[A-Za-z0-9-]{1,64}\Z"),
 }
 
 
@@ -89,13 +91,16 @@ def validate_container_id(container_id: str) -> None:
 def validate_ifname(ifname: str) -> None:
     if not ifname:
         raise CNIError(INVALID_ENVIRONMENT, "interface name is empty")
-    if len(ifname.encode()) > MAX_IFNAME:
+    if len(os.fsencode(ifname)) > MAX_IFNAME:  # the kernel's bytes (undecodable ones arrive as surrogates)
         raise CNIError(INVALID_ENVIRONMENT, "interface name is too long",
                        f"interface name should be less than {MAX_IFNAME + 1} characters")
     if ifname in (".", ".."):
         raise CNIError(INVALID_ENVIRONMENT, "interface name is . or ..")
     if any(c in "/:" or c.isspace() for c in ifname):
         raise CNIError(INVALID_ENVIRONMENT, "interface name contains / or : or whitespace characters")
+    if not ifname.isprintable():  # control characters, or bytes that are not UTF-8 (it goes into JSON results)
+        raise CNIError(INVALID_ENVIRONMENT, "interface name contains control characters or is not valid UTF-8",
+                       repr(ifname))
 
 
 def parse_cni_args(raw: str, known: dict[str, re.Pattern]) -> dict[str, str]:
@@ -161,9 +166,29 @@ def _read_stdin() -> bytes:
         raise CNIError(IO_FAILURE, f"error reading from stdin: {exc}") from None
 
 
+def _strict_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def load_json(data: bytes):
+    """Parse JSON as Go's encoding/json accepts it: no NaN or Infinity (they could not be written back
+    as JSON); too deep a document is a decoding error, not a crash."""
+    try:
+        return json.loads(data, parse_constant=_no_constant, parse_float=_strict_float)
+    except RecursionError:
+        raise ValueError("document is nested too deeply") from None
+
+
 def _load_conf(stdin: bytes) -> dict:
     try:
-        conf = json.loads(stdin)
+        conf = load_json(stdin)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CNIError(DECODING_FAILURE, f"error unmarshalling network config: {exc}") from None
     if not isinstance(conf, dict):
@@ -187,7 +212,7 @@ def _conf_version(conf: dict) -> str:
 def _version_info(stdin: bytes) -> dict:
     version = cniresult.LATEST
     try:
-        conf = json.loads(stdin) if stdin.strip() else {}
+        conf = load_json(stdin) if stdin.strip() else {}
         if isinstance(conf, dict) and conf.get("cniVersion") in cniresult.SUPPORTED_VERSIONS:
             version = conf["cniVersion"]
     except ValueError:
@@ -196,9 +221,9 @@ def _version_info(stdin: bytes) -> dict:
 
 
 def _log_settings(conf: dict) -> tuple[str, str]:
-    path = conf.get("pluginLogFile", DEFAULT_FILE)
-    level = conf.get("pluginLogLevel", "DEBUG")
-    return (path if isinstance(path, str) else DEFAULT_FILE), (level if isinstance(level, str) else "DEBUG")
+    """The log file and level, validated like every setting (a bad one is code 7, logged to stderr)."""
+    cfg = cnisettings.from_conf(conf, ("AWS_VPC_K8S_PLUGIN_LOG_FILE", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL"))
+    return cfg["AWS_VPC_K8S_PLUGIN_LOG_FILE"], cfg["AWS_VPC_K8S_PLUGIN_LOG_LEVEL"]
 
 
 def run(plugin: str, handlers: dict[str, Handler], *, about: str = "",
@@ -224,10 +249,10 @@ def run(plugin: str, handlers: dict[str, Handler], *, about: str = "",
             out.write(_version_info(stdin))
             return 0
         conf = _load_conf(stdin)
+        if conf.get("cniVersion") in cniresult.SUPPORTED_VERSIONS:
+            version = conf["cniVersion"]  # errors from here on answer in the config's version
         log = Logger(plugin, *_log_settings(conf))
         conf_version = _conf_version(conf)
-        if conf_version in cniresult.SUPPORTED_VERSIONS:
-            version = conf_version
         args = CmdArgs(command=command, container_id=environ.get("CNI_CONTAINERID", ""),
                        netns=environ.get("CNI_NETNS", ""), ifname=environ.get("CNI_IFNAME", ""),
                        path=[p for p in environ.get("CNI_PATH", "").split(os.pathsep) if p],
