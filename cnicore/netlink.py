@@ -440,21 +440,36 @@ def _pod(path: str):
 @contextmanager
 def _inside(fd: int, path: str):
     """Run the body with this thread in the namespace `fd`, then come back."""
-    from pyroute2 import netns
-
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         try:
-            netns.setns(fd, flags=0)
+            _setns(fd)
         except OSError as exc:
             raise NetnsError(f"enter pod netns {path}: {os.strerror(exc.errno)} "
                              "(is it a network namespace?)") from exc
         try:
             yield
         finally:
-            netns.setns(home, flags=0)
+            _setns(home)
     finally:
         os.close(home)
+
+
+def _setns(fd: int) -> None:
+    """setns(2) into a network namespace, by the libc already loaded (pyroute2's own setns looks
+    libc up with ctypes.util.find_library, which forks `ldconfig -p` on every call)."""
+    import ctypes
+
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    if _LIBC.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_LIBC = None
+CLONE_NEWNET = 0x40000000
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -523,6 +538,12 @@ def setup_pod(net: PodNetwork) -> VethPair:
     (InterfaceExistsError), the ENI by its MAC, the host veth name. A stale host veth of that name
     (a pod recreated before its old DEL) is replaced, as upstream does; so are leftover rules
     512/1536 for the pod IP, since IPAM has just given that IP to this attachment.
+
+    Crash safety: the veth pair is made inside the pod netns and its host end gets the attachment's
+    alias there, before it moves to the host netns (as the reference plugins make their pairs in the
+    container). A process killed at any instant thus leaves on the node either nothing or a host veth
+    whose alias names its attachment, which that attachment's DEL and GC find; an unmoved pair stays in
+    the pod netns, where DEL removes it (`teardown_pod(netns=...)`) and which dies with the netns.
     """
     with _host() as host, _pod(net.netns) as (pod, pod_fd):
         if pod.link(net.ifname) is not None:
@@ -537,8 +558,9 @@ def setup_pod(net: PodNetwork) -> VethPair:
         if stale is not None:
             host.delete_link(stale)
         undo = []
+        host_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         try:
-            return _build(host, pod, pod_fd, net, undo)
+            return _build(host, pod, host_fd, net, undo)
         except BaseException as exc:
             for step in reversed(undo):
                 try:
@@ -546,23 +568,34 @@ def setup_pod(net: PodNetwork) -> VethPair:
                 except DataPathError as cleanup_exc:
                     exc.add_note(f"while undoing: {cleanup_exc}")
             raise
+        finally:
+            os.close(host_fd)
 
 
-def _build(host: _Netns, pod: _Netns, pod_fd: int, net: PodNetwork, undo: list) -> VethPair:
+def _build(host: _Netns, pod: _Netns, host_fd: int, net: PodNetwork, undo: list) -> VethPair:
     """Create and configure the veth pair, then the host route and rules; log undo steps."""
     try:
-        host.ipr.link("add", ifname=net.host_veth, kind="veth", mtu=net.mtu,
-                      peer={"ifname": net.ifname, "mtu": net.mtu, "net_ns_fd": pod_fd})
-    except host.kernel_error as exc:
+        pod.ipr.link("add", ifname=net.ifname, kind="veth", mtu=net.mtu,
+                     peer={"ifname": net.host_veth, "mtu": net.mtu})
+    except pod.kernel_error as exc:
         error = InterfaceExistsError if exc.code == errno.EEXIST else DataPathError
-        raise error(f"create veth {net.host_veth} (host) / {net.ifname} (pod netns {net.netns}): "
+        raise error(f"create veth {net.ifname} / {net.host_veth} in pod netns {net.netns}: "
+                    f"{os.strerror(exc.code)}") from exc
+    pod_link = pod.existing_link(net.ifname)
+    undo.append(lambda: pod.delete_link(pod_link))  # takes its peer along, wherever that is
+    peer = pod.existing_link(net.host_veth)
+    pod.do(f"set alias {net.attachment.alias} on {net.host_veth} in pod netns {net.netns}", pod.ipr.link,
+           "set", index=peer.index, ifalias=net.attachment.alias)
+    try:
+        pod.ipr.link("set", index=peer.index, net_ns_fd=host_fd)
+    except pod.kernel_error as exc:
+        error = InterfaceExistsError if exc.code == errno.EEXIST else DataPathError
+        raise error(f"move host veth {net.host_veth} from pod netns {net.netns} to the host netns: "
                     f"{os.strerror(exc.code)}") from exc
     host_link = host.existing_link(net.host_veth)
     undo.append(lambda: host.delete_link(host_link))
-    host.do(f"set host veth {net.host_veth} up with alias {net.attachment.alias}", host.ipr.link,
-            "set", index=host_link.index, state="up", ifalias=net.attachment.alias)
+    host.do(f"set host veth {net.host_veth} up", host.ipr.link, "set", index=host_link.index, state="up")
 
-    pod_link = pod.existing_link(net.ifname)
     pod.do(f"set {net.ifname} up", pod.ipr.link, "set", index=pod_link.index, state="up")
     pod.do(f"add address {net.pod_ip}/32 to {net.ifname}", pod.ipr.addr, "add",
            index=pod_link.index, address=net.pod_ip, prefixlen=32)
@@ -588,7 +621,7 @@ def _build(host: _Netns, pod: _Netns, pod_fd: int, net: PodNetwork, undo: list) 
 
 
 def teardown_pod(attachment: Attachment, *, host_veth: str | None = None,
-                 pod_ip: str | None = None) -> None:
+                 pod_ip: str | None = None, netns: str | None = None) -> None:
     """Remove the attachment's host veth (with it the pod end and the /32 route) and its rules.
 
     Works from the host side alone, so also after the pod netns is gone; idempotent. The veth is
@@ -596,6 +629,9 @@ def teardown_pod(attachment: Attachment, *, host_veth: str | None = None,
     its alias names this attachment: a veth now serving another attachment is left alone.
     Rules 512/1536 for `pod_ip` are removed only when no /32 route to it remains (a remaining one
     means the IP already serves another attachment). ENI tables are shared and left in place.
+    With `netns` (the pod's, if it still exists): also a pair that an ADD killed before it moved
+    the host end out is removed from the pod netns (the pod's `ifname` whose veth peer, in the pod
+    netns too, carries the host veth's name).
     """
     if host_veth is not None:
         _check_ifname("host veth", host_veth)
@@ -615,11 +651,24 @@ def teardown_pod(attachment: Attachment, *, host_veth: str | None = None,
             if link is not None and link.alias == attachment.alias and link.index not in deleted:
                 host.delete_link(link)  # the kernel drops the routes through it
                 deleted.add(link.index)
-        if pod_ip is None or (route is not None and route.oif not in deleted):
-            return
-        for rule in host.rules():
-            if _is_pod_rule(rule, pod_ip):
-                host.delete_rule(rule)
+        if pod_ip is not None and (route is None or route.oif in deleted):
+            for rule in host.rules():
+                if _is_pod_rule(rule, pod_ip):
+                    host.delete_rule(rule)
+    if netns and host_veth is not None:
+        _remove_unmoved_pair(netns, attachment.ifname, host_veth)
+
+
+def _remove_unmoved_pair(path: str, ifname: str, host_veth: str) -> None:
+    """Delete the veth pair an ADD made in the pod netns and was killed before moving out."""
+    try:
+        with _pod(path) as (pod, _):
+            pod_link, peer = pod.link(ifname), pod.link(host_veth)
+            if (pod_link is not None and peer is not None and pod_link.kind == peer.kind == "veth"
+                    and pod_link.peer_index == peer.index):
+                pod.delete_link(peer)
+    except NetnsError:
+        return  # the netns is gone, and the pair with it
 
 
 def list_host_veths(prefix: str) -> list[HostVeth]:

@@ -3,16 +3,45 @@
 This is the one place that turns warm-pool decisions (`warmpool`) into EC2 calls (`ec2`) and store
 updates (`pool`). The node agent runs `tick()` in its loop, holding the store lock only to read and
 write the document, never during an EC2 call, so pods keep starting from the warm pool meanwhile.
-aws-eni-ipam's no-agent slow path runs `grow_for_add()` under the lock it already holds.
+aws-eni-ipam's no-agent slow path runs `grow_for_add()` the same way: it holds the store lock only
+to read and to merge, and a lock of its own (`<network>.grow.lock`) so that one ADD grows at a time;
+a DEL or a warm ADD never waits for EC2 (with 5 s of EC2 latency a grow takes half a minute).
+
+When EC2 throttles (or answers 5xx, or not at all) after the per-request retries of `cnicore.ec2`,
+the pool backs off: no EC2 call, from the agent's ticks (however often plugins nudge) or from the
+slow path, before `agent.backoff.until`; the delay doubles from BACKOFF_BASE to BACKOFF_MAX (equal
+jitter) while the errors last and is dropped at the first EC2 round that succeeds. A pool short of
+IPs meanwhile says so (`blocked`: what EC2 answered, when the next attempt is).
 
 What the agent last did lives in the document's `agent` section, so a plugin can say why the pool
 is empty and a restarted agent keeps its pauses:
     {"blocked": {"reason", "since"} | null, "insufficient_addresses_at", "last_release_at",
-     "last_error": {"action", "code", "message", "kind", "at"} | null, "last_refresh", "last_tick"}
+     "last_error": {"action", "code", "message", "kind", "at"} | null, "last_refresh", "last_tick",
+     "adopted": {eni_id: attachment_id}, "backoff": {"delay", "until"} | null}
+
+Crash safety (the agent may be SIGKILLed between any two lines): the store never lists an ENI or an
+IP that EC2 does not attach to the node, so no pod is ever handed an address the VPC would not
+deliver. EC2 may list more than the store, for a while:
+- a grow in flight: EC2 has assigned IPs or attached an ENI that the store learns from EC2's view
+  at the end of the tick, or after a kill, from the restart's reconcile;
+- IPs being given back: they leave the store (under the lock, so no pod gets them) before
+  UnassignPrivateIpAddresses, and an ENI being freed leaves it before its detach. Should the agent
+  die in between, EC2 still lists them; the restart's reconcile takes them back as free (an ENI
+  with them) and the pool gives back its surplus again. They are never lost, nor handed out while
+  EC2 may be taking them away.
+An ENI a kill left created but never attached, or detached but not deleted, is deleted by the
+leaked-ENI sweep (`EC2.delete_leaked_enis`, ENIs older than 5 minutes) that `tick` runs once per
+REFRESH_INTERVAL; an ENI of ours that the store adopts from EC2's view without this process having
+attached it (a kill between AttachNetworkInterface and ModifyNetworkInterfaceAttribute) gets
+DeleteOnTermination on the next tick (`adopted`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import random
 import time
 
 from . import instance_limits, warmpool
@@ -22,6 +51,8 @@ from .store import Store
 
 NO_MANAGE_TAG = "node.k8s.amazonaws.com/no_manage"  # upstream: an ENI so tagged is not the CNI's
 REFRESH_INTERVAL = 60.0  # s between two reads of EC2's view when the agent did nothing itself
+BACKOFF_BASE = 1.0       # s: the first pause after EC2 throttled (or failed with 5xx, or did not answer)
+BACKOFF_MAX = 16.0       # s: the longest pause; a throttled node then probes EC2 every 8-16 s
 
 
 class NodePool:
@@ -34,6 +65,10 @@ class NodePool:
         self.settings = warmpool.PoolSettings.from_settings(cfg)
         self._imds = imds
         self._ec2 = ec2
+        self._allocated: set[str] = set()  # ENIs this process attached (and set DeleteOnTermination on)
+        self._swept_at: float | None = None  # the last leaked-ENI sweep of this process
+        self._throttled = False  # EC2 throttled, failed with 5xx or did not answer in this round
+        self._rng = random.Random()
 
     # --- AWS access (created on first use: boto3 is imported only then) -------------------------
     @property
@@ -83,6 +118,9 @@ class NodePool:
                 continue
             seen.add(eni.eni_id)
             known = pool.enis.get(eni.eni_id, {})
+            if (not known and eni.device_index != 0 and eni.attachment_id and eni.eni_id not in self._allocated
+                    and eni.description.startswith(ENI_DESCRIPTION_PREFIX)):
+                doc.setdefault("agent", {}).setdefault("adopted", {})[eni.eni_id] = eni.attachment_id
             subnet_cidr = (doc["node"]["subnet_cidr"] if eni.subnet_id == doc["node"]["subnet_id"]
                            else known.get("subnet_cidr") or self.imds.eni(eni.mac).subnet_cidr)
             entry = pool.put_eni(eni.eni_id, mac=eni.mac, device_number=eni.device_index, subnet_cidr=subnet_cidr,
@@ -123,6 +161,7 @@ class NodePool:
                     ec2.assign_ips(step.eni_id, step.count)
                 else:
                     eni = ec2.allocate_eni(node["subnet_id"], node["security_groups"])
+                    self._allocated.add(eni.eni_id)
                     self.log.info("attached a new ENI", eni=eni.eni_id, device=eni.device_index)
                     ec2.assign_ips(eni.eni_id, step.count)
         except InsufficientAddresses as exc:
@@ -137,7 +176,26 @@ class NodePool:
                 else "insufficient-addresses" if isinstance(exc, InsufficientAddresses) else "error")
         doc["agent"]["last_error"] = {"action": exc.action, "code": exc.code, "message": exc.message,
                                       "kind": kind, "at": self.clock()}
+        if kind in ("throttled", "unreachable"):
+            self._throttled = True
         self.log.error(str(exc))
+
+    # --- backing off from a throttling EC2 -----------------------------------------------------
+    def backoff_left(self, doc: dict) -> float:
+        """Seconds before the pool may call EC2 again (0: now)."""
+        backoff = doc.get("agent", {}).get("backoff") or {}
+        return max(0.0, backoff.get("until", 0.0) - self.clock())
+
+    def _after_ec2_round(self, doc: dict, calls_before: int) -> None:
+        """Lengthen the pause after a throttled round; drop it after a round whose calls succeeded."""
+        agent = doc["agent"]
+        if self._throttled:
+            previous = agent.get("backoff") or {}
+            recent = self.clock() - previous.get("until", 0.0) < 2 * BACKOFF_MAX
+            delay = min(BACKOFF_MAX, 2 * previous["delay"]) if previous and recent else BACKOFF_BASE
+            agent["backoff"] = {"delay": delay, "until": self.clock() + delay / 2 + self._rng.uniform(0, delay / 2)}
+        elif sum(self.ec2_calls().values()) > calls_before:
+            agent["backoff"] = None
 
     def blocked_reason(self, doc: dict, decision: warmpool.Decision) -> str | None:
         """Why the pool is short and cannot grow now, in words an operator acts on."""
@@ -145,50 +203,121 @@ class NodePool:
             return decision.blocked
         error = doc["agent"].get("last_error")
         if error and self.clock() - error["at"] < 60:
+            left = self.backoff_left(doc)
+            retry = f"; next attempt in {left:.0f} s" if left else ""
             if error["kind"] == "throttled":
-                return f"EC2 is throttling or failing this node's requests ({error['code']} on {error['action']})"
+                return (f"EC2 is throttling or failing this node's requests "
+                        f"({error['code']} on {error['action']}){retry}")
             if error["kind"] == "unreachable":
-                return f"EC2 does not answer ({error['action']}: {error['message']})"
+                return f"EC2 does not answer ({error['action']}: {error['message']}){retry}"
             return f"EC2 {error['action']} failed: {error['code']}: {error['message']}"
         return None
 
     def refresh(self, doc: dict) -> None:
         self.apply_ec2_view(doc, self.ec2(doc).instance_enis())
 
-    # --- the two users ------------------------------------------------------------------------
-    def grow_for_add(self, doc: dict | None) -> dict:
-        """No agent on the node: bring the pool to target now, at least one free IP (caller holds the lock)."""
+    # --- the users ----------------------------------------------------------------------------
+    def reconcile(self, store: Store) -> dict:
+        """The agent's start-up: the store in line with EC2 (a new document from IMDS if there is
+        none; an unusable one is set aside and rebuilt), without holding the store lock during an
+        IMDS or EC2 call, so pods keep starting and stopping from the warm pool while EC2 is slow,
+        throttling or down. Raises what IMDS or EC2 raise (the agent retries)."""
+        from .store import StoreError
+        with store.locked() as tx:
+            try:
+                doc = tx.read()
+            except StoreError as exc:
+                aside = store.set_aside()
+                self.log.error("state store unusable; rebuilding from EC2", error=str(exc), kept_at=aside)
+                doc = None
         if doc is None:
             doc = self.new_document()
+        enis = self.ec2(doc).instance_enis()
+        with store.locked() as tx:
+            fresh = tx.read() or doc
+            self.apply_ec2_view(fresh, enis)
+            fresh.setdefault("agent", {})["last_refresh"] = self.clock()
+            tx.write(fresh)
+        return fresh
+
+    def _load(self, store: Store) -> None:
+        """Make sure the store has a document, building it (IMDS, EC2) without the lock."""
+        with store.locked(shared=True) as tx:
+            if tx.read() is not None:
+                return
+        doc = self.new_document()
+        self.refresh(doc)
+        with store.locked() as tx:
+            if tx.read() is None:
+                tx.write(doc)
+
+    def grow_for_add(self, store: Store) -> None:
+        """No agent on the node: bring the pool to target now, at least one free IP. EC2 and IMDS
+        are called without the store lock (the caller holds the grow lock); EC2's view is merged
+        into the document as it is then."""
+        with store.locked() as tx:
+            doc = tx.read()
+        if doc is None:  # the node's first ADD: facts from IMDS, ENIs from EC2
+            doc = self.new_document()
             self.refresh(doc)
+            with store.locked() as tx:
+                current = tx.read()
+                if current is None:
+                    tx.write(doc)
+                else:
+                    doc = current
+        if self.backoff_left(doc):
+            return
+        self._throttled = False
+        calls = sum(self.ec2_calls().values())
         pool = Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"])
         decision = self.decide(doc)
         steps = decision.grow
         if not steps and pool.free_count() == 0 and not decision.blocked:
             steps = warmpool.grow_plan(self.eni_states(doc), 1, decision.figures.ips_per_eni,
                                        decision.figures.max_enis, whole_enis=False)[0]
+        enis = None
         if steps:
             self.grow(doc, steps)
-            self.refresh(doc)
-        doc["agent"]["blocked"] = self._blocked_entry(doc, decision if not steps else self.decide(doc))
-        return doc
+            if not self._throttled:
+                enis = self._ec2_view(doc)
+        self._after_ec2_round(doc, calls)
+        with store.locked() as tx:
+            fresh = tx.read() or doc
+            fresh["agent"] = doc["agent"]
+            if enis is not None:
+                self.apply_ec2_view(fresh, enis)
+                fresh["agent"]["last_refresh"] = self.clock()
+            fresh["agent"]["blocked"] = self._blocked_entry(fresh, self.decide(fresh))
+            tx.write(fresh)
 
     def tick(self, store: Store) -> warmpool.Decision:
         """One round of the agent's loop: decide, act on EC2 without the lock, merge EC2's view."""
+        self._throttled = False
+        self._load(store)
         with store.locked() as tx:
             doc = tx.read()
-            if doc is None:
-                doc = self.new_document()
-                self.refresh(doc)
             decision = self.decide(doc)
+            if self.backoff_left(doc):  # EC2 throttled us: no call before the pause is over
+                doc["agent"]["blocked"] = self._blocked_entry(doc, decision)
+                doc["agent"]["last_tick"] = self.clock()
+                tx.write(doc)
+                return decision
             releasing = self._take_releases(doc, decision)
             freeing = self._take_free_eni(doc, decision)
             tx.write(doc)
+        calls = sum(self.ec2_calls().values())
         self.grow(doc, decision.grow)
         self._release(doc, releasing)
         self._free_eni(doc, freeing)
         refresh_due = self.clock() - doc["agent"].get("last_refresh", 0) >= REFRESH_INTERVAL
-        enis = self._ec2_view(doc) if (decision.grow or releasing or freeing or refresh_due) else None
+        enis = None
+        if not self._throttled:
+            self._repair_adopted(doc)
+            self._sweep_leaked(doc)
+        if not self._throttled and (decision.grow or releasing or freeing or refresh_due):
+            enis = self._ec2_view(doc)
+        self._after_ec2_round(doc, calls)
         with store.locked() as tx:
             fresh = tx.read() or doc
             fresh["agent"] = doc["agent"]
@@ -250,6 +379,37 @@ class NodePool:
             except EC2Error as exc:
                 self._record_error(doc, exc)  # EC2's view brings them back as free
 
+    def _repair_adopted(self, doc: dict) -> None:
+        """DeleteOnTermination on ENIs of ours attached by a process that died before setting it."""
+        from .ec2 import EC2Error
+        adopted = doc["agent"].get("adopted") or {}
+        for eni_id, attachment_id in list(adopted.items()):
+            try:
+                # EC2 has no public call for this yet (cnicore.ec2 sets it only inside allocate_eni)
+                self.ec2(doc)._call("ModifyNetworkInterfaceAttribute", NetworkInterfaceId=eni_id,
+                                    Attachment={"AttachmentId": attachment_id, "DeleteOnTermination": True})
+                self.log.info("set DeleteOnTermination on an adopted ENI", eni=eni_id)
+            except EC2Error as exc:
+                if exc.code not in ("InvalidNetworkInterfaceID.NotFound", "InvalidAttachmentID.NotFound"):
+                    self._record_error(doc, exc)
+                    continue
+            del adopted[eni_id]
+
+    def _sweep_leaked(self, doc: dict) -> None:
+        """Delete ENIs of ours attached to nothing (left by a kill mid-allocate or mid-free), at most
+        once per REFRESH_INTERVAL; `EC2.leaked_enis` spares those younger than 5 minutes."""
+        from .ec2 import EC2Error
+        if self._swept_at is not None and self.clock() - self._swept_at < REFRESH_INTERVAL:
+            return
+        self._swept_at = self.clock()
+        try:
+            deleted = self.ec2(doc).delete_leaked_enis()
+        except EC2Error as exc:
+            self._record_error(doc, exc)
+            return
+        if deleted:
+            self.log.info("deleted leaked ENIs", enis=deleted)
+
     def _free_eni(self, doc: dict, eni_id: str | None) -> None:
         from .ec2 import EC2Error
         if eni_id is None:
@@ -261,12 +421,30 @@ class NodePool:
             self._record_error(doc, exc)
 
 
-def grow_for_add(doc: dict | None, cfg: dict, network: str, log) -> dict:
-    """aws-eni-ipam's slow path (no agent running); the caller holds the store lock."""
+def grow_for_add(store: Store, cfg: dict, network: str, log, locked: bool = False) -> None:
+    """aws-eni-ipam's slow path (no agent running): grow the pool, one ADD at a time (the grow lock;
+    `locked`: the caller holds it), without holding the store lock during EC2 and IMDS calls. Raises
+    CNIError 101 if IMDS or EC2 cannot tell what the node has; a grow EC2 refused is recorded in the
+    document instead (and the ADD answers 11 saying so)."""
     from .ec2 import EC2Error
     from .errors import AWS_FAILURE, CNIError
     from .imds import IMDSError
     try:
-        return NodePool(cfg, log).grow_for_add(doc)
+        with contextlib.nullcontext() if locked else grow_lock(store):
+            NodePool(cfg, log).grow_for_add(store)
     except (EC2Error, IMDSError, instance_limits.InstanceLimitsError) as exc:
         raise CNIError(AWS_FAILURE, f"cannot grow the pool of network {network}: {exc}") from None
+
+
+@contextlib.contextmanager
+def grow_lock(store: Store):
+    """Serialises the plugins' slow-path grows of one network (never held with the store lock
+    waited for first: take this, then the store lock, never the other way round)."""
+    path = os.path.join(store.data_dir, f"{store.network}.grow.lock")
+    os.makedirs(store.data_dir, mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

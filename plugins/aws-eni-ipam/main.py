@@ -3,7 +3,8 @@
 Hot path (the pool has a free IP): lock the store, take an IP, write, answer. No EC2, no IMDS, no
 boto3 import. Slow path (the pool is empty): with the node agent running, answer "try again later"
 (code 11) saying why and nudge the agent; with no agent (e.g. cnitool on a bare node), grow the pool
-from EC2 under the store lock, then allocate.
+from EC2, then allocate. The slow path never holds the store lock during an EC2 or IMDS call
+(cnicore.poolmgr.grow_for_add), so DELs and warm ADDs of other pods go on while it waits for EC2.
 """
 
 from __future__ import annotations
@@ -40,38 +41,72 @@ def _result(ip: str, gateway: str) -> dict:
 
 def cmd_add(args: skel.CmdArgs) -> dict:
     cfg = _settings(args)
-    with _store(args, cfg).locked() as tx:
-        doc = tx.read()
-        if doc is not None:
-            pool = Pool(doc, time.time(), cfg["IP_COOLDOWN_PERIOD"])
-            held = pool.find(args.container_id, args.ifname)
-            if held:
-                raise CNIError(ATTACHMENT_EXISTS, f"container {args.container_id} interface {args.ifname} "
-                                                  f"already holds {held.ip}; DEL it first")
-            try:
-                got = pool.assign(args.container_id, args.ifname, args.pod_namespace, args.pod_name)
-                tx.write(doc)
-                args.log.debug("assigned from the warm pool", ip=got.ip, eni=got.eni_id)
-                return _result(got.ip, got.gateway)
-            except PoolExhausted as exc:
-                exhausted = exc
-        else:
-            exhausted = None
-        if agentlink.agent_running(cfg["AWS_VPC_CNI_DATA_DIR"]):
-            agentlink.nudge(cfg["AWS_VPC_CNI_DATA_DIR"])
-            raise CNIError(TRY_AGAIN_LATER, _empty_pool_message(doc, exhausted),
+    store = _store(args, cfg)
+    got, doc, exhausted = _assign(store, args, cfg)
+    if got is None and agentlink.agent_running(cfg["AWS_VPC_CNI_DATA_DIR"]):
+        agentlink.nudge(cfg["AWS_VPC_CNI_DATA_DIR"])
+        if doc is None:  # the agent has not built the pool yet: ask it why
+            raise CNIError(TRY_AGAIN_LATER, _not_started_message(cfg["AWS_VPC_CNI_DATA_DIR"]),
                            "the node agent was asked to grow the pool")
+        raise CNIError(TRY_AGAIN_LATER, _empty_pool_message(doc, exhausted),
+                       "the node agent was asked to grow the pool")
+    if got is None:
+        # No agent: grow now. EC2 is called without the store lock, so DELs and warm ADDs go on
+        # meanwhile; one ADD grows at a time, and the next finds what it grew.
         from cnicore import poolmgr  # slow path only: EC2 and IMDS access
-        doc = poolmgr.grow_for_add(doc, cfg, args.network, args.log)
+        with poolmgr.grow_lock(store):
+            got, doc, exhausted = _assign(store, args, cfg)
+            if got is None:
+                poolmgr.grow_for_add(store, cfg, args.network, args.log, locked=True)
+                got, doc, exhausted = _assign(store, args, cfg)
+        if got is None:
+            raise CNIError(TRY_AGAIN_LATER, _empty_pool_message(doc, exhausted))
+        args.log.info("assigned after growing the pool", ip=got.ip, eni=got.eni_id)
+    else:
+        args.log.debug("assigned from the warm pool", ip=got.ip, eni=got.eni_id)
+    return _result(got.ip, got.gateway)
+
+
+def _assign(store: Store, args: skel.CmdArgs, cfg: dict):
+    """(assignment or None, the document, PoolExhausted or None), under the store lock."""
+    with store.locked() as tx:
+        doc = tx.read()
+        if doc is None:
+            return None, None, None
         pool = Pool(doc, time.time(), cfg["IP_COOLDOWN_PERIOD"])
+        held = pool.find(args.container_id, args.ifname)
+        if held:
+            raise CNIError(ATTACHMENT_EXISTS, f"container {args.container_id} interface {args.ifname} "
+                                              f"already holds {held.ip}; DEL it first")
         try:
             got = pool.assign(args.container_id, args.ifname, args.pod_namespace, args.pod_name)
         except PoolExhausted as exc:
-            tx.write(doc)
-            raise CNIError(TRY_AGAIN_LATER, _empty_pool_message(doc, exc)) from None
+            return None, doc, exc
         tx.write(doc)
-        args.log.info("assigned after growing the pool", ip=got.ip, eni=got.eni_id)
-        return _result(got.ip, got.gateway)
+        return got, doc, None
+
+
+def _not_started_message(data_dir: str) -> str:
+    """Why a running agent has no pool yet, from its status socket (it reports why its start-up
+    reconcile fails, e.g. IMDS down)."""
+    import json
+    import os
+    import socket
+    reason = None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(1.0)
+    try:
+        sock.connect(os.path.join(data_dir, agentlink.STATUS))
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        reason = json.loads(b"".join(chunks)).get("startup_error")
+    except (OSError, ValueError, AttributeError):
+        pass
+    finally:
+        sock.close()
+    why = f"it cannot start: {reason}" if reason else "it is starting"
+    return f"no free IP on this node: the node agent has not built the pool yet ({why})"
 
 
 def _empty_pool_message(doc: dict | None, exhausted: PoolExhausted | None) -> str:

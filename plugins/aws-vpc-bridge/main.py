@@ -97,7 +97,7 @@ def cmd_del(args: skel.CmdArgs) -> None:
     except StoreError as exc:
         args.log.error(f"DEL cannot read the store; tearing down by the veth's name: {exc}")
     attachment = netlink.Attachment(args.network, args.container_id, args.ifname)
-    netlink.teardown_pod(attachment, host_veth=_host_veth(args, cfg), pod_ip=pod_ip)
+    netlink.teardown_pod(attachment, host_veth=_host_veth(args, cfg), pod_ip=pod_ip, netns=args.netns or None)
     delegate(args, ipam_type, "DEL")
 
 
