@@ -14,6 +14,7 @@ nudges. It serves a read-only status on `<dataDir>/agent.sock` and Prometheus me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ import threading
 import time
 
 from cnicore import agentlink, settings
+from cnicore.fsutil import make_dirs
 from cnicore.log import Logger
 from cnicore.pool import Pool
 from cnicore.store import Store, StoreError
@@ -256,10 +258,14 @@ def render_conflist(cfg: dict, network: str = DEFAULT_NETWORK, cni_version: str 
 
 def write_conflist(conflist: dict, conf_dir: str, filename: str = "10-aws-vpc.conflist") -> str:
     """Write atomically, so a runtime never reads half a file."""
-    os.makedirs(conf_dir, exist_ok=True)
+    make_dirs(conf_dir, 0o755)
     path = os.path.join(conf_dir, filename)
     tmp = os.path.join(conf_dir, f".{filename}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
+    # 0644 whatever the umask: the runtime reads it, nobody but root may change which binaries it runs
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), "w") as f:
+        os.fchmod(f.fileno(), 0o644)
         json.dump(conflist, f, indent=2)
         f.write("\n")
         f.flush()

@@ -12,6 +12,8 @@ import fcntl
 import os
 import socket
 
+from .fsutil import make_dirs
+
 LOCK = "agent.lock"
 NUDGE = "agent.nudge"
 STATUS = "agent.sock"
@@ -33,7 +35,7 @@ def agent_running(data_dir: str) -> bool:
 
 def hold_agent_lock(data_dir: str) -> int:
     """Called by the agent: take the lock for the process's lifetime; fail if another agent has it."""
-    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    make_dirs(data_dir)
     fd = os.open(os.path.join(data_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

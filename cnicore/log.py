@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+from .fsutil import make_dirs
+
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARN": 30, "WARNING": 30, "ERROR": 40}
 DEFAULT_FILE = "/var/log/aws-routed-eni/plugin.log"
 
@@ -32,7 +34,7 @@ class Logger:
                 self._fd = 2
             else:
                 try:
-                    _makedirs(os.path.dirname(self.path))
+                    make_dirs(os.path.dirname(self.path))
                     self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 except OSError as exc:
                     sys.stderr.write(f"{self.plugin}: cannot open log file {self.path}: {exc}\n")
@@ -63,15 +65,3 @@ class Logger:
 
     def error(self, msg: str, **fields) -> None:
         self.log("ERROR", msg, **fields)
-
-
-def _makedirs(path: str) -> None:
-    """os.makedirs, except that every directory it creates is 0700: makedirs gives the intermediate
-    ones the umask's mode (0777 under umask 0)."""
-    if not path or os.path.isdir(path):
-        return
-    _makedirs(os.path.dirname(path))
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass

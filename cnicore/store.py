@@ -15,6 +15,7 @@ import re
 import time
 
 from .errors import CNIError, STORE_FAILURE
+from .fsutil import make_dirs
 
 SCHEMA = 1
 DEFAULT_DIR = "/var/run/aws-vpc-cni"
@@ -41,7 +42,7 @@ class Store:
     def locked(self, shared: bool = False):
         """Hold the network's lock (exclusive unless `shared`) and yield a Transaction."""
         try:
-            os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+            make_dirs(self.data_dir)
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StoreError(f"cannot open the state store lock {self.lock_path}: {exc.strerror}") from None

@@ -115,3 +115,4 @@ def test_idle_enis_and_surplus_ips_return_to_ec2(fresh_lab, tmp_path):
         assert found == []  # deleted, not left detached
     finally:
         node.stop_agents()
+

@@ -719,12 +719,6 @@ def test_store_and_lock_files_are_private_under_umask_0(world):
     assert not_private(modes) == {}, modes
 
 
-@pytest.mark.xfail(strict=True, reason="cnicore/store.py (Store.locked), cnicore/netfilter/lock.py, "
-                                       "cnicore/netfilter/restore.py and cnicore/agentlink.py create their directory "
-                                       "with os.makedirs(path, mode=0o700): since Python 3.7 the mode applies to the "
-                                       "last directory only, and missing parents get 0777 & ~umask (0777 under "
-                                       "umask 0). Fix: create missing parents one by one with 0o700, as "
-                                       "cnicore/log.py's _makedirs now does (move it to a shared helper).")
 def test_data_dir_parents_the_plugin_creates_are_private_under_umask_0(world):
     root = os.path.join(world.tmp, "nested")
     data_dir = os.path.join(root, "a", "b", "data")
@@ -734,11 +728,6 @@ def test_data_dir_parents_the_plugin_creates_are_private_under_umask_0(world):
     assert not_private(modes_under(root)) == {}
 
 
-@pytest.mark.xfail(strict=True, reason="agent/main.py write_conflist opens the temp file with open(tmp, 'w') and makes "
-                                       "the directory with os.makedirs(conf_dir): under umask 0 the conflist is "
-                                       "0666 and /etc/cni/net.d 0777, so anyone on the node could rewrite the CNI "
-                                       "config (and with it which binary runs as root). Fix: os.open(tmp, "
-                                       "O_WRONLY|O_CREAT|O_EXCL, 0o644) and create missing directories with 0o755.")
 def test_agent_conflist_is_not_writable_by_others_under_umask_0(tmp_path):
     conf_dir = tmp_path / "etc" / "cni" / "net.d"
     proc = agent("write-conflist", str(conf_dir), umask=0)

@@ -7,6 +7,7 @@ import fcntl
 import os
 import time
 
+from ..fsutil import make_dirs
 from .model import NetfilterError
 
 
@@ -14,7 +15,7 @@ from .model import NetfilterError
 def held(path: str, wait: float):
     """Hold an exclusive flock on `path` (created if missing), waiting at most `wait` seconds."""
     try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        make_dirs(os.path.dirname(path))
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise NetfilterError(f"cannot open the lock file {path}: {exc.strerror}") from None

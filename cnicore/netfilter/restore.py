@@ -15,6 +15,7 @@ import re
 import subprocess
 from collections import Counter
 
+from ..fsutil import make_dirs
 from .model import NetfilterError, parse_save
 from .plan import Op, script
 
@@ -108,7 +109,7 @@ class RestoreBackend:
         for index, (chain, spec) in enumerate(placed):
             lines += [f"*{table}", f"-A {chain} {spec}", "COMMIT"]  # one commit each: errors name the rule
             owner[len(lines) - 1] = owner[len(lines)] = index
-        os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
+        make_dirs(self.lock_dir)
         env = dict(os.environ, XTABLES_LOCKFILE=os.path.join(self.lock_dir, "xtables-scratch.lock"))
         shell = f"{self.restore_tool} --noflush -w {self.wait_arg} && exec {self.save_tool} -t {table}"
         for unshare in _SCRATCH:
