@@ -42,6 +42,8 @@ NUD_PERMANENT = 0x80
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
 RTPROT_KERNEL = 2
+NS_GET_NSTYPE = 0xB703    # ioctl on a namespace file: its CLONE_NEW* type
+CLONE_NEWNET = 0x40000000
 GONE_ERRNOS = (errno.ENOENT, errno.ENODEV)  # rule, link
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
@@ -415,6 +417,29 @@ def _host():
 
     with IPRoute(groups=0) as ipr:  # no multicast: only replies to our requests
         yield _Netns(ipr, "host netns")
+
+
+def check_netns(path: str) -> None:
+    """Refuse (NetnsError) a pod netns path that is not absolute, cannot be opened, is not a network
+    namespace, or is the host's own; cheap enough to run before any IP is taken."""
+    import fcntl
+    if not path.startswith("/"):
+        raise NetnsError(f"pod netns {path!r} is not an absolute path")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NetnsError(f"open pod netns {path}: {exc.strerror}") from exc
+    try:
+        try:
+            kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError:
+            kind = None
+        if kind != CLONE_NEWNET:
+            raise NetnsError(f"pod netns {path} is not a network namespace")
+        if _same_file(fd, "/proc/thread-self/ns/net"):
+            raise NetnsError(f"pod netns {path} is the host's own network namespace")
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -558,15 +558,10 @@ def hostile_prev(world):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Found here, in files this test does not own: documented as strict xfails (they pass once fixed).
+# Found here in files this test did not own, fixed since.
 
 
 @pytest.mark.skipif("aws-vpc-bridge" not in PLUGINS, reason="aws-vpc-bridge not built")
-@pytest.mark.xfail(strict=True, reason="aws-vpc-bridge ADD runs the IPAM ADD before it opens CNI_NETNS: a netns "
-                                       "that does not exist or is not a network namespace is only found in "
-                                       "netlink.setup_pod, after an IP was taken; the IPAM DEL then leaves that IP "
-                                       "cooling down (the store changes). Fix: open and check the netns (as "
-                                       "the reference bridge's ns.GetNS does) before delegate(..., 'ADD').")
 def test_bridge_add_refuses_a_bad_netns_before_taking_an_ip(world):
     not_a_netns = os.path.join(world.tmp, "not-a-netns")
     with open(not_a_netns, "w") as f:
@@ -579,13 +574,6 @@ def test_bridge_add_refuses_a_bad_netns_before_taking_an_ip(world):
 
 
 @pytest.mark.skipif("aws-vpc-bridge" not in PLUGINS, reason="aws-vpc-bridge not built")
-@pytest.mark.xfail(strict=True, reason="aws-vpc-bridge builds netlink.Attachment (whose alias 'cni:<net>/<cid>/<ifname>' "
-                                       "must fit IFALIASZ) only after the IPAM ADD, so a 300-character container ID "
-                                       "takes and releases an IP (the store changes); and cmd_del/cmd_check do not "
-                                       "catch its ValueError, so DEL with a long network name or container ID "
-                                       "is a code-999 crash. Fix: build the Attachment next to _host_veth() before "
-                                       "delegating, raising CNIError(INVALID_CONFIG); in DEL, skip the alias-guarded "
-                                       "teardown for a name that cannot have an attachment and still run the IPAM DEL.")
 def test_bridge_long_names_are_refused_before_taking_an_ip_and_del_does_not_crash(world):
     problems = []
     for command in ("ADD", "DEL", "CHECK"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from cnicore import netlink, settings, skel
-from cnicore.errors import CHECK_FAILED, CNIError, INVALID_CONFIG
+from cnicore.errors import CHECK_FAILED, CNIError, INVALID_CONFIG, INVALID_ENVIRONMENT
 from cnicore.invoke import delegate
 from cnicore.pool import Pool
 from cnicore.store import Store, StoreError
@@ -38,6 +38,13 @@ def _host_veth(args: skel.CmdArgs, cfg: dict) -> str:
         raise CNIError(INVALID_CONFIG, f"cannot name the host veth: {exc}") from None
 
 
+def _attachment(args: skel.CmdArgs) -> netlink.Attachment:
+    try:
+        return netlink.Attachment(args.network, args.container_id, args.ifname)
+    except ValueError as exc:
+        raise CNIError(INVALID_CONFIG, f"cannot record the attachment on its host veth: {exc}") from None
+
+
 def _held_eni(store: Store, args: skel.CmdArgs, cfg: dict) -> tuple[str | None, netlink.SecondaryEni | None]:
     """The attachment's IP and, if it lives on a secondary ENI, that ENI (found later by its MAC)."""
     with store.locked(shared=True) as tx:
@@ -54,16 +61,20 @@ def _held_eni(store: Store, args: skel.CmdArgs, cfg: dict) -> tuple[str | None, 
 
 def _pod_network(args: skel.CmdArgs, cfg: dict, pod_ip: str, eni) -> netlink.PodNetwork:
     try:
-        return netlink.PodNetwork(attachment=netlink.Attachment(args.network, args.container_id, args.ifname),
-                                  netns=args.netns, host_veth=_host_veth(args, cfg), pod_ip=pod_ip,
-                                  mtu=cfg["POD_MTU"], eni=eni)
+        return netlink.PodNetwork(attachment=_attachment(args), netns=args.netns, host_veth=_host_veth(args, cfg),
+                                  pod_ip=pod_ip, mtu=cfg["POD_MTU"], eni=eni)
     except ValueError as exc:
         raise CNIError(INVALID_CONFIG, str(exc)) from None
 
 
 def cmd_add(args: skel.CmdArgs) -> dict:
     cfg, ipam_type, store = _config(args)
-    _host_veth(args, cfg)  # refuse a bad name before any IP is taken
+    _host_veth(args, cfg)  # refuse bad names and a bad netns before any IP is taken
+    _attachment(args)
+    try:
+        netlink.check_netns(args.netns)
+    except netlink.NetnsError as exc:
+        raise CNIError(INVALID_ENVIRONMENT, f"CNI_NETNS: {exc}") from None
     ipam_result = delegate(args, ipam_type, "ADD")
     try:
         ips = [ip for ip in ipam_result["ips"] if ":" not in ip["address"]]
@@ -96,8 +107,12 @@ def cmd_del(args: skel.CmdArgs) -> None:
         pod_ip = pod_ip or _held_eni(store, args, cfg)[0]
     except StoreError as exc:
         args.log.error(f"DEL cannot read the store; tearing down by the veth's name: {exc}")
-    attachment = netlink.Attachment(args.network, args.container_id, args.ifname)
-    netlink.teardown_pod(attachment, host_veth=_host_veth(args, cfg), pod_ip=pod_ip, netns=args.netns or None)
+    try:
+        attachment = _attachment(args)
+    except CNIError:  # a name no ADD could have used: nothing of ours on the host, only the IPAM to ask
+        attachment = None
+    if attachment is not None:
+        netlink.teardown_pod(attachment, host_veth=_host_veth(args, cfg), pod_ip=pod_ip, netns=args.netns or None)
     delegate(args, ipam_type, "DEL")
 
 
