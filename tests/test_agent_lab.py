@@ -111,9 +111,9 @@ def test_idle_enis_and_surplus_ips_return_to_ec2(fresh_lab, tmp_path):
         view = node.ec2_enis()
         assert [d for d, _ in view.values()] == [0] and sum(len(s) for _, s in view.values()) == 2
         gone = (attached - set(view)).pop()
-        found = fresh_lab.ec2("DescribeNetworkInterfaces", Filters=[{"Name": "network-interface-id",
-                                                                       "Values": [gone]}])["NetworkInterfaces"]
-        assert found == []  # deleted, not left detached
+        node.wait_for(lambda: fresh_lab.ec2("DescribeNetworkInterfaces", Filters=[
+            {"Name": "network-interface-id", "Values": [gone]}])["NetworkInterfaces"] == [], timeout=30,
+            what="the detached ENI to be deleted, not left behind")
     finally:
         node.stop_agents()
 
