@@ -466,6 +466,8 @@ def assert_clean(node: ChainNode) -> NodeView:
     assert held(node.store()) == {}, f"the store of {node.node} still holds {held(node.store())}"
     duplicates = sorted({line for line in view.nat_rules if view.nat_rules.count(line) > 1})
     assert not duplicates, f"nat rules present twice on {node.node}: {duplicates}"
+    temps = [name for name in os.listdir(node.data_dir) if ".tmp." in name]
+    assert not temps, f"temporary files of killed writers remain in {node.data_dir}: {temps}"
     return view
 
 

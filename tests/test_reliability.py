@@ -397,11 +397,14 @@ class Load:
             return node, pod
 
     def run(self, operations: int) -> None:
-        counter = itertools.count()
+        """Until the operations done plus the DELs the drain will need reach `operations` (a sum no
+        completion lowers: an ADD adds 2, a DEL 0)."""
+        start = sum(self.count[c] for c in ("add", "del"))
         up = lambda: sum(p.state == UP for n in self.nodes for p in self.pods[n.node])  # noqa: E731
+        done = lambda: sum(self.count[c] for c in ("add", "del")) - start  # noqa: E731
 
         def worker():
-            while next(counter) < operations - up():
+            while done() + up() < operations:
                 chosen = self.pick()
                 if chosen is None:
                     time.sleep(0.01)
@@ -487,11 +490,11 @@ def test_1000_concurrent_adds_and_dels_on_two_nodes_lose_nothing_and_grow_nothin
             assert row["store_bytes"] <= row["skeleton_bytes"] + 80 * row["ips"], row
             # the agent's EC2 client keeps a few pooled connections: allow for them, not for a leak
             assert row["agent_fds"] <= first["agent_fds"] + 3, (first, row)
-            assert row["ip_rules"] <= first["ip_rules"], (first, row)
             assert row["links"] <= first["links"], (first, row)
-        for chain in (BRIDGE_ONLY, FULL_CHAIN):  # per chain: its rules are the same after every cycle
-            counts = [r["iptables_rules"] for r in mine if LOAD_CYCLES[r["cycle"] - 1][0] == chain]
-            assert max(counts) == counts[0], (chain, counts)
+        for chain in (BRIDGE_ONLY, FULL_CHAIN):  # per chain (aws-snat adds node-wide rules once): the
+            rows_of = [r for r in mine if LOAD_CYCLES[r["cycle"] - 1][0] == chain]  # same after each cycle
+            for key in ("ip_rules", "iptables_rules"):
+                assert max(r[key] for r in rows_of) == rows_of[0][key], (chain, key, [r[key] for r in rows_of])
 
 
 # ==================================================================================================
@@ -543,7 +546,7 @@ def test_ec2_throttled_or_failing_warm_add_and_every_del_go_on_and_the_pool_reco
         while time.monotonic() - t0 < seconds - 2:
             up = [p for p in pods if p.state == UP]
             down = [p for p in pods if p.state == DOWN]
-            if tried_again and ops % 2 and up:  # once the pool is dry, DEL and ADD in turn
+            if tried_again and ops % 3 == 0 and up:  # once the pool is dry: a DEL, then two ADDs (warm, then 11)
                 outcome = node.run("del", up[0])
                 assert outcome.ok, f"DEL during {error}: {outcome.out} {outcome.err}"
                 up[0].state, up[0].ip = DOWN, None
@@ -554,14 +557,18 @@ def test_ec2_throttled_or_failing_warm_add_and_every_del_go_on_and_the_pool_reco
                     down[0].state, down[0].ip = UP, _ip(outcome)
                 else:
                     assert free_before == 0, f"ADD failed with {free_before} free IPs: {outcome.out} {outcome.err}"
-                    assert f"EC2 is throttling or failing this node's requests ({error} on" in outcome.out + outcome.err
-                    tried_again.append(outcome.out + outcome.err)
+                    said = outcome.out + outcome.err
+                    assert "no free IP on this node" in said, said
+                    tried_again.append(said)
             ops += 1
             delays.add((_agent_section(node).get("backoff") or {}).get("delay"))
         status = agent.status()
         assert status["blocked"]["reason"].startswith(f"EC2 is throttling or failing this node's requests ({error} on")
         assert status["last_error"]["code"] == error
         assert tried_again, "the pool never ran dry during the fault"
+        # before the agent's first throttled round ends an ADD hears "the pool is being grown"; then why not
+        assert f"no free IP on this node: EC2 is throttling or failing this node's requests ({error} on" in \
+            tried_again[-1], tried_again[-1]
         during = sum(fresh_lab.ec2_calls().values())
         if seconds >= 20:
             assert BACKOFF_MAX in delays, f"the backoff did not reach its cap: {delays}"
@@ -731,9 +738,9 @@ def test_imds_stale_after_an_attach_does_not_delay_pods_on_the_new_eni(fresh_lab
             outcome = node.wait_for(lambda: (lambda o: o if o.ok else None)(node.run("add", p)), timeout=60,
                                     what=f"ADD {p.name}")
             p.state, p.ip = UP, _ip(outcome)
-        new = set(node.ec2_enis()) - attached_before
-        assert new, "no ENI was attached"
         enis = node.store()["enis"]
+        new = set(enis) - attached_before  # (EC2 may list one more the agent is attaching right now)
+        assert new, "no ENI was attached"
         on_new = [p for p in pods if any(p.ip in enis[e]["ips"] for e in new)]
         assert on_new, "no pod got an IP of the new ENI"
         outcome = peer.run("add", target)
@@ -752,25 +759,18 @@ def test_imds_stale_after_an_attach_does_not_delay_pods_on_the_new_eni(fresh_lab
     assert_clean(peer)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent/main.py: Agent.reconcile() calls pool.refresh() (EC2, and IMDS for a new document) inside "
-    "store.locked(), so while an agent (re)starts every ADD and DEL on the node waits for EC2: 5 s per "
-    "attempt here, ~30 s when EC2 does not answer (5 attempts x 5 s connect timeout), again at each "
-    "start-up retry. Fix: Agent.reconcile = self.pool.reconcile(self.store) (cnicore.poolmgr.NodePool."
-    "reconcile: read, call EC2/IMDS unlocked, merge under the lock; sets a corrupt store aside as before)"))
 def test_an_agent_restart_while_ec2_is_slow_does_not_hold_up_pods(fresh_lab, tmp_path):
     node, agent = _warm_node(fresh_lab, tmp_path)
     agent.kill()
-    fresh_lab.fault("*", latency=5, duration=30)
+    fresh_lab.fault("*", latency=5, duration=15)
     try:
         agent = AgentProcess(node)
         worst, t0 = 0.0, time.monotonic()
-        while time.monotonic() - t0 < 12:  # the agent starts (~1-2 s) and reconciles (5 s per EC2 call)
+        while time.monotonic() - t0 < 10:  # the agent starts (~1-2 s) and reconciles (5 s per EC2 call)
             t = time.monotonic()
             assert node.ipam("ADD", cid="probe")[0] == 0
             assert node.ipam("DEL", cid="probe")[0] == 0
             worst = max(worst, time.monotonic() - t)
-        agent.wait_ticks(1, timeout=60)
         assert worst < 2.5, f"a warm ADD + DEL took {worst:.1f} s while the agent started"
     finally:
         fresh_lab.clear_faults()
