@@ -277,7 +277,7 @@ def _settled(node: ChainNode, total: int) -> bool:
     return sum(len(ips) for ips in store.values()) == total and store == ec2
 
 
-def test_agent_killed_around_each_ec2_action_converges_and_agrees_with_ec2(fresh_lab, tmp_path):
+def test_agent_killed_around_each_ec2_action_converges_and_agrees_with_ec2(fresh_lab, tmp_path, make_netns):
     """The agent SIGKILLed mid-reconcile and mid-tick, before and after each EC2 action of growing
     (5 pods -> 27 IPs on 3 ENIs) and shrinking (-> 7 IPs on ENI 0), restarted each time: the store never
     lists what EC2 does not hold, the pods keep their IPs, and each uninterrupted run converges to
@@ -287,56 +287,66 @@ def test_agent_killed_around_each_ec2_action_converges_and_agrees_with_ec2(fresh
     crashbin = write_wrappers(str(tmp_path / "crashbin"))
     crash_log = str(tmp_path / "crash.log")
     node = ChainNode(fresh_lab, "node1", tmp_path, plugins=BRIDGE_ONLY)
-    holders = {}
-    for i in range(5):  # no agent yet: the IPAM plugin grows ENI 0 itself
-        rc, result = node.ipam("ADD", cid=f"holder{i}")
-        assert rc == 0, result
-        holders[f"holder{i}"] = result["ips"][0]["address"].split("/")[0]
-    fresh_lab.fault("*", latency=0.05)  # EC2 a little slow, as it is
-    fired = []
-    for settings, when, action in AGENT_KILLS:
-        if settings is SHRINK:
-            _backdate(node)
-        env = dict(settings)
-        if when:
-            env.update(RELIABILITY_CRASH=f"aws-vpc-cni-agent:{when}:{action}", RELIABILITY_CRASH_LOG=crash_log)
-        agent = AgentProcess(node, exe=os.path.join(crashbin, "aws-vpc-cni-agent"), **env)
+    pods = [Pod(f"h{i}", make_netns("h")) for i in range(5)]
+    for p in pods:  # no agent yet: the IPAM plugin grows ENI 0 itself
+        outcome = node.run("add", p)
+        assert outcome.ok, outcome.out + outcome.err
+        p.state, p.ip = UP, _ip(outcome)
+    holders = {p.cid: p.ip for p in pods}
+    try:
+        fresh_lab.fault("*", latency=0.05)  # EC2 a little slow, as it is
+        fired = []
+        for settings, when, action in AGENT_KILLS:
+            if settings is SHRINK:
+                _backdate(node)
+            env = dict(settings)
+            if when:
+                env.update(RELIABILITY_CRASH=f"aws-vpc-cni-agent:{when}:{action}", RELIABILITY_CRASH_LOG=crash_log)
+            agent = AgentProcess(node, exe=os.path.join(crashbin, "aws-vpc-cni-agent"), **env)
+            try:
+                total = 27 if settings is GROW else 7
+                deadline, settled_at = time.monotonic() + 60, None
+                while agent.alive() and time.monotonic() < deadline:
+                    if _settled(node, total):  # settled: give a pending kill point 2 s more to come
+                        settled_at = settled_at or time.monotonic()
+                        if time.monotonic() - settled_at > 2:
+                            break
+                    time.sleep(0.1)
+                if when and not agent.alive():
+                    fired.append(f"{when} {action}")
+                elif when:
+                    raise AssertionError(f"the agent converged without reaching the kill point {when} {action}")
+                else:
+                    assert _settled(node, total), f"the agent did not converge to {total} IPs: {store_vs_ec2(node)}"
+            finally:
+                agent.kill()
+            check_store_agrees_with_ec2(node, exact=not when)
+            assert {c: ips[0][0] for (c, _), ips in held(node.store()).items()} == holders
+        print("agent kill points:", fired)
+        leaked = leaked_enis(fresh_lab, node.instance_id)
+        assert leaked, "the kills after CreateNetworkInterface and DetachNetworkInterface left no unattached ENI"
+        for eni in leaked:  # as if the sweep's 5 minutes (cnicore.ec2.LEAKED_ENI_MIN_AGE) had passed
+            fresh_lab.ec2("CreateTags", Resources=[eni["NetworkInterfaceId"]],
+                          Tags=[{"Key": "node.k8s.amazonaws.com/createdAt", "Value": "2020-01-01T00:00:00Z"}])
+        agent = AgentProcess(node, **GROW)
         try:
-            total = 27 if settings is GROW else 7
-            deadline, settled_at = time.monotonic() + 60, None
-            while agent.alive() and time.monotonic() < deadline:
-                if _settled(node, total):  # settled: give a pending kill point 2 s more to come
-                    settled_at = settled_at or time.monotonic()
-                    if time.monotonic() - settled_at > 2:
-                        break
-                time.sleep(0.1)
-            if when and not agent.alive():
-                fired.append(f"{when} {action}")
-            elif when:
-                raise AssertionError(f"the agent converged without reaching the kill point {when} {action}")
-            else:
-                assert _settled(node, total), f"the agent did not converge to {total} IPs: {store_vs_ec2(node)}"
+            node.wait_for(lambda: not leaked_enis(fresh_lab, node.instance_id), timeout=30,
+                          what=f"the agent to delete the leaked ENIs {[e['NetworkInterfaceId'] for e in leaked]}")
+            assert _settled(node, 27)
         finally:
             agent.kill()
-        check_store_agrees_with_ec2(node, exact=not when)
-        assert {c: ips[0][0] for (c, _), ips in held(node.store()).items()} == holders
-    print("agent kill points:", fired)
-    leaked = leaked_enis(fresh_lab, node.instance_id)
-    assert leaked, "the kills after CreateNetworkInterface and DetachNetworkInterface left no unattached ENI"
-    for eni in leaked:  # as if the sweep's 5 minutes (cnicore.ec2.LEAKED_ENI_MIN_AGE) had passed
-        fresh_lab.ec2("CreateTags", Resources=[eni["NetworkInterfaceId"]],
-                      Tags=[{"Key": "node.k8s.amazonaws.com/createdAt", "Value": "2020-01-01T00:00:00Z"}])
-    agent = AgentProcess(node, **GROW)
-    try:
-        node.wait_for(lambda: not leaked_enis(fresh_lab, node.instance_id), timeout=30,
-                      what=f"the agent to delete the leaked ENIs {[e['NetworkInterfaceId'] for e in leaked]}")
-        assert _settled(node, 27)
+        check_store_agrees_with_ec2(node, exact=True)
+        for eni in ec2_enis_full(fresh_lab, node.instance_id):
+            if eni["Attachment"]["DeviceIndex"] != 0:
+                assert eni["Attachment"]["DeleteOnTermination"], f"{eni['NetworkInterfaceId']} lacks DeleteOnTermination"
+        check_node(node, pods)  # the pods went through it all attached as they were
+        for p in pods:
+            assert node.run("del", p).ok
+            p.state, p.ip = DOWN, None
     finally:
-        agent.kill()
-    check_store_agrees_with_ec2(node, exact=True)
-    for eni in ec2_enis_full(fresh_lab, node.instance_id):
-        if eni["Attachment"]["DeviceIndex"] != 0:
-            assert eni["Attachment"]["DeleteOnTermination"], f"{eni['NetworkInterfaceId']} lacks DeleteOnTermination"
+        for p in pods:
+            node.run("del", p)
+    assert_clean(node)
 
 
 # ==================================================================================================
