@@ -27,7 +27,7 @@ from cnicore import agentlink, settings
 from cnicore.fsutil import make_dirs
 from cnicore.log import Logger
 from cnicore.pool import Pool
-from cnicore.store import Store, StoreError
+from cnicore.store import Store
 
 DEFAULT_NETWORK = "aws-vpc"
 ADD_GRACE = 120.0  # s a reservation may exist without its host veth (an ADD in flight)
@@ -67,17 +67,9 @@ class Agent:
             att = veth.attachment
             if att is not None and att.network == self.store.network:
                 on_host[(att.container_id, att.ifname)] = veth.pod_ips
+        self.pool.reconcile(self.store)  # EC2 and IMDS without the store lock; a corrupt store rebuilt
         with self.store.locked() as tx:
-            try:
-                doc = tx.read()
-            except StoreError as exc:
-                aside = self.store.set_aside()
-                self.log.error("state store unusable; rebuilding from EC2 and the host", error=str(exc),
-                               kept_at=aside)
-                doc = None
-            if doc is None:
-                doc = self.pool.new_document()
-            self.pool.refresh(doc)
+            doc = tx.read()
             pool = Pool(doc, time.time(), self.cfg["IP_COOLDOWN_PERIOD"])
             for (cid, ifname), ips in on_host.items():
                 for ip in ips:

@@ -520,8 +520,12 @@ THROTTLE_SECONDS = int(os.environ.get("RELIABILITY_THROTTLE_SECONDS", "25"))
 def _warm_node(lab, tmp_path, plugins=BRIDGE_ONLY, **agent_env):
     node = ChainNode(lab, "node1", tmp_path, plugins=plugins)
     agent = AgentProcess(node, **agent_env)
-    agent.wait_ticks(1)
-    node.wait_for(lambda: (agent.status()["figures"] or {}).get("short") == 0, what="a warm pool")
+    try:
+        agent.wait_ticks(1)
+        node.wait_for(lambda: (agent.status()["figures"] or {}).get("short") == 0, what="a warm pool")
+    except BaseException:
+        agent.kill()
+        raise
     return node, agent
 
 
