@@ -282,14 +282,21 @@ class NodePool:
             if not self._throttled:
                 enis = self._ec2_view(doc)
         self._after_ec2_round(doc, calls)
+        self._merge(store, doc, enis)
+
+    def _merge(self, store: Store, doc: dict, enis) -> warmpool.Decision:
+        """Under the lock: the agent section of `doc` and EC2's view (if read) into the stored
+        document, which pods changed meanwhile; return the decision on the result."""
         with store.locked() as tx:
             fresh = tx.read() or doc
             fresh["agent"] = doc["agent"]
             if enis is not None:
                 self.apply_ec2_view(fresh, enis)
                 fresh["agent"]["last_refresh"] = self.clock()
-            fresh["agent"]["blocked"] = self._blocked_entry(fresh, self.decide(fresh))
+            decision = self.decide(fresh)
+            fresh["agent"]["blocked"] = self._blocked_entry(fresh, decision)
             tx.write(fresh)
+        return decision
 
     def tick(self, store: Store) -> warmpool.Decision:
         """One round of the agent's loop: decide, act on EC2 without the lock, merge EC2's view."""
@@ -318,17 +325,8 @@ class NodePool:
         if not self._throttled and (decision.grow or releasing or freeing or refresh_due):
             enis = self._ec2_view(doc)
         self._after_ec2_round(doc, calls)
-        with store.locked() as tx:
-            fresh = tx.read() or doc
-            fresh["agent"] = doc["agent"]
-            if enis is not None:
-                self.apply_ec2_view(fresh, enis)
-                fresh["agent"]["last_refresh"] = self.clock()
-            decision = self.decide(fresh)
-            fresh["agent"]["blocked"] = self._blocked_entry(fresh, decision)
-            fresh["agent"]["last_tick"] = self.clock()
-            tx.write(fresh)
-        return decision
+        doc["agent"]["last_tick"] = self.clock()
+        return self._merge(store, doc, enis)
 
     def _blocked_entry(self, doc: dict, decision: warmpool.Decision) -> dict | None:
         reason = self.blocked_reason(doc, decision) if decision.figures.short or decision.blocked else None
