@@ -218,19 +218,6 @@ def _bind_unix(path: str, kind: int) -> socket.socket:
     return sock
 
 
-def read_status(data_dir: str) -> dict:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(10)
-    try:
-        sock.connect(os.path.join(data_dir, agentlink.STATUS))
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    finally:
-        sock.close()
-    return json.loads(b"".join(chunks))
-
-
 def render_conflist(cfg: dict, network: str = DEFAULT_NETWORK, cni_version: str = "1.0.0") -> dict:
     """The default chain (ARCHITECTURE §1) with the settings rendered into each plugin's entry."""
     pick = lambda *names: settings.to_conf({n: cfg[n] for n in names})  # noqa: E731
@@ -294,7 +281,7 @@ def main(argv=None) -> int:
         return 0
     if args.command == "status":
         try:
-            status = read_status(cfg["AWS_VPC_CNI_DATA_DIR"])
+            status = agentlink.read_status(cfg["AWS_VPC_CNI_DATA_DIR"])
         except OSError as exc:
             print(f"aws-vpc-cni-agent: no agent answers on {cfg['AWS_VPC_CNI_DATA_DIR']}: {exc}", file=sys.stderr)
             return 1

@@ -45,6 +45,22 @@ def hold_agent_lock(data_dir: str) -> int:
     return fd
 
 
+def read_status(data_dir: str, timeout: float = 10.0) -> dict:
+    """The running agent's status (what `aws-vpc-cni-agent status --json` prints); OSError or
+    ValueError if no agent answers."""
+    import json
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(os.path.join(data_dir, STATUS))
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    finally:
+        sock.close()
+    return json.loads(b"".join(chunks))
+
+
 def nudge(data_dir: str, message: bytes = b"grow") -> bool:
     """Ask the agent to look at the pool now; True if the datagram was delivered."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)

@@ -89,22 +89,10 @@ def _assign(store: Store, args: skel.CmdArgs, cfg: dict):
 def _not_started_message(data_dir: str) -> str:
     """Why a running agent has no pool yet, from its status socket (it reports why its start-up
     reconcile fails, e.g. IMDS down)."""
-    import json
-    import os
-    import socket
-    reason = None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(1.0)
     try:
-        sock.connect(os.path.join(data_dir, agentlink.STATUS))
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-        reason = json.loads(b"".join(chunks)).get("startup_error")
+        reason = agentlink.read_status(data_dir, timeout=1.0).get("startup_error")
     except (OSError, ValueError, AttributeError):
-        pass
-    finally:
-        sock.close()
+        reason = None
     why = f"it cannot start: {reason}" if reason else "it is starting"
     return f"no free IP on this node: the node agent has not built the pool yet ({why})"
 
