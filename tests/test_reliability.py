@@ -162,7 +162,7 @@ def _read(path: str) -> str:
 
 
 KILL_RUNS_PER_NODE = 100       # two nodes at once: 200 runs
-KILL_PODS_PER_NODE = 12        # more than ENI 0 holds (9): pods also land on ENI 1
+KILL_PODS_PER_NODE = 10        # more than ENI 0 holds (9): pods also land on ENI 1
 KILL_GC_EVERY = 20
 KILL_SHARE = 0.85              # of the runs killed; the rest run to the end
 
@@ -355,7 +355,7 @@ def test_agent_killed_around_each_ec2_action_converges_and_agrees_with_ec2(fresh
 
 LOAD_PARALLEL = 16
 LOAD_PODS_PER_NODE = 20         # with the warm IPs more than 2 ENIs hold: the pool grows to 3 ENIs
-LOAD_CYCLES = [(BRIDGE_ONLY, 250)] * 4 + [(FULL_CHAIN, 60)] * 2  # 1,000 + 120 operations
+LOAD_CYCLES = [(BRIDGE_ONLY, 250)] * 4 + [(FULL_CHAIN, 40)] * 2  # 1,000 + 80 operations
 
 
 class Load:
