@@ -151,16 +151,8 @@ class Agent:
             env=env, stdout=subprocess.DEVNULL, stderr=self.stderr)
 
     def status(self) -> dict:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(10)
-        try:
-            sock.connect(os.path.join(self.data_dir, "agent.sock"))
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        finally:
-            sock.close()
-        return json.loads(b"".join(chunks))
+        from cnicore.agentlink import read_status
+        return read_status(self.data_dir)
 
     def log_tail(self, lines: int = 6) -> str:
         out = []
