@@ -26,7 +26,6 @@ import sys
 
 PLUGINS = {"aws-vpc-bridge": "aws_vpc_bridge.main", "aws-eni-ipam": "aws_eni_ipam.main",
            "aws-snat": "aws_snat.main", "portmap-compat": "portmap_compat.main"}
-MUTATING = {"add", "set", "del", "delete", "remove", "replace", "change", "append"}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -62,18 +61,15 @@ class _Steps:
 def _install(step: _Steps) -> None:
     import subprocess
 
-    from pyroute2.iproute.linux import IPRoute
+    from cnicore import netlink, skel
 
-    from cnicore import skel
+    change = netlink._Netns.change
 
-    generic = IPRoute._run_generic_rtnl
+    def netlink_change(self, what, *args, **kwargs):
+        step(f"netlink {what}")
+        return change(self, what, *args, **kwargs)
 
-    def run_generic_rtnl(self, func, *argv, **kwarg):
-        if argv and argv[0] in MUTATING:
-            step(f"netlink {getattr(func, '__name__', func)} {argv[0]}")
-        return generic(self, func, *argv, **kwarg)
-
-    IPRoute._run_generic_rtnl = run_generic_rtnl
+    netlink._Netns.change = netlink_change
 
     execute_child = subprocess.Popen._execute_child
 
