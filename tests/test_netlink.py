@@ -424,6 +424,65 @@ def test_add_replaces_a_stale_host_veth_and_the_old_del_spares_the_new_pod(vpc):
     assert old.pod_ip not in ip(vpc.node, "rule", "show")
 
 
+def _views_ours_and_pyroute2(pod_netns: str) -> tuple[dict, dict]:
+    """What cnicore.netlink's parser reads from the node and the pod, and what pyroute2 (an independent
+    netlink implementation) reads from the same kernel, in the same shapes."""
+    from pyroute2.iproute.linux import IPRoute
+
+    def pyroute2_view(ipr) -> dict:
+        links = sorted((netlink.Link(m["index"], m.get("ifname"), (m.get("address") or "").lower(),
+                                    m.get(("linkinfo", "kind")), m.get("ifalias"), m.get("link"),
+                                    bool(m["flags"] & netlink.IFF_UP), m.get("mtu")) for m in ipr.get_links()),
+                       key=str)
+        tables = {}
+        for table in (netlink.MAIN_TABLE, 255, 3):
+            for m in ipr.get_routes(family=socket.AF_INET, table=table):
+                if m.get("table") == table:
+                    tables.setdefault(table, []).append(netlink.Route(
+                        f"{m.get('dst') or '0.0.0.0'}/{m['dst_len']}", m.get("oif"), m.get("gateway"), m["scope"]))
+        rules = sorted((netlink.Rule(m.get("priority") or 0, m.get("table"),
+                                     f"{m.get('src')}/{m['src_len']}" if m.get("src") else None,
+                                     f"{m.get('dst')}/{m['dst_len']}" if m.get("dst") else None)
+                        for m in ipr.get_rules(family=socket.AF_INET)), key=str)
+        return {"links": links, "tables": {t: sorted(r, key=str) for t, r in tables.items()}, "rules": rules,
+                "addresses": {link.index: sorted(f"{m.get('address')}/{m['prefixlen']}"
+                                                 for m in ipr.get_addr(family=socket.AF_INET, index=link.index))
+                              for link in links},
+                "neighbours": {link.index: {m.get("dst"): (m.get("lladdr") or "").lower()
+                                            for m in ipr.get_neighbours(ifindex=link.index)
+                                            if m["state"] & netlink.NUD_PERMANENT}
+                               for link in links}}
+
+    def our_view(ns) -> dict:
+        links = sorted(ns.links(), key=str)
+        tables = {t: sorted(ns.routes(t), key=str) for t in (netlink.MAIN_TABLE, 255, 3)}
+        return {"links": links, "tables": {t: r for t, r in tables.items() if r}, "rules": sorted(ns.rules(), key=str),
+                "addresses": {link.index: sorted(ns.addresses(link.index)) for link in links},
+                "neighbours": {link.index: ns.permanent_neighbours(link.index) for link in links}}
+
+    ours, theirs = {}, {}
+    with netlink._host() as host, IPRoute() as ipr:
+        ours["node"], theirs["node"] = our_view(host), pyroute2_view(ipr)
+    with netlink._pod(pod_netns) as (pod, fd), netns.entered(os.path.basename(pod_netns)), IPRoute() as ipr:
+        ours["pod"], theirs["pod"] = our_view(pod), pyroute2_view(ipr)
+    return ours, theirs
+
+
+def test_our_netlink_parser_reads_what_pyroute2_reads(vpc):
+    primary, secondary = vpc.pod("10.0.0.20", eni=None), vpc.pod("10.0.1.20", cid="c2")
+    vpc.run(netlink.setup_pod, primary)
+    vpc.run(netlink.setup_pod, secondary)
+    ours, theirs = vpc.run(_views_ours_and_pyroute2, secondary.netns)
+    for side in ("node", "pod"):
+        for view in ("links", "tables", "rules", "addresses", "neighbours"):
+            assert ours[side][view] == theirs[side][view], (side, view)
+    node = ours["node"]
+    assert {link.alias for link in node["links"]} >= {"cni:aws-vpc/c1/eth0", "cni:aws-vpc/c2/eth0"}
+    assert netlink.Rule(1536, 3, src="10.0.1.20/32") in node["rules"]
+    assert any(r.gateway == "10.0.1.1" for r in node["tables"][3])
+    assert ours["pod"]["neighbours"] and list(ours["pod"]["neighbours"].values())[-1]
+
+
 # ---------------------------------------------------------------------------------------------
 # DEL and GC
 
