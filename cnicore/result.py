@@ -6,8 +6,6 @@ to the configuration's version; a `prevResult` is read in the configuration's ve
 
 from __future__ import annotations
 
-import ipaddress
-
 from .errors import CNIError, DECODING_FAILURE, INCOMPATIBLE_VERSION
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -40,6 +38,7 @@ def parse(obj, version: str) -> dict:
     """Validate a result (e.g. prevResult) written in `version`; return it in the internal shape."""
     if not isinstance(obj, dict):
         raise CNIError(DECODING_FAILURE, "prevResult is not a JSON object")
+    import ipaddress  # here, not at the top: ~1 ms per exec, and most execs parse no result
     legacy = not at_least(version, "1.0.0")
     out = {k: v for k, v in obj.items() if k != "cniVersion"}
     interfaces = out.get("interfaces", [])
@@ -99,5 +98,6 @@ def convert(result: dict, version: str) -> dict:
 def _ip_for(ip: dict, legacy: bool) -> dict:
     ip = {k: v for k, v in ip.items() if k != "version"}
     if legacy:
+        import ipaddress
         ip = {"version": str(ipaddress.ip_interface(ip["address"]).version), **ip}
     return ip
