@@ -399,20 +399,14 @@ class _Netns:
 
     def routes(self, table: int) -> list[Route]:
         """The IPv4 routes of one table (a table that does not exist has none)."""
+        return [route for in_table, route in map(_route, self.route_messages(table)) if in_table == table]
+
+    def route_messages(self, table: int) -> list[bytes]:
+        """The bodies of one table's IPv4 route messages, unparsed."""
         found = self.ask(f"list routes of table {table}", RTM_GETROUTE, NLM_F_DUMP,
                          _RTMSG.pack(socket.AF_INET, 0, 0, 0, table if table < 256 else 0, 0, 0, 0, 0)
                          + attr(RTA_TABLE, _U32.pack(table)), tolerate=(errno.ENOENT,))
-        routes = []
-        for kind, body in found or ():
-            _, dst_len, _, _, in_table, _, scope, _, _ = _RTMSG.unpack_from(body)
-            attrs = attributes(body[_RTMSG.size:])
-            if kind != RTM_NEWROUTE or _U32.unpack(attrs.get(RTA_TABLE, _U32.pack(in_table)))[0] != table:
-                continue
-            dst = socket.inet_ntoa(attrs[RTA_DST]) if RTA_DST in attrs else "0.0.0.0"
-            oif = _U32.unpack(attrs[RTA_OIF])[0] if RTA_OIF in attrs else None
-            gateway = socket.inet_ntoa(attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None
-            routes.append(Route(f"{dst}/{dst_len}", oif, gateway, scope))
-        return routes
+        return [body for kind, body in found or () if kind == RTM_NEWROUTE]
 
     def add_route(self, route: Route, dev: str, table: int, *, replace: bool = False) -> None:
         self.change(f"add route {_route_text(route, dev)} table {table}", RTM_NEWROUTE,
@@ -513,9 +507,30 @@ def _rule_request(rule: Rule) -> bytes:
     return request
 
 
+def _route(body: bytes) -> tuple[int, Route]:
+    """(table, route) of one route message."""
+    _, dst_len, _, _, table, _, scope, _, _ = _RTMSG.unpack_from(body)
+    attrs = attributes(body[_RTMSG.size:])
+    dst = socket.inet_ntoa(attrs[RTA_DST]) if RTA_DST in attrs else "0.0.0.0"
+    oif = _U32.unpack(attrs[RTA_OIF])[0] if RTA_OIF in attrs else None
+    gateway = socket.inet_ntoa(attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None
+    table = _U32.unpack(attrs[RTA_TABLE])[0] if RTA_TABLE in attrs else table
+    return table, Route(f"{dst}/{dst_len}", oif, gateway, scope)
+
+
 def _main_route_to(host: _Netns, pod_ip: str) -> Route | None:
-    """The /32 route to `pod_ip` in main, if there is one."""
-    return next((r for r in host.routes(MAIN_TABLE) if r.dst == f"{pod_ip}/32"), None)
+    """The /32 route to `pod_ip` in main, if there is one.
+
+    Only messages that hold the encoded RTA_DST attribute are parsed: main has a route per pod
+    (~10 µs each to parse in full, 7 ms on a node with 700 pods).
+    """
+    dst_attr = attr(RTA_DST, socket.inet_aton(pod_ip))
+    for body in host.route_messages(MAIN_TABLE):
+        if dst_attr in body:
+            table, route = _route(body)
+            if table == MAIN_TABLE and route.dst == f"{pod_ip}/32":
+                return route
+    return None
 
 
 @contextmanager
