@@ -7,8 +7,8 @@ network namespace. A kernel NACK is raised as OSError with its errno.
 
 from __future__ import annotations
 
+import _socket  # the C module: importing socket.py (enum classes for its constants) costs 2-4 ms per exec
 import os
-import socket
 import struct
 
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
@@ -21,13 +21,25 @@ _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
 _ATTR = struct.Struct("=HH")       # nlattr: length, type
 
 
-def open_socket(protocol: int) -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+class NetlinkSocket(_socket.socket):
+    """A netlink socket; closed at the end of a `with` block."""
+
+    __slots__ = ()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def open_socket(protocol: int) -> NetlinkSocket:
+    sock = NetlinkSocket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, protocol)
     sock.bind((0, 0))
     return sock
 
 
-def transact(sock: socket.socket, kind: int, flags: int, payload: bytes, seq: int = 1) -> list[tuple[int, bytes]]:
+def transact(sock: NetlinkSocket, kind: int, flags: int, payload: bytes, seq: int = 1) -> list[tuple[int, bytes]]:
     """Send one request; return (type, body) of each answer, up to DONE or the ACK."""
     flags |= NLM_F_REQUEST
     sock.send(_HEADER.pack(_HEADER.size + len(payload), kind, flags, seq, 0) + payload)
