@@ -7,28 +7,63 @@ The heuristic of kubernetes-sigs/iptables-wrappers (iptables-wrapper-installer.s
    iptables-legacy create that table);
 3. else whichever variant holds more rules (lines starting with '-'), nft on a tie.
 Errors (a variant not installed, a module not loaded) count as "no rules", as in the wrapper.
+
+Steps 1 and 2, and step 3 when no legacy table exists at all (legacy then holds no rule, so nft
+wins or ties), are answered without an exec: four nf_tables chain look-ups, the legacy table
+names, and the legacy tables' chain names (`xtables`). Only step 3 with legacy tables present runs
+the four iptables-save of the wrapper. `detect` says which step decided (`Detected.basis`).
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
+from typing import NamedTuple
 
 from .restore import tool
 
-_KUBELET_CHAINS = re.compile(r"^:(KUBE-IPTABLES-HINT|KUBE-KUBELET-CANARY)", re.MULTILINE)
+KUBELET_CHAINS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 _RULE_LINE = re.compile(r"^-", re.MULTILINE)
+
+
+class Detected(NamedTuple):
+    variant: str  # 'nft' or 'legacy'
+    basis: str    # 'nft-hint', 'legacy-hint', 'no-legacy' or 'counted'
 
 
 def detect_variant() -> str:
     """'nft' or 'legacy': the variant whose tables this network namespace's rules live in."""
-    if any(_KUBELET_CHAINS.search(_saved("nft", ipv6, "-t", "mangle")) for ipv6 in (False, True)):
-        return "nft"
+    return detect().variant
+
+
+def detect() -> Detected:
+    if _nft_hint():
+        return Detected("nft", "nft-hint")
+    from . import xtables
+    try:
+        legacy_tables = {ipv6: xtables.table_names(ipv6) for ipv6 in (False, True)}
+        if not any(legacy_tables.values()):
+            return Detected("nft", "no-legacy")
+        if any(chain in KUBELET_CHAINS for ipv6, tables in legacy_tables.items() for table in tables
+               for chain in xtables.user_chains(table, ipv6)):
+            return Detected("legacy", "legacy-hint")
+    except OSError:
+        pass  # as the wrapper: count the rules
     legacy = _saved("legacy", False) + _saved("legacy", True)
-    if _KUBELET_CHAINS.search(legacy):
-        return "legacy"
     nft = _saved("nft", False) + _saved("nft", True)
-    return "legacy" if len(_RULE_LINE.findall(legacy)) > len(_RULE_LINE.findall(nft)) else "nft"
+    variant = "legacy" if len(_RULE_LINE.findall(legacy)) > len(_RULE_LINE.findall(nft)) else "nft"
+    return Detected(variant, "counted")
+
+
+def _nft_hint() -> bool:
+    """Step 1: a kubelet chain in nf_tables' ip or ip6 mangle table (what iptables-nft-save shows)."""
+    from .. import nftables
+    try:
+        with nftables.open_nfnetlink() as sock:
+            return any(nftables.chain_exists(family, "mangle", chain, sock)
+                       for family in (nftables.NFPROTO_IPV4, nftables.NFPROTO_IPV6) for chain in KUBELET_CHAINS)
+    except OSError:
+        return False  # nf_tables not usable: as iptables-nft-save failing, "no rules"
 
 
 def _saved(variant: str, ipv6: bool, *args: str) -> str:

@@ -25,9 +25,13 @@ rp_filter are there for "SNAT or NodePort", as SNAT of secondary-ENI pods needs 
 external SNAT both nat chains go (marking pod traffic to the primary ENI would make the VPC drop it:
 the pod IP is not the primary ENI's).
 
-Cost: in the steady state one iptables-save per table (the rules are written exactly as
-iptables-save prints them, so they compare as text) and one rtnetlink rule dump; a table that
-differs gets one iptables-restore transaction (two when a rule must move, see `plan`).
+Cost: in the steady state, no iptables at all: a stamp in the data dir (cnicore.netfilter.stamp)
+records the ruleset fingerprint (the nf_tables generation, or a digest of the legacy tables) at which
+a verification last found every rule in place for exactly these desired rules, settings and mode; if
+the fingerprint is unchanged, nothing in netfilter can have changed since, and only rule 1024 (one
+rtnetlink dump) and rp_filter (a sysctl read) are looked at. Otherwise one iptables-save per table
+(the rules are written exactly as iptables-save prints them, so they compare as text) verifies, and a
+table that differs gets one iptables-restore transaction (two when a rule must move, see `plan`).
 
 Our rules in built-in chains are found by their comments ("AWS, ..."), so rules of ours left by an
 earlier setting (another mark, prefix, or external SNAT switched on) or by upstream aws-node are
@@ -42,6 +46,8 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
+import json
+import os
 import re
 import socket
 import struct
@@ -53,6 +59,7 @@ from cnicore.errors import (AWS_FAILURE, CHECK_FAILED, INVALID_CONFIG, NETLINK_F
 from cnicore.netfilter import Netfilter, NetfilterError, Rule, TableState, quote
 from cnicore.netfilter.model import jump_target, split_spec
 from cnicore.netfilter.plan import compare
+from cnicore.netfilter.stamp import Stamp
 from cnicore.store import Store
 
 from aws_snat import fibrule
@@ -74,6 +81,7 @@ NODEPORT_COMMENT = "AWS, primary ENI"
 SWEPT_CHAINS = {"nat": ("PREROUTING", "POSTROUTING"), "mangle": ("PREROUTING",)}
 OUR_COMMENTS = {SNAT_JUMP_COMMENT, SNAT_COMMENT, CONNMARK_JUMP_COMMENT, CONNMARK_COMMENT, NODEPORT_COMMENT}
 RANDOM_FLAG = {"prng": " --random-fully", "hashrandom": " --random", "none": ""}
+STAMP_FILE = "aws-snat.stamp"  # in the data dir
 SIOCGIFHWADDR = 0x8927
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
@@ -102,7 +110,7 @@ def cmd_add(args: skel.CmdArgs) -> dict:
                        "aws-snat needs the prevResult of the plugins before it in the conflist")
     cfg = _settings(args)
     want = desired(cfg, *_node(args, cfg))
-    fixed = converge(cfg, want)
+    fixed = converge(cfg, want, stamp(cfg, want))
     if fixed:
         args.log.info("node rules converged", fixed=fixed)
     return args.prev_result
@@ -117,7 +125,8 @@ def cmd_check(args: skel.CmdArgs) -> None:
     if args.prev_result is None:
         raise CNIError(INVALID_CONFIG, "required prevResult missing")
     cfg = _settings(args)
-    found = differences(cfg, desired(cfg, *_node(args, cfg)))
+    want = desired(cfg, *_node(args, cfg))
+    found = differences(cfg, want, stamp(cfg, want))
     if found:
         raise CNIError(CHECK_FAILED, f"node SNAT rules are not as ADD leaves them: {'; '.join(found)}")
 
@@ -125,7 +134,8 @@ def cmd_check(args: skel.CmdArgs) -> None:
 def cmd_gc(args: skel.CmdArgs) -> None:
     cfg = _settings(args)  # a bad setting is an error; anything else is logged and GC carries on
     try:
-        fixed = converge(cfg, desired(cfg, *_node(args, cfg)))
+        want = desired(cfg, *_node(args, cfg))
+        fixed = converge(cfg, want, stamp(cfg, want), trust_stamp=False)  # GC verifies in full
     except CNIError as exc:
         args.log.error(f"GC could not converge the node rules: {exc}")
         return
@@ -288,27 +298,47 @@ def plan(nf: Netfilter, state: TableState) -> TablePlan:
     return TablePlan(drifts, stale, reorder)
 
 
-def converge(cfg: dict, want: Desired) -> list[str]:
-    """Make the node so; return what was fixed (empty in the steady state)."""
-    nf = _netfilter(cfg)
+def stamp(cfg: dict, want: Desired) -> Stamp:
+    """The stamp for these desired nat and mangle rules in this mode (see cnicore.netfilter.stamp)."""
+    key = json.dumps([want.nat, want.mangle], sort_keys=True, default=list)
+    return Stamp(os.path.join(cfg["AWS_VPC_CNI_DATA_DIR"], STAMP_FILE), cfg["AWS_VPC_CNI_NETFILTER_MODE"], key)
+
+
+def converge(cfg: dict, want: Desired, stamped: Stamp | None = None, trust_stamp: bool = True) -> list[str]:
+    """Make the node so; return what was fixed (empty in the steady state).
+
+    With a stamp: the nat and mangle tables are left unread when the stamp holds (nothing changed
+    since they were last verified in place); after a verification that changed nothing, with the
+    same fingerprint before and after it, the stamp is written."""
+    before = stamped.fingerprint() if stamped else None
     fixed = []
-    for state in (want.nat, want.mangle):
-        found = plan(nf, state)
-        if not (found.drifts or found.stale or found.reorder):
-            continue
-        if found.reorder:
-            nf.remove(state.table, rules=found.reorder)
-        nf.converge(state._replace(absent_rules=[*state.absent_rules, *found.stale]))
-        fixed += found.drifts
+    if not (trust_stamp and stamped and stamped.holds(before)):
+        nf = _netfilter(cfg)
+        for state in (want.nat, want.mangle):
+            found = plan(nf, state)
+            if not (found.drifts or found.stale or found.reorder):
+                continue
+            if found.reorder:
+                nf.remove(state.table, rules=found.reorder)
+            nf.converge(state._replace(absent_rules=[*state.absent_rules, *found.stale]))
+            fixed += found.drifts
+        if stamped and not fixed and before is not None and stamped.fingerprint() == before:
+            stamped.record(before)
     fixed += _converge_fwmark(cfg["AWS_VPC_K8S_CNI_CONNMARK"], want.fwmark)
     if want.loose_rp_filter:
         fixed += _converge_rp_filter(want.loose_rp_filter)
     return fixed
 
 
-def differences(cfg: dict, want: Desired) -> list[str]:
-    nf = _netfilter(cfg)
-    found = [drift for state in (want.nat, want.mangle) for drift in plan(nf, state).drifts]
+def differences(cfg: dict, want: Desired, stamped: Stamp | None = None) -> list[str]:
+    """Every way the node differs from `want`; the nat and mangle tables as in `converge`."""
+    before = stamped.fingerprint() if stamped else None
+    found = []
+    if not (stamped and stamped.holds(before)):
+        nf = _netfilter(cfg)
+        found = [drift for state in (want.nat, want.mangle) for drift in plan(nf, state).drifts]
+        if stamped and not found and before is not None and stamped.fingerprint() == before:
+            stamped.record(before)
     wrong, missing = _fwmark_plan(cfg["AWS_VPC_K8S_CNI_CONNMARK"], want.fwmark)
     found += [f"unexpected ip rule {rule}" for rule in wrong]
     found += [f"ip rule missing: {missing}"] if missing else []

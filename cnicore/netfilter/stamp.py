@@ -1,0 +1,102 @@
+"""Skip re-verifying node-wide rules that cannot have changed since they were last verified.
+
+A plugin that converges the same node-wide rules on every pod ADD (aws-snat) can instead ask:
+"is the ruleset exactly as it was when I last found my rules all in place?" `fingerprint(mode)`
+answers with a value that changes whenever anything the verification (and, in 'auto', the variant
+detection) read could have changed:
+
+    nft     the nf_tables generation (cnicore.nftables.genid): every nf_tables transaction in this
+            namespace bumps it, iptables-nft's included; reads do not
+    legacy  a digest of the legacy tables the rules live in (counters left out): x_tables has no
+            generation, so the content itself
+    auto    (and iptc) both: the generation and a digest of every legacy table, IPv4 and IPv6, as
+            the detection reads both variants
+
+A `Stamp` file in the data dir records "rules described by KEY were verified in place at
+fingerprint F, in network namespace N". It is written only when a verification found nothing to
+change and the fingerprint read before it equals the one read after it (nothing changed meanwhile),
+and it is trusted only for the same key (the desired rules, settings and mode), the same namespace
+(cookie and boot id: the generation restarts with the namespace) and the same fingerprint. Any
+change (a rule deleted by hand, another iptables user, a new setting) gives another fingerprint or
+key, and the next caller verifies in full. A stamp that is missing, unreadable, corrupt or foreign
+counts as absent; failing to write one only costs the next caller a full verification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from .. import nftables
+from ..fsutil import make_dirs
+from . import xtables
+
+FORMAT = "netfilter-stamp-v1"
+
+
+def fingerprint(mode: str, tables=("nat", "mangle")) -> str | None:
+    """What verifying rules of `tables` in `mode` depends on, now; None when it cannot be read
+    (then nothing may be skipped)."""
+    try:
+        if mode == "nft":
+            return f"nft {nftables.genid()}"
+        if mode == "legacy":
+            return f"legacy {xtables.fingerprint(tables, ipv6=False)}"
+        try:
+            generation = str(nftables.genid())
+        except OSError:
+            generation = "-"  # no nf_tables here: nothing in it to detect or change
+        return f"{mode} {generation} {xtables.fingerprint(None, ipv6=False)} {xtables.fingerprint(None, ipv6=True)}"
+    except OSError:
+        return None
+
+
+class Stamp:
+    def __init__(self, path: str, mode: str, key: str):
+        self.path = path
+        self.mode = mode
+        self.key = hashlib.sha256(f"{FORMAT}\n{mode}\n{nftables.netns_id()}\n{key}".encode()).hexdigest()
+
+    def fingerprint(self) -> str | None:
+        return fingerprint(self.mode)
+
+    def holds(self, current: str | None) -> bool:
+        """Whether the stamp says our rules were verified at exactly this fingerprint."""
+        if current is None:
+            return False
+        try:
+            with open(self.path, "rb") as f:
+                recorded = f.read(4096)
+        except (OSError, ValueError):
+            return False
+        return recorded == self._content(current)
+
+    def record(self, current: str | None) -> bool:
+        """Write the stamp (atomically); False when it could not be written."""
+        if current is None:
+            return False
+        temp = f"{self.path}.tmp.{os.getpid()}"
+        try:
+            make_dirs(os.path.dirname(self.path))
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, self._content(current))
+            finally:
+                os.close(fd)
+            os.replace(temp, self.path)
+            return True
+        except OSError:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            return False
+
+    def forget(self) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    def _content(self, current: str) -> bytes:
+        return f"{FORMAT} {self.key} {current}\n".encode()
