@@ -245,10 +245,15 @@ def _log_settings(conf: dict) -> tuple[str, str]:
 
 
 def run(plugin: str, handlers: dict[str, Handler], *, about: str = "",
-        known_args: dict[str, re.Pattern] = K8S_ARGS, environ=os.environ) -> int:
-    """Run one invocation; return the exit code. `handlers` maps ADD/DEL/CHECK/GC/STATUS to functions."""
+        known_args: dict[str, re.Pattern] = K8S_ARGS, environ=os.environ, stdin: bytes | None = None,
+        out=None) -> int:
+    """Run one invocation; return the exit code. `handlers` maps ADD/DEL/CHECK/GC/STATUS to functions.
+
+    `stdin` and `out` (anything with `write(obj)`) replace the process's stdin and stdout when one
+    plugin runs another in-process (cnicore.invoke).
+    """
     started = time.monotonic()
-    out = _Output()
+    out = out or _Output()
     log = Logger(plugin, path=None)
     version = cniresult.LATEST
     command = environ.get("CNI_COMMAND", "")
@@ -262,7 +267,7 @@ def run(plugin: str, handlers: dict[str, Handler], *, about: str = "",
         missing = [v for v in REQUIRED_ENV[command] if not environ.get(v)]
         if missing:
             raise CNIError(INVALID_ENVIRONMENT, f"required env variables [{','.join(missing)}] missing")
-        stdin = _read_stdin()
+        stdin = _read_stdin() if stdin is None else stdin
         if command == "VERSION":
             out.write(_version_info(stdin))
             return 0

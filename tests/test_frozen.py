@@ -155,3 +155,32 @@ def test_frozen_chain_passes_the_source_tree_scenario(frozen, fresh_lab, tmp_pat
     for name in ("node1", "node2"):
         priorities = {line.split(":")[0] for line in fresh_lab.exec(name, ["ip", "rule"]).stdout.splitlines()}
         assert not priorities & {"512", "1536"}
+
+
+def test_frozen_bridge_runs_its_own_ipam_in_process_and_execs_any_other(frozen, fresh_lab, tmp_path, make_netns):
+    """The bundle's aws-eni-ipam link is this very program: the bridge runs it in-process for ADD and
+    DEL. Any other executable of that name (a wrapper that records its runs, then execs the bundle) is
+    exec'd, as libcni would."""
+    node = LabNode(fresh_lab, "node1", tmp_path, bin_dir=frozen)
+    node.write_conflist(plugins=["aws-vpc-bridge"], **{"aws-vpc-bridge": {"pluginLogLevel": "DEBUG"}})
+    wrapped, runs = tmp_path / "wrapped-bin", tmp_path / "ipam-runs"
+    wrapped.mkdir()
+    for program in PROGRAMS:
+        if program != "aws-eni-ipam":
+            os.symlink(os.path.join(frozen, program), wrapped / program)
+    (wrapped / "aws-eni-ipam").write_text(f"#!/bin/sh\necho \"$CNI_COMMAND\" >>{runs}\n"
+                                          f"exec {os.path.join(frozen, 'aws-eni-ipam')} \"$@\"\n")
+    (wrapped / "aws-eni-ipam").chmod(0o755)
+    for bin_dir, execs in ((frozen, []), (str(wrapped), ["ADD", "DEL"])):
+        node.bin_dir = bin_dir
+        open(node.log_file, "w").close()
+        pod = make_netns("ipam")
+        for command in ("add", "del"):
+            rc, out, err = node.cnitool(command, pod, "web")
+            assert rc == 0, err + out
+        with open(node.log_file) as f:
+            records = [json.loads(line) for line in f]
+        in_process = [r["msg"] for r in records if r["plugin"] == "aws-vpc-bridge" and "in-process" in r["msg"]]
+        assert in_process == ([] if execs else ["aws-eni-ipam ADD runs in-process", "aws-eni-ipam DEL runs in-process"])
+        assert [r["command"] for r in records if r["plugin"] == "aws-eni-ipam" and r["msg"] == "done"] == ["ADD", "DEL"]
+        assert (runs.read_text().split() if runs.exists() else []) == execs

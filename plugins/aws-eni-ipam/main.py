@@ -158,10 +158,11 @@ def cmd_status(args: skel.CmdArgs) -> None:
         raise CNIError(PLUGIN_NOT_AVAILABLE, _empty_pool_message(doc, None))
 
 
+HANDLERS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
+
+
 def main() -> None:
-    skel.plugin_main("aws-eni-ipam", {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check,
-                                      "GC": cmd_gc, "STATUS": cmd_status},
-                     about="aws-eni-ipam: secondary IPs of the node's ENIs for pods")
+    skel.plugin_main("aws-eni-ipam", HANDLERS, about="aws-eni-ipam: secondary IPs of the node's ENIs for pods")
 
 
 if __name__ == "__main__":
