@@ -27,7 +27,8 @@ from .model import Drift, NetfilterError, Rule, TableState, jump_target, quote, 
 from .plan import compare, needs_canon, rules_to_word
 from .restore import RestoreBackend, RuleRefused
 
-__all__ = ["MODES", "Drift", "Netfilter", "NetfilterError", "Rule", "TableState", "detect_variant", "quote"]
+__all__ = ["MODES", "Drift", "Netfilter", "NetfilterError", "Rule", "TableState", "any_chain_exists", "detect_variant",
+           "quote"]
 
 MODES = ("auto", "nft", "legacy", "iptc")
 DEFAULT_LOCK_DIR = "/var/run/aws-vpc-cni"
@@ -133,6 +134,31 @@ class Netfilter:
                 del absent[exc.index - len(wanted)]
         mapping = {spec: canonical for (_, spec), canonical in zip(wanted + absent, wording)}
         return lambda spec: mapping.get(spec, spec)
+
+
+def any_chain_exists(mode: str, table: str, chains, *, ipv6=(False, True)) -> bool:
+    """Whether one of `chains` exists in `table`, IPv4 and/or IPv6, in the variant `mode` drives
+    ('auto': in either variant, so no detection is needed). Costs a few netlink requests and
+    getsockopt calls, no exec. True also when it cannot be told: the caller then looks properly."""
+    from .. import nftables
+    from . import xtables
+    if mode not in MODES:
+        return True  # the caller's Netfilter says what is wrong
+    try:
+        if mode in ("auto", "nft"):
+            with nftables.open_nfnetlink() as sock:
+                for v6 in ipv6:
+                    family = nftables.NFPROTO_IPV6 if v6 else nftables.NFPROTO_IPV4
+                    if any(nftables.chain_exists(family, table, chain, sock) for chain in chains):
+                        return True
+        if mode in ("auto", "legacy", "iptc"):
+            for v6 in ipv6:
+                present = set(xtables.user_chains(table, v6))
+                if present.intersection(chains):
+                    return True
+    except OSError:
+        return True
+    return False
 
 
 def _validated(states) -> list[TableState]:

@@ -20,9 +20,7 @@ data is the chain's name.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import hashlib
 import os
 import socket
 import struct
@@ -77,6 +75,7 @@ def entries(table: str, ipv6: bool = False) -> bytes:
 def fingerprint(tables=None, ipv6: bool = False) -> str:
     """A digest of the rules of the given legacy tables (default: all that exist), counters left
     out; a table given but missing counts as absent. Equal digests, equal rules."""
+    import hashlib
     present = table_names(ipv6)
     digest = hashlib.blake2b(digest_size=16)
     for table in sorted(present if tables is None else tables):
@@ -139,6 +138,7 @@ def _without_counters(data: bytes, ipv6: bool) -> bytes:
 
 def _getsockopt(sock: socket.socket, level: int, option: int, buffer: bytes) -> bytes:
     """getsockopt with an input buffer (Python's socket.getsockopt cannot pass one)."""
+    import ctypes  # here: only hosts with legacy tables pay its import
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)

@@ -13,7 +13,10 @@ previous result through unchanged. Per address family, one transaction converges
     CNI-DN-<hash>:         per mapping: hairpin mark, 127.0.0.1 mark (IPv4), DNAT      (owned by the container)
 
 DEL drops the container's CNI-DN chain with every rule jumping to it, in both families, and needs
-neither `portMappings` nor the netns. GC finds other containers' chains of this network through the
+neither `portMappings` nor the netns. A rule cannot jump to a chain that does not exist, so DEL
+first asks whether the chain (or an old CNI-SN one) exists at all, in the variant the mode drives
+(both for 'auto'), over nfnetlink and getsockopt: for a pod without host ports, most pods, that is
+the whole DEL, with no iptables exec and no variant detection. GC finds other containers' chains of this network through the
 `id: "<cid>"` in the entry rules' comments. Beyond the reference: malformed mappings are refused
 (code 7) before any rule is touched, CHECK looks only at the families the pod has (plugins#819), and
 ADD replaces the container's chain instead of adding to whatever an earlier ADD left in it.
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 
 from cnicore import settings, skel
 from cnicore.errors import CHECK_FAILED, CNIError, INVALID_CONFIG, NETLINK_FAILURE, PLUGIN_NOT_AVAILABLE
-from cnicore.netfilter import Netfilter, NetfilterError, Rule, TableState, quote
+from cnicore.netfilter import Netfilter, NetfilterError, Rule, TableState, any_chain_exists, quote
 from cnicore.netfilter.model import jump_target, split_spec
 
 # The reference plugin's names: other portmap instances on the node share them, never change them.
@@ -191,8 +194,11 @@ def cmd_del(args: skel.CmdArgs) -> None:
     """Remove the container's chain and every rule jumping to it, in both families, whatever the
     mappings were (they need not be sent again) and whether or not the netns still exists. A family
     whose iptables is not usable is skipped, as in the reference; both unusable is an error."""
-    netfilter = Netfilters(netfilter_mode(args.conf))
+    mode = netfilter_mode(args.conf)
     doomed = [dnat_chain(args.network, args.container_id), old_snat_chain(args.network, args.container_id)]
+    if not any_chain_exists(mode, "nat", doomed):
+        return None  # the pod had no host ports (or they are gone): no chain, so no rule jumping to one
+    netfilter = Netfilters(mode)
     unusable = []
     for version in (4, 6):
         try:
