@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from portmap_compat.main import dnat_chain
+from portmap_compat.main import dnat_chain, old_snat_chain
 from portmap_world import (PLUGIN, REFERENCE, GO_PLUGINS, SYSTEM_PATH, cnitool_container_id, invoke, legacy_bin,
                            mark_mode, nat, rules, start_server, tcp_get, udp_ask, user_chains, veth)
 from portmap_world import cnitool as run_cnitool
@@ -352,6 +352,51 @@ def test_del_cleans_up_without_mappings_and_without_the_netns(make_netns, log_fi
     # Malformed mappings on DEL do not stop the clean-up.
     assert ours(ns, "DEL", conf([tcp(0)]), log_file, cid="c2")[0] == 0
     assert not [c for t in both_families(ns, "nft") for c in t if c.startswith("CNI-DN-")]
+
+
+@pytest.mark.parametrize("mode", ["auto", "nft", "legacy"])
+def test_del_of_a_pod_without_host_ports_runs_no_iptables_and_changes_nothing(node, variant, log_file, mode):
+    """The fast path: no CNI-DN chain in the variant(s) the mode drives, so nothing jumps to one."""
+    ns = node()
+    config = conf([tcp(8080), udp(8081)], netfilterMode=mode) if mode != "auto" else conf([tcp(8080), udp(8081)])
+    assert ours(ns, "ADD", config, log_file, cid="other")[0] == 0  # another pod's mappings stay
+    before = [both_families(ns, v) for v in VARIANTS]
+    bare = {"cniVersion": "1.0.0", "name": NET, "type": "portmap", **({"netfilterMode": mode} if mode != "auto" else {})}
+    for cid in ("c1", "never-added"):
+        rc, out, err = ours(ns, "DEL", bare, log_file, cid=cid, path="/nonexistent")  # no iptables to run
+        assert (rc, out) == (0, None), err
+    assert [both_families(ns, v) for v in VARIANTS] == before
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_del_finds_the_chain_in_either_family_and_an_old_snat_chain(node, variant, log_file, family):
+    ns = node()
+    prev = PREV_V4 if family == "ipv4" else {"interfaces": IFACES, "ips": [
+        {"address": "fd00:1::5/64", "gateway": "fd00:1::1", "interface": 1}]}
+    assert ours(ns, "ADD", conf([tcp(8080)], prev=prev), log_file)[0] == 0
+    chain = dnat_chain(NET, "c1")
+    assert [chain in table for table in both_families(ns, variant)] == [family == "ipv4", family == "ipv6"]
+    bare = {"cniVersion": "1.0.0", "name": NET, "type": "portmap"}
+    assert ours(ns, "DEL", bare, log_file)[0] == 0
+    assert not [c for t in both_families(ns, variant) for c in t if c.startswith("CNI-DN-")]
+    # a chain an old reference version made (CNI-SN-), alone: found and removed too
+    old = old_snat_chain(NET, "c2")
+    netns.run([f"{'ip6' if family == 'ipv6' else 'ip'}tables-{variant}", "-w", "-t", "nat", "-N", old], netns=ns)
+    assert ours(ns, "DEL", bare, log_file, cid="c2")[0] == 0
+    assert not [c for t in both_families(ns, variant) for c in t if c.startswith("CNI-SN-")]
+
+
+def test_our_del_removes_the_reference_chain_without_the_mappings(node, variant, tmp_path, log_file):
+    ns = node()
+    config = conf([tcp(8080), udp(8081)], prev=PREV_V4)
+    rc, out, err = reference(ns, "ADD", config, variant, tmp_path)
+    assert rc == 0, (out, err)
+    assert dnat_chain(NET, "c1") in nat(ns, variant)
+    rc, out, err = ours(ns, "DEL", {"cniVersion": "1.0.0", "name": NET, "type": "portmap"}, log_file)
+    assert (rc, out) == (0, None), err
+    for table in both_families(ns, variant):
+        assert not [c for c in table if c.startswith("CNI-DN-")]
+        assert table.get("CNI-HOSTPORT-DNAT", []) == []
 
 
 def test_check_fails_when_a_rule_is_missing(make_netns, log_file):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +59,7 @@ DEFAULT_NAT = {
 }
 DEFAULT_MANGLE = {"PREROUTING": [NODEPORT_MARK, VETH_RESTORE]}
 FWMARK_RULE = "1024:\tfrom all fwmark 0x80/0x80 lookup main proto boot"
+IP = shutil.which("ip")
 
 
 def cfg(**overrides) -> dict:
@@ -183,10 +185,13 @@ class NodeNs:
             conf["prevResult"] = prev
         return conf
 
-    def run(self, command, conf, netns=None, wait=True):
+    def run(self, command, conf, netns=None, wait=True, path=None):
+        """Run the plugin in the namespace; `path`: its PATH (e.g. one without iptables)."""
         env = dict(os.environ, CNI_COMMAND=command, CNI_CONTAINERID="c1", CNI_IFNAME="eth0", CNI_PATH=BIN,
                    CNI_NETNS=netns if netns is not None else f"/var/run/netns/{self.ns}")
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns, PLUGIN], stdin=subprocess.PIPE,
+        if path is not None:
+            env["PATH"] = path
+        proc = subprocess.Popen([IP, "netns", "exec", self.ns, PLUGIN], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         if not wait:
             proc.stdin.write(json.dumps(conf))
@@ -431,6 +436,170 @@ def test_without_the_primary_mac_on_the_node_add_fails_before_any_rule(make_netn
     rc, err = node.run("ADD", node.conf())
     assert rc == 1 and err["code"] == 102 and "02:00:00:00:00:99" in err["msg"]
     assert node.tables("nft") == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The steady-state fast path (the stamp): taken only when nothing can have changed
+
+
+# (netfilterMode, the variant the namespace uses): forced, and detected in each variant
+MODES = [("nft", "nft"), ("legacy", "legacy"), ("auto", "nft"), ("auto", "legacy")]
+NO_IPTABLES = "/nonexistent"  # a PATH without iptables: only an ADD or CHECK that runs none can succeed
+
+
+@pytest.fixture(params=MODES, ids=lambda m: f"{m[0]}-{m[1]}")
+def mode(request):
+    return request.param
+
+
+def stamped(node, mode, **keys):
+    """The node after two ADDs: the first writes the rules, the second finds them in place and stamps."""
+    netfilter_mode, variant = mode
+    if netfilter_mode == "auto" and variant == "legacy":
+        node.sh("iptables-legacy -w -t mangle -N KUBE-KUBELET-CANARY 2>/dev/null || true")  # kubelet's mark: legacy
+    node.add(netfilterMode=netfilter_mode, **keys)
+    node.add(netfilterMode=netfilter_mode, **keys)
+    assert os.path.exists(stamp_path(node))
+    return node.conf(netfilterMode=netfilter_mode, **keys)
+
+
+def stamp_path(node):
+    return os.path.join(node.data_dir, snat.STAMP_FILE)
+
+
+def mine(node, variant) -> dict:
+    """Our tables without the kubelet chain `stamped` made."""
+    return {table: {chain: specs for chain, specs in chains.items() if not chain.startswith("KUBE-")}
+            for table, chains in ours(node.tables(variant)).items()}
+
+
+def test_a_stamped_add_and_check_run_no_iptables_and_still_mind_rule_1024_and_rp_filter(node, mode):
+    conf = stamped(node, mode)
+    before = node.tables(mode[1])
+    for _ in range(3):
+        assert node.run("ADD", conf, path=NO_IPTABLES) == (0, PREV)
+        assert node.run("CHECK", conf, path=NO_IPTABLES) == (0, None)
+    assert node.tables(mode[1]) == before
+    # rule 1024 and rp_filter are not netfilter: looked at on every ADD and CHECK, stamp or not
+    node.sh("ip rule del pref 1024; sysctl -qw net.ipv4.conf.eth0.rp_filter=1")
+    rc, err = node.run("CHECK", conf, path=NO_IPTABLES)
+    assert rc == 1 and err["code"] == 104
+    assert "ip rule missing" in err["msg"] and "rp_filter of eth0 is 1" in err["msg"] and "nat/" not in err["msg"]
+    assert node.run("ADD", conf, path=NO_IPTABLES) == (0, PREV)
+    assert node.ip_rules() == [FWMARK_RULE] and node.rp_filter() == "2"
+    # without the stamp the same ADD needs iptables
+    os.unlink(stamp_path(node))
+    rc, err = node.run("ADD", conf, path=NO_IPTABLES)
+    assert rc == 1 and err["code"] == 103 and "not installed" in err["msg"]
+
+
+@pytest.mark.parametrize("change", [
+    "-t nat -D POSTROUTING " + SNAT_JUMP,
+    "-t nat -D AWS-SNAT-CHAIN-0 -d 10.0.0.0/16 -j RETURN",
+    "-t nat -R AWS-SNAT-CHAIN-0 1 -d 10.1.0.0/16 -j RETURN",    # same size, another rule
+    "-t mangle -D PREROUTING " + VETH_RESTORE,
+    "-t nat -F AWS-CONNMARK-CHAIN-0",
+    "-t nat -I PREROUTING 1 " + CONNMARK_RESTORE,               # a duplicate, in the wrong place
+], ids=["jump", "return", "replaced", "mangle", "flushed", "duplicate"])
+def test_a_rule_changed_by_hand_after_a_stamped_add_is_repaired_by_the_next_add(node, mode, change):
+    conf = stamped(node, mode)
+    node.sh(f"iptables-{mode[1]} -w {change}")
+    rc, err = node.run("CHECK", conf)
+    assert rc == 1 and err["code"] == 104, err
+    assert node.run("ADD", conf) == (0, PREV)
+    assert mine(node, mode[1]) == {"nat": DEFAULT_NAT, "mangle": DEFAULT_MANGLE}
+    assert node.run("CHECK", conf) == (0, None)
+    assert node.converged_lines()[-1], "the repairing ADD logged nothing"
+
+
+def test_a_setting_or_node_fact_changed_after_a_stamped_add_converges_again(node, mode):
+    stamped(node, mode)
+    variant = mode[1]
+    keys = {"excludeSNATCIDRs": ["198.51.100.0/24"], "randomizeSNAT": "none"}
+    node.add(netfilterMode=mode[0], **keys)
+    assert mine(node, variant) == expected_tables(keys, NODE)
+    stamped(node, mode)  # back to the defaults, stamped again
+    assert mine(node, variant) == {"nat": DEFAULT_NAT, "mangle": DEFAULT_MANGLE}
+    with Store(node.data_dir, NETWORK).locked() as tx:  # the node's primary IP as the store knows it
+        doc = tx.read()
+        doc["node"]["primary_ip"] = "10.0.0.11"
+        tx.write(doc)
+    node.add(netfilterMode=mode[0])
+    assert mine(node, variant) == expected_tables({}, NODE._replace(primary_ip="10.0.0.11"))
+    # external SNAT switched on: the nat chains go
+    node.add(netfilterMode=mode[0], externalSNAT=True)
+    assert "AWS-SNAT-CHAIN-0" not in node.tables(variant).get("nat", {})
+
+
+def test_switching_the_mode_after_a_stamped_add_writes_into_the_new_variant(node):
+    stamped(node, ("nft", "nft"))
+    node.add(netfilterMode="legacy")
+    assert ours(node.tables("legacy")) == {"nat": DEFAULT_NAT, "mangle": DEFAULT_MANGLE}
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"\xff\xfe\x00" * 100, b"netfilter-stamp-v1 x y\n" * 1000,
+                                     "directory", "symlink"])
+def test_a_corrupt_stamp_counts_as_absent_and_is_never_an_error(node, variant, content, tmp_path):
+    node.add(netfilterMode=variant)
+    path = stamp_path(node)
+    target = tmp_path / "elsewhere"
+    if content == "directory":
+        os.mkdir(path)
+    elif content == "symlink":
+        target.write_bytes(b"not ours")
+        os.symlink(target, path)
+    else:
+        with open(path, "wb") as f:
+            f.write(content)
+    node.sh(f"iptables-{variant} -w -t nat -D POSTROUTING {SNAT_JUMP}")
+    for _ in range(2):
+        assert node.run("ADD", node.conf(netfilterMode=variant)) == (0, PREV)
+        assert mine(node, variant) == {"nat": DEFAULT_NAT, "mangle": DEFAULT_MANGLE}
+        assert node.run("CHECK", node.conf(netfilterMode=variant)) == (0, None)
+    if content == "directory":
+        assert os.path.isdir(path)
+    if content == "symlink":
+        assert target.read_bytes() == b"not ours"  # never written through
+
+
+@pytest.mark.parametrize("netfilter_mode", ["nft", "auto"])
+def test_a_stamp_of_another_namespace_at_the_same_generation_is_not_trusted(make_netns, tmp_path, netfilter_mode):
+    """The nf_tables generation is per namespace (and restarts with it): the same number elsewhere
+    says nothing. A stamp copied from a namespace with our rules into one without them, at the very
+    same generation and with the very same desired rules, must not make the ADD skip its work."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    node_a, node_b = NodeNs(make_netns, tmp_path / "a"), NodeNs(make_netns, tmp_path / "b")
+    stamped(node_a, (netfilter_mode, "nft"))
+    with open(stamp_path(node_a), "rb") as f:
+        stamp = f.read()
+    generation = int(stamp.split()[3])
+    for n in range(generation):  # bring b to the same generation without our rules
+        if int(node_b.sh(f"{sys.executable} -c 'from cnicore import nftables; print(nftables.genid())'").stdout) \
+                >= generation:
+            break
+        node_b.sh(f"iptables-nft -w -t filter -N FILLER{n}")
+    assert int(node_b.sh(f"{sys.executable} -c 'from cnicore import nftables; print(nftables.genid())'").stdout) \
+        == generation
+    os.makedirs(node_b.data_dir, exist_ok=True)
+    with open(stamp_path(node_b), "wb") as f:
+        f.write(stamp)
+    assert node_b.run("ADD", node_b.conf(netfilterMode=netfilter_mode)) == (0, PREV)
+    assert ours(node_b.tables("nft")) == {"nat": DEFAULT_NAT, "mangle": DEFAULT_MANGLE}
+
+
+def test_gc_verifies_in_full_whatever_the_stamp_says(node, variant):
+    conf = stamped(node, (variant, variant))
+    node.sh(f"iptables-{variant} -w -t nat -D POSTROUTING {SNAT_JUMP}")
+    with open(stamp_path(node), "rb") as f:
+        recorded = f.read()
+    node.run("ADD", conf)  # repairs, so that only a forged stamp can be "fresh" below
+    node.sh(f"iptables-{variant} -w -t nat -D POSTROUTING {SNAT_JUMP}")
+    assert recorded  # (a stamp cannot be forged to the new fingerprint from outside; GC never reads it)
+    gc = node.conf(prev=None, version="1.1.0", netfilterMode=variant, **{"cni.dev/valid-attachments": []})
+    assert node.run("GC", gc, path=NO_IPTABLES) == (0, None)  # logged, not an error
+    assert node.run("GC", gc) == (0, None)
+    assert mine(node, variant) == {"nat": DEFAULT_NAT, "mangle": DEFAULT_MANGLE}
 
 
 # ---------------------------------------------------------------------------------------------
