@@ -588,6 +588,30 @@ def test_a_stamp_of_another_namespace_at_the_same_generation_is_not_trusted(make
     assert ours(node_b.tables("nft")) == {"nat": DEFAULT_NAT, "mangle": DEFAULT_MANGLE}
 
 
+@pytest.mark.parametrize("cache", ["kept", "corrupt", "foreign"])
+def test_the_primary_interface_is_found_again_when_the_mac_moves(node, cache):
+    """The interface found by MAC is remembered in the data dir and used while it still has that MAC."""
+    conf = stamped(node, ("nft", "nft"))
+    path = os.path.join(node.data_dir, snat.IFACE_FILE)
+    with open(path) as f:
+        assert f.read() == f"{MAC} eth0\n"
+    if cache == "corrupt":
+        with open(path, "wb") as f:
+            f.write(b"\xff" * 100)
+    elif cache == "foreign":  # another node's or namespace's: a name that has another MAC here
+        with open(path, "w") as f:
+            f.write(f"{MAC} lo\n")
+    node.sh(f"ip link set eth0 address 02:00:00:00:5a:99 && ip link set peer0 address {MAC}")
+    assert node.run("ADD", conf) == (0, PREV)
+    mangle = ours(node.tables("nft"))["mangle"]["PREROUTING"]
+    assert sorted(mangle) == sorted([NODEPORT_MARK.replace("-i eth0 ", "-i peer0 "), VETH_RESTORE])  # eth0's replaced
+    with open(path) as f:
+        assert f.read() == f"{MAC} peer0\n"
+    node.sh("ip link set peer0 address 02:00:00:00:5a:98")  # the MAC is nowhere: an error, as without a cache
+    rc, err = node.run("ADD", conf)
+    assert rc == 1 and err["code"] == 102 and MAC in err["msg"]
+
+
 def test_gc_verifies_in_full_whatever_the_stamp_says(node, variant):
     conf = stamped(node, (variant, variant))
     node.sh(f"iptables-{variant} -w -t nat -D POSTROUTING {SNAT_JUMP}")
