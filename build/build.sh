@@ -16,6 +16,13 @@
 #   - botocore's data is cut to what the EC2 client reads (plus STS, for IRSA credentials): no
 #     effect on start-up, ~26 MB less to ship.
 # Our packages' data files (cnicore/instance_limits.json) are collected too: the agent needs them.
+#
+# PyInstaller collects; it does not start our programs. Its onedir bootloader re-execs itself on
+# every start (to set LD_LIBRARY_PATH), then imports ctypes and runs its run-time hooks (pkgutil and
+# with it typing, re, enum, ...). build/launcher.c replaces it: one process, libpython linked in,
+# build/entry.py run with the interpreter configured as PyInstaller configures it. Without
+# LD_LIBRARY_PATH the bundled libraries are found through RUNPATHs pointed into the bundle
+# (build/elfpaths.py). Needs a C compiler and the Python headers (python3.X-dev for a Debian Python).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -41,7 +48,6 @@ import re
 EXCLUDES = ["setuptools", "pkg_resources", "distutils", "_distutils_hack", "jinja2", "markupsafe", "pyparsing",
             "cryptography", "OpenSSL", "tkinter", "_tkinter", "pydoc", "pydoc_data", "lib2to3", "idlelib",
             "ensurepip", "venv", "turtle", "turtledemo", "curses", "readline", "xmlrpc", "doctest"]
-DROPPED_RTHOOKS = {"pyi_rth_inspect", "pyi_rth_multiprocessing"}
 KEEP_DATA = re.compile(r"^(botocore/data/([^/]+\.json(\.gz)?|ec2/.*|sts/.*)|boto3/data/ec2/.*)$")
 
 # our packages' data files (e.g. cnicore/instance_limits.json, the ENI limits table the agent reads)
@@ -53,7 +59,6 @@ DATAS = [(os.path.join(root, f), os.path.relpath(root, SRC)) for pkg in OURS
 
 a = Analysis(["$top/build/entry.py"], pathex=[SRC], hiddenimports="$modules".split(), datas=DATAS,
              excludes=EXCLUDES, noarchive=True, optimize=0)
-a.scripts = [s for s in a.scripts if s[0] not in DROPPED_RTHOOKS]
 a.datas = [d for d in a.datas if not d[0].startswith(("botocore/data/", "boto3/data/")) or KEEP_DATA.match(d[0])]
 pyz = PYZ(a.pure)
 exe = EXE(pyz, a.scripts, [], exclude_binaries=True, name="aws-vpc-cni", debug=False, strip=False, upx=False,
@@ -64,6 +69,26 @@ EOF
 PYTHONHASHSEED=0 SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || echo 0) \
 .venv/bin/pyinstaller --noconfirm --clean --log-level WARN \
     --distpath "$top/dist" --workpath "$work/pyinstaller" "$work/aws-vpc-cni.spec"
+
+# The launcher in place of PyInstaller's bootloader (see the notes at the top and in launcher.c).
+internal="$top/dist/aws-vpc-cni/_internal"
+read -r pyinc pyver < <(.venv/bin/python -c 'import sys, sysconfig; print(sysconfig.get_config_var("INCLUDEPY"), "%d.%d" % sys.version_info[:2])')
+libpython="libpython$pyver.so.1.0"
+dynload="python$pyver/lib-dynload"
+[ -f "$pyinc/Python.h" ] || { echo "build.sh: no $pyinc/Python.h: install the Python headers (python$pyver-dev)" >&2; exit 1; }
+[ -f "$internal/$libpython" ] && [ -d "$internal/$dynload" ] ||
+    { echo "build.sh: PyInstaller's bundle has no $libpython or $dynload" >&2; exit 1; }
+[ ! -e "$internal/base_library.zip" ] || { echo "build.sh: base_library.zip is not on the launcher's path" >&2; exit 1; }
+cc=${CC:-cc}
+"$cc" -O2 -Wall -o "$work/aws-vpc-cni" "$top/build/launcher.c" -I"$pyinc" \
+    -DLIB_DYNLOAD="\"$dynload\"" -DOPTIMIZE=0 \
+    -L"$internal" -l:"$libpython" -Wl,--disable-new-dtags -Wl,-rpath,'$ORIGIN/_internal'
+install -m 0755 "$work/aws-vpc-cni" "$top/dist/aws-vpc-cni/aws-vpc-cni"
+.venv/bin/python -c 'import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], dfile="entry.py", doraise=True)' \
+    "$top/build/entry.py" "$internal/entry.pyc"
+.venv/bin/python "$top/build/elfpaths.py" "$internal" > "$work/elfpaths.log"
+.venv/bin/python "$top/build/elfpaths.py" --check "$internal"
+
 mkdir -p dist/bin
 for p in "${programs[@]}"; do
     ln -sfn ../aws-vpc-cni/aws-vpc-cni "dist/bin/$p"

@@ -12,8 +12,13 @@ venv="$top/.venv"
 say() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- Debian packages -----------------------------------------------------------------------------
+# gcc and libc6-dev: build.sh compiles the bundle's launcher (build/launcher.c); it also needs the
+# Python headers, which a Debian Python gets from python3-dev.
 debs=(iptables iproute2 procps golang-go golang-github-appc-cni-dev containernetworking-plugins dpkg-dev
-      python3-venv)
+      python3-venv gcc libc6-dev)
+if [ "$("${PYTHON:-python3}" -c 'import sys; print(sys.prefix)' 2>/dev/null)" = /usr ]; then
+    debs+=(python3-dev)
+fi
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

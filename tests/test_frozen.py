@@ -37,6 +37,23 @@ def test_each_frozen_plugin_answers_version(frozen, program):
     assert rc == 0 and json.loads(out)["supportedVersions"] == ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 
 
+def test_a_frozen_plugin_is_one_process_that_finds_its_libraries_in_the_bundle(frozen):
+    """build/launcher.c: no re-exec (PyInstaller's bootloader execs itself again to set
+    LD_LIBRARY_PATH), and every RUNPATH in the bundle points into it, so the bundled libssl, libffi,
+    ... are found without LD_LIBRARY_PATH (which children such as iptables-save would inherit)."""
+    check = subprocess.run([sys.executable, os.path.join(ROOT, "build", "elfpaths.py"), "--check",
+                            os.path.join(BUNDLE, "_internal")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    if shutil.which("strace") is None:
+        pytest.skip("no strace to count the execs")
+    proc = subprocess.run(["strace", "-f", "-qq", "-e", "trace=execve", os.path.join(frozen, "aws-eni-ipam")],
+                          env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin:/bin"}, input=b"", capture_output=True,
+                          timeout=60)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["cniVersion"]
+    execs = [line for line in proc.stderr.decode().splitlines() if "execve(" in line and line.endswith("= 0")]
+    assert len(execs) == 1, execs
+
+
 def test_frozen_agent_renders_the_conflist(frozen):
     out = subprocess.run([os.path.join(frozen, "aws-vpc-cni-agent"), "render-conflist"], capture_output=True,
                          text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
