@@ -80,14 +80,29 @@ dynload="python$pyver/lib-dynload"
     { echo "build.sh: PyInstaller's bundle has no $libpython or $dynload" >&2; exit 1; }
 [ ! -e "$internal/base_library.zip" ] || { echo "build.sh: base_library.zip is not on the launcher's path" >&2; exit 1; }
 cc=${CC:-cc}
-"$cc" -O2 -Wall -o "$work/aws-vpc-cni" "$top/build/launcher.c" -I"$pyinc" \
-    -DLIB_DYNLOAD="\"$dynload\"" -DOPTIMIZE=0 \
-    -L"$internal" -l:"$libpython" -Wl,--disable-new-dtags -Wl,-rpath,'$ORIGIN/_internal'
+cflags=(-O2 -Wall -I"$pyinc" -DLIB_DYNLOAD="\"$dynload\"" -DOPTIMIZE=0)
+rpath=(-Wl,--disable-new-dtags -Wl,-rpath,'$ORIGIN/_internal')
+# libpython linked in statically when the interpreter's static library is there (the same build as
+# the collected shared one): no 23 MB shared library to map and relocate, ~1-1.5 ms CPU less per
+# exec; the symbols stay exported for the extension modules. Otherwise the bundled shared one.
+static_lib=$(.venv/bin/python -c 'import os, sysconfig; print(os.path.join(sysconfig.get_config_var("LIBPL"), sysconfig.get_config_var("LIBRARY")))')
+if [ -f "$static_lib" ] && "$cc" "${cflags[@]}" -no-pie -o "$work/aws-vpc-cni" "$top/build/launcher.c" \
+        -Wl,--whole-archive "$static_lib" -Wl,--no-whole-archive \
+        -lpthread -ldl -lutil -lm \
+        -Wl,--export-dynamic "${rpath[@]}" 2> "$work/launcher-static.log"; then
+    strip --strip-debug "$work/aws-vpc-cni"
+    rm "$internal/$libpython"
+    echo "launcher: $static_lib linked in"
+else
+    [ ! -f "$static_lib" ] || { echo "launcher: static link failed, using the shared $libpython:" >&2; cat "$work/launcher-static.log" >&2; }
+    "$cc" "${cflags[@]}" -o "$work/aws-vpc-cni" "$top/build/launcher.c" -L"$internal" -l:"$libpython" "${rpath[@]}"
+    echo "launcher: linked to the bundled $libpython"
+fi
 install -m 0755 "$work/aws-vpc-cni" "$top/dist/aws-vpc-cni/aws-vpc-cni"
 .venv/bin/python -c 'import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], dfile="entry.py", doraise=True)' \
     "$top/build/entry.py" "$internal/entry.pyc"
 .venv/bin/python "$top/build/elfpaths.py" "$internal" > "$work/elfpaths.log"
-.venv/bin/python "$top/build/elfpaths.py" --check "$internal"
+.venv/bin/python "$top/build/elfpaths.py" --check "$top/dist/aws-vpc-cni"
 
 mkdir -p dist/bin
 for p in "${programs[@]}"; do
