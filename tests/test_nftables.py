@@ -171,3 +171,23 @@ def test_fingerprint_per_mode(make_netns):
     last = ask(ns, nft="stamp.fingerprint('nft')", legacy="stamp.fingerprint('legacy')",
                auto="stamp.fingerprint('auto')")
     assert last["nft"] != after["nft"] and last["legacy"] == after["legacy"] and last["auto"] != after["auto"]
+
+
+def test_auto_fingerprint_reads_what_detection_rests_on(make_netns):
+    """With kubelet's hint in legacy mangle, the auto fingerprint covers nat, mangle and the generation,
+    not the (large, kube-proxy's) filter table; without any hint it covers every legacy table."""
+    ns = make_netns("fp")
+    sh(ns, "iptables-legacy -w -t mangle -N KUBE-KUBELET-CANARY")
+    one = ask(ns, fp="stamp.fingerprint('auto')")["fp"]
+    assert one.split()[1] == "legacy-hint"
+    sh(ns, "iptables-legacy -w -t filter -A INPUT -j ACCEPT")
+    assert ask(ns, fp="stamp.fingerprint('auto')")["fp"] == one
+    for change in ("iptables-legacy -w -t nat -N X", "ip6tables-legacy -w -t mangle -N Y", "iptables-nft -w -N Z"):
+        sh(ns, change)
+        assert ask(ns, fp="stamp.fingerprint('auto')")["fp"] != one, change
+        one = ask(ns, fp="stamp.fingerprint('auto')")["fp"]
+    sh(ns, "iptables-legacy -w -t mangle -X KUBE-KUBELET-CANARY")
+    counted = ask(ns, fp="stamp.fingerprint('auto')")["fp"]
+    assert counted.split()[1] == "counted"
+    sh(ns, "iptables-legacy -w -t filter -A INPUT -j DROP")
+    assert ask(ns, fp="stamp.fingerprint('auto')")["fp"] != counted

@@ -573,7 +573,7 @@ def test_a_stamp_of_another_namespace_at_the_same_generation_is_not_trusted(make
     stamped(node_a, (netfilter_mode, "nft"))
     with open(stamp_path(node_a), "rb") as f:
         stamp = f.read()
-    generation = int(stamp.split()[3])
+    generation = int(stamp.split()[-1])  # "nft <generation>" or "auto no-legacy <generation>"
     for n in range(generation):  # bring b to the same generation without our rules
         if int(node_b.sh(f"{sys.executable} -c 'from cnicore import nftables; print(nftables.genid())'").stdout) \
                 >= generation:
@@ -610,6 +610,29 @@ def test_the_primary_interface_is_found_again_when_the_mac_moves(node, cache):
     node.sh("ip link set peer0 address 02:00:00:00:5a:98")  # the MAC is nowhere: an error, as without a cache
     rc, err = node.run("ADD", conf)
     assert rc == 1 and err["code"] == 102 and MAC in err["msg"]
+
+
+NFT_RULES = "for i in $(seq 20); do iptables-nft -w -A INPUT -j ACCEPT; done"
+
+
+@pytest.mark.parametrize("before, change, after", [
+    ("", "iptables-legacy -w -t mangle -N KUBE-KUBELET-CANARY", "legacy"),
+    ("iptables-legacy -w -t mangle -N KUBE-KUBELET-CANARY", "iptables-nft -w -t mangle -N KUBE-IPTABLES-HINT", "nft"),
+    # only legacy changes (the nf_tables generation stays): the hint goes, nft now holds more rules
+    (f"iptables-legacy -w -t mangle -N KUBE-KUBELET-CANARY; {NFT_RULES}",
+     "iptables-legacy -w -t mangle -X KUBE-KUBELET-CANARY", "nft"),
+    ("iptables-legacy -w -t filter -N KUBE-KUBELET-CANARY", "iptables-legacy -w -t filter -X KUBE-KUBELET-CANARY; "
+                                                             + NFT_RULES, "nft"),
+], ids=["legacy-appears", "nft-hint-appears", "legacy-hint-goes", "hint-outside-mangle-goes"])
+def test_when_detection_would_answer_otherwise_a_stamped_add_follows_it(node, before, change, after):
+    if before:
+        node.sh(before)
+    node.add()
+    node.add()
+    assert os.path.exists(stamp_path(node))
+    node.sh(change)
+    node.add()
+    assert mine(node, after) == {"nat": DEFAULT_NAT, "mangle": DEFAULT_MANGLE}
 
 
 def test_gc_verifies_in_full_whatever_the_stamp_says(node, variant):

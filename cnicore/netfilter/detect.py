@@ -37,15 +37,17 @@ def detect_variant() -> str:
 
 
 def detect() -> Detected:
-    if _nft_hint():
+    if nft_hint():
         return Detected("nft", "nft-hint")
     from . import xtables
     try:
         legacy_tables = {ipv6: xtables.table_names(ipv6) for ipv6 in (False, True)}
         if not any(legacy_tables.values()):
             return Detected("nft", "no-legacy")
-        if any(chain in KUBELET_CHAINS for ipv6, tables in legacy_tables.items() for table in tables
-               for chain in xtables.user_chains(table, ipv6)):
+        # kubelet's chains are in mangle (and nat, filter): look there first, the others may be large
+        places = sorted(((ipv6, table) for ipv6, tables in legacy_tables.items() for table in tables),
+                        key=lambda place: place[1] != "mangle")
+        if any(chain in KUBELET_CHAINS for ipv6, table in places for chain in xtables.user_chains(table, ipv6)):
             return Detected("legacy", "legacy-hint")
     except OSError:
         pass  # as the wrapper: count the rules
@@ -55,7 +57,7 @@ def detect() -> Detected:
     return Detected(variant, "counted")
 
 
-def _nft_hint() -> bool:
+def nft_hint() -> bool:
     """Step 1: a kubelet chain in nf_tables' ip or ip6 mangle table (what iptables-nft-save shows)."""
     from .. import nftables
     try:

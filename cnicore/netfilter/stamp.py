@@ -9,8 +9,10 @@ detection) read could have changed:
             namespace bumps it, iptables-nft's included; reads do not
     legacy  a digest of the legacy tables the rules live in (counters left out): x_tables has no
             generation, so the content itself
-    auto    (and iptc) both: the generation and a digest of every legacy table, IPv4 and IPv6, as
-            the detection reads both variants
+    auto    (and iptc) the generation, and a digest of the legacy tables the detection's answer
+            rests on: none when nf_tables has kubelet's hint or no legacy table exists, the mangle
+            tables (where kubelet's hint is) and nat when legacy has the hint in mangle, else every
+            legacy table, IPv4 and IPv6 (the rules are counted)
 
 A `Stamp` file in the data dir records "rules described by KEY were verified in place at
 fingerprint F, in network namespace N". It is written only when a verification found nothing to
@@ -42,13 +44,30 @@ def fingerprint(mode: str, tables=("nat", "mangle")) -> str | None:
             return f"nft {nftables.genid()}"
         if mode == "legacy":
             return f"legacy {xtables.fingerprint(tables, ipv6=False)}"
-        try:
-            generation = str(nftables.genid())
-        except OSError:
-            generation = "-"  # no nf_tables here: nothing in it to detect or change
-        return f"{mode} {generation} {xtables.fingerprint(None, ipv6=False)} {xtables.fingerprint(None, ipv6=True)}"
+        return _detected(mode, tables)
     except OSError:
         return None
+
+
+def _detected(mode: str, tables) -> str:
+    """'auto' (and 'iptc'): the generation, plus the legacy tables the detection's answer rests on.
+    Which of the detection's steps decides is part of the value, and each step reads only what
+    decides it, so that a legacy node with kubelet's hint does not digest its whole filter table."""
+    from .detect import KUBELET_CHAINS, nft_hint
+    try:
+        generation = str(nftables.genid())
+    except OSError:
+        generation = "-"  # no nf_tables here: nothing in it to detect or change
+    if nft_hint():  # nft, whatever legacy holds; the hint and our rules are nf_tables', in the generation
+        return f"{mode} nft-hint {generation}"
+    names = {ipv6: xtables.table_names(ipv6) for ipv6 in (False, True)}
+    if not any(names.values()):  # nft: legacy holds no rule at all
+        return f"{mode} no-legacy {generation}"
+    if any(chain in KUBELET_CHAINS for ipv6 in (False, True) if "mangle" in names[ipv6]
+           for chain in xtables.user_chains("mangle", ipv6)):  # legacy; the hint is in a mangle table
+        return (f"{mode} legacy-hint {generation} {xtables.fingerprint(sorted({*tables, 'mangle'}), ipv6=False)} "
+                f"{xtables.fingerprint(['mangle'], ipv6=True)}")
+    return f"{mode} counted {generation} {xtables.fingerprint(None, ipv6=False)} {xtables.fingerprint(None, ipv6=True)}"
 
 
 class Stamp:

@@ -51,7 +51,7 @@ def table_names(ipv6: bool = False) -> list[str]:
         return []
 
 
-def entries(table: str, ipv6: bool = False) -> bytes:
+def entries(table: str, ipv6: bool = False) -> memoryview:
     """The raw entries of an existing legacy table. Raises XtablesError (ENOENT: no such table)."""
     family, level = (socket.AF_INET6, SOL_IPV6) if ipv6 else (socket.AF_INET, SOL_IP)
     name = table.encode()
@@ -68,7 +68,7 @@ def entries(table: str, ipv6: bool = False) -> bytes:
                 if exc.errno == errno.EAGAIN:
                     continue
                 raise
-            return data[_ENTRIES_HEADER:]
+            return memoryview(data)[_ENTRIES_HEADER:]
     raise XtablesError(errno.EAGAIN, f"legacy table {table} kept changing while being read")
 
 
@@ -109,8 +109,8 @@ def user_chains(table: str, ipv6: bool = False) -> list[str]:
     for start, end in _walk(data, ipv6):
         target_offset = struct.unpack_from("=H", data, start + offsets)[0]
         target = start + target_offset
-        if data[target + 2:target + 8] == b"ERROR\0":
-            chain = data[target + _TARGET_HEADER:end].split(b"\0", 1)[0].decode(errors="replace")
+        if data[target + 2:target + 8] == b"ERROR\0":  # (memoryview == bytes compares the contents)
+            chain = bytes(data[target + _TARGET_HEADER:end]).split(b"\0", 1)[0].decode(errors="replace")
             if chain != "ERROR":  # the table's last entry
                 found.append(chain)
     return found
@@ -144,9 +144,11 @@ def _getsockopt(sock: socket.socket, level: int, option: int, buffer: bytes) -> 
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                      ctypes.POINTER(ctypes.c_uint32)]
-    buf = ctypes.create_string_buffer(buffer, len(buffer))
-    size = ctypes.c_uint32(len(buffer))
-    if _libc.getsockopt(sock.fileno(), level, option, buf, ctypes.byref(size)) != 0:
+    data = bytearray(buffer)  # filled in place: a table can be megabytes, copy it once
+    size = ctypes.c_uint32(len(data))
+    if _libc.getsockopt(sock.fileno(), level, option, (ctypes.c_char * len(data)).from_buffer(data),
+                        ctypes.byref(size)) != 0:
         code = ctypes.get_errno()
         raise XtablesError(code, f"cannot read a legacy iptables table: {os.strerror(code)}")
-    return buf.raw[:size.value]
+    del data[size.value:]
+    return data
