@@ -22,6 +22,13 @@ and it is trusted only for the same key (the desired rules, settings and mode), 
 change (a rule deleted by hand, another iptables user, a new setting) gives another fingerprint or
 key, and the next caller verifies in full. A stamp that is missing, unreadable, corrupt or foreign
 counts as absent; failing to write one only costs the next caller a full verification.
+
+Limits: the nf_tables generation only grows (a u32; it would take 4 billion transactions to come
+back). A legacy digest is of content: a change and its exact undoing between the two fingerprint
+reads of one verification (a few ms) would go unnoticed for that verification; anything later is
+seen. Without SO_NETNS_COOKIE (kernels before 5.14) the namespace is told by its inode, which a
+namespace made after this one was deleted can reuse; the root namespace, where plugins run on a
+node, lives as long as the boot.
 """
 
 from __future__ import annotations

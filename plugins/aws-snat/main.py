@@ -39,7 +39,8 @@ removed; nothing else in those chains is touched, and ours are appended after th
 service DNAT must come before the connmark jump).
 
 Node facts (primary IP and MAC, VPC CIDRs) come from the state store that aws-eni-ipam and the agent
-keep (no IMDS call on ADD); without one, from IMDS. The primary interface is found by its MAC.
+keep (no IMDS call on ADD); without one, from IMDS. The primary interface is found by its MAC (the
+name found last time is kept in the data dir and used while it still has that MAC).
 """
 
 from __future__ import annotations
