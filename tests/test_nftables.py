@@ -191,3 +191,18 @@ def test_auto_fingerprint_reads_what_detection_rests_on(make_netns):
     assert counted.split()[1] == "counted"
     sh(ns, "iptables-legacy -w -t filter -A INPUT -j DROP")
     assert ask(ns, fp="stamp.fingerprint('auto')")["fp"] != counted
+
+
+def test_legacy_tables_are_read_with_the_ctypes_package_too(make_netns):
+    """xtables calls getsockopt through the bare _ctypes extension; should that fail, through ctypes."""
+    ns = make_netns("xt")
+    sh(ns, "iptables-legacy -w -t nat -N CNI-DN-x")
+    script = ("import _ctypes\n"
+              "def refuse(*args): raise OSError('no')\n"
+              "_ctypes.dlsym = refuse\n"
+              "from cnicore.netfilter import xtables\n"
+              "print(xtables.user_chains('nat'), type(xtables._libc[0]).__name__)\n")
+    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60, check=True).stdout
+    assert out == "['CNI-DN-x'] _FuncPtr\n"
+    assert ask(ns, c="xtables.user_chains('nat')") == {"c": ["CNI-DN-x"]}

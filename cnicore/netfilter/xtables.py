@@ -136,19 +136,47 @@ def _without_counters(data: bytes, ipv6: bool) -> bytes:
     return b"".join(parts)
 
 
-def _getsockopt(sock: socket.socket, level: int, option: int, buffer: bytes) -> bytes:
+def _getsockopt(sock: socket.socket, level: int, option: int, buffer: bytes) -> bytearray:
     """getsockopt with an input buffer (Python's socket.getsockopt cannot pass one)."""
-    import ctypes  # here: only hosts with legacy tables pay its import
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                     ctypes.POINTER(ctypes.c_uint32)]
+        _libc = _libc_getsockopt()
+    call, array_of, uint32, byref, get_errno = _libc
     data = bytearray(buffer)  # filled in place: a table can be megabytes, copy it once
-    size = ctypes.c_uint32(len(data))
-    if _libc.getsockopt(sock.fileno(), level, option, (ctypes.c_char * len(data)).from_buffer(data),
-                        ctypes.byref(size)) != 0:
-        code = ctypes.get_errno()
+    size = uint32(len(data))
+    if call(sock.fileno(), level, option, array_of(len(data)).from_buffer(data), byref(size)) != 0:
+        code = get_errno()
         raise XtablesError(code, f"cannot read a legacy iptables table: {os.strerror(code)}")
     del data[size.value:]
     return data
+
+
+def _libc_getsockopt():
+    """libc's getsockopt, through the _ctypes extension alone: the ctypes package costs ~1.5 ms more
+    to import per process, and only this one call is needed. ctypes itself if that fails."""
+    try:
+        import _ctypes
+
+        class c_int(_ctypes._SimpleCData):
+            _type_ = "i"
+
+        class c_uint32(_ctypes._SimpleCData):
+            _type_ = "I"
+
+        class c_char(_ctypes._SimpleCData):
+            _type_ = "c"
+
+        class Function(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+            _restype_ = c_int
+
+        call = Function(_ctypes.dlsym(_ctypes.dlopen(None), "getsockopt"))
+
+        def array_of(length):
+            return type("Buffer", (_ctypes.Array,), {"_type_": c_char, "_length_": length})
+
+        return call, array_of, c_uint32, _ctypes.byref, _ctypes.get_errno
+    except (ImportError, AttributeError, TypeError, OSError):
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.getsockopt, lambda length: ctypes.c_char * length, ctypes.c_uint32, ctypes.byref, ctypes.get_errno
