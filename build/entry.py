@@ -14,6 +14,8 @@ PROGRAMS = {
     "portmap-compat": "portmap_compat.main",
     "aws-vpc-cni-agent": "aws_vpc_cni_agent.main",
 }
+# The CNI plugins: short-lived, one per exec, no threads of their own (see _exit_without_teardown).
+PLUGINS = ("aws-eni-ipam", "aws-vpc-bridge", "aws-snat", "portmap-compat")
 
 
 def _lean_pyroute2() -> None:
@@ -55,6 +57,32 @@ def _lean_pyroute2() -> None:
     sys.modules["pyroute2"] = module
 
 
+def _exit_without_teardown(code) -> None:
+    """Exit as sys.exit(code) would, without the interpreter's teardown.
+
+    Py_Finalize's garbage collections and module teardown cost a plugin ~2-2.5 ms of CPU per exec
+    (VERSION 17.6/19.6 -> 15.1/16.1 ms, min/median), and a plugin has nothing left for them to do: it
+    writes its answer and its log with os.write and opens no file it leaves open. What the teardown
+    would do that anyone can see is done here: atexit handlers, flushing sys.stdout and sys.stderr.
+    Anything unusual (another thread still running, a non-integer code, a flush that fails) takes the
+    ordinary sys.exit, so the interpreter handles it as always.
+    """
+    import atexit
+    threading = sys.modules.get("threading")
+    if threading is not None and any(t.is_alive() and not t.daemon and t is not threading.main_thread()
+                                     for t in threading.enumerate()):
+        sys.exit(code)
+    if code is not None and not isinstance(code, int):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        sys.exit(code)
+    os._exit(code or 0)
+
+
 def main() -> None:
     name = os.path.basename(sys.argv[0])
     if name not in PROGRAMS and len(sys.argv) > 1 and sys.argv[1] in PROGRAMS:
@@ -67,7 +95,13 @@ def main() -> None:
     if name == "aws-vpc-bridge":
         _lean_pyroute2()
     module = __import__(PROGRAMS[name], fromlist=["main"])
-    sys.exit(module.main())
+    if name not in PLUGINS:
+        sys.exit(module.main())
+    try:
+        code = module.main()
+    except SystemExit as exc:
+        code = exc.code
+    _exit_without_teardown(code)
 
 
 if __name__ == "__main__":

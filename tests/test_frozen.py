@@ -37,6 +37,19 @@ def test_each_frozen_plugin_answers_version(frozen, program):
     assert rc == 0 and json.loads(out)["supportedVersions"] == ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 
 
+@pytest.mark.parametrize("program", PROGRAMS[:4])
+def test_a_frozen_plugin_error_exits_1_with_its_error_and_stderr_flushed(frozen, program):
+    """The plugins leave without the interpreter's teardown (build/entry.py): exit code, the answer
+    and buffered stderr must come out as with sys.exit."""
+    proc = subprocess.run([os.path.join(frozen, program)], env={"CNI_COMMAND": "BOGUS", "PATH": "/usr/bin:/bin"},
+                          input=b"", capture_output=True, timeout=60)
+    assert proc.returncode == 1 and json.loads(proc.stdout)["code"] == 4
+    assert b"unknown CNI_COMMAND" in proc.stderr  # the log line, to stderr without a log file
+    usage = subprocess.run([os.path.join(frozen, program)], env={"PATH": "/usr/bin:/bin"}, input=b"",
+                           capture_output=True, timeout=60)
+    assert usage.returncode == 0 and b"CNI protocol versions supported" in usage.stderr and not usage.stdout
+
+
 def test_a_frozen_plugin_is_one_process_that_finds_its_libraries_in_the_bundle(frozen):
     """build/launcher.c: no re-exec (PyInstaller's bootloader execs itself again to set
     LD_LIBRARY_PATH), and every RUNPATH in the bundle points into it, so the bundled libssl, libffi,
