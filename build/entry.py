@@ -18,45 +18,6 @@ PROGRAMS = {
 PLUGINS = ("aws-eni-ipam", "aws-vpc-bridge", "aws-snat", "portmap-compat")
 
 
-def _lean_pyroute2() -> None:
-    """Let `pyroute2.<submodule>` be imported without running pyroute2/__init__.py.
-
-    That file imports the whole library (NDB with sqlite3, IPDB, conntrack, ipset, ipvs, wireguard,
-    nl80211, plan9, ...) whichever submodule is asked for; cnicore.netlink needs only
-    pyroute2.iproute.linux, pyroute2.netns and pyroute2.netlink.exceptions. Measured: about 60 ms of
-    CPU less per aws-vpc-bridge exec, 99 pyroute2 modules imported instead of 163.
-
-    Should anyone ask for a name that only __init__ defines (`from pyroute2 import IPRoute`), the
-    real __init__ runs then, into this same module, so nothing breaks; it is just not cheap.
-    """
-    import importlib
-    import importlib.util
-    import types
-
-    spec = importlib.util.find_spec("pyroute2")
-    if spec is None or not spec.submodule_search_locations:
-        return
-    module = types.ModuleType("pyroute2", "pyroute2, its package __init__ deferred (see build/entry.py)")
-    module.__spec__, module.__path__, module.__file__ = spec, list(spec.submodule_search_locations), spec.origin
-    module.__loader__, module.__package__ = spec.loader, "pyroute2"
-    state = {"full": False}
-
-    def __getattr__(name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        if importlib.util.find_spec(f"pyroute2.{name}") is not None:
-            return importlib.import_module(f"pyroute2.{name}")
-        if not state["full"]:
-            state["full"] = True
-            del module.__getattr__
-            spec.loader.exec_module(module)
-            return getattr(module, name)
-        raise AttributeError(f"module 'pyroute2' has no attribute {name!r}")
-
-    module.__getattr__ = __getattr__
-    sys.modules["pyroute2"] = module
-
-
 def _exit_without_teardown(code) -> None:
     """Exit as sys.exit(code) would, without the interpreter's teardown.
 
@@ -92,8 +53,6 @@ def main() -> None:
         sys.stderr.write(f"aws-vpc-cni bundle: run me as one of {', '.join(PROGRAMS)} "
                          f"(a link with that name, or 'aws-vpc-cni NAME ...')\n")
         sys.exit(2)
-    if name == "aws-vpc-bridge":
-        _lean_pyroute2()
     module = __import__(PROGRAMS[name], fromlist=["main"])
     if name not in PLUGINS:
         sys.exit(module.main())

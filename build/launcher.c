@@ -10,7 +10,7 @@
  * configures it, and build/entry.py run. Bundled shared libraries are found without
  * LD_LIBRARY_PATH: this executable carries DT_RPATH $ORIGIN/_internal, and build.sh points the
  * RUNPATH of every bundled library and extension module into the bundle (build/elfpaths.py).
- * Measured in BENCHMARKS.md ("Where the frozen start-up stands now").
+ * Measured (aws-eni-ipam VERSION, CPU per exec): ~29 -> ~19 ms; see the commit messages of build/.
  *
  * What our code sees is what PyInstaller gave it: the same sys.path (the bundle's folder and its
  * lib-dynload; nothing from the environment), sys.executable (this file, symlinks resolved),
