@@ -234,9 +234,10 @@ class PodNetwork(namedtuple("PodNetwork", "attachment netns host_veth pod_ip mtu
 
 VethPair = namedtuple("VethPair", "host_name host_mac pod_name pod_mac")
 VethPair.__doc__ = "The links ADD made, as the CNI result lists them."
-HostVeth = namedtuple("HostVeth", "name attachment pod_ips")
+HostVeth = namedtuple("HostVeth", "name attachment pod_ips unfinished")
 HostVeth.__doc__ = """A host veth with our prefix, for GC: its attachment (None when the alias is not
-ours) and the pod IPs of the /32 routes through it in main."""
+ours), the pod IPs of the /32 routes through it in main, and whether it is unfinished (named as ADD
+names host veths, down, without alias or route: an ADD was killed right after creating it)."""
 
 
 def _check_ifname(what: str, name: str) -> None:
@@ -684,11 +685,13 @@ def setup_pod(net: PodNetwork) -> VethPair:
     (a pod recreated before its old DEL) is replaced, as upstream does; so are leftover rules
     512/1536 for the pod IP, since IPAM has just given that IP to this attachment.
 
-    Crash safety: the veth pair is made inside the pod netns and its host end gets the attachment's
-    alias there, before it moves to the host netns (as the reference plugins make their pairs in the
-    container). A process killed at any instant thus leaves on the node either nothing or a host veth
-    whose alias names its attachment, which that attachment's DEL and GC find; an unmoved pair stays in
-    the pod netns, where DEL removes it (`teardown_pod(netns=...)`) and which dies with the netns.
+    Crash safety: the pair is made with its host end straight in the host netns (moving a link
+    between namespaces costs the kernel an RCU grace period, 15-30 ms here), and that end gets the
+    attachment's alias in the same request that sets it up. A process killed at any instant thus
+    leaves on the node nothing, a host veth whose alias names its attachment (which that attachment's
+    DEL and GC find), or, killed between those two requests, a host veth that is down and has no
+    alias: DEL removes it through the pod end (`teardown_pod(netns=...)`), GC as an unfinished veth
+    (`list_host_veths`), and it goes with the pod netns in any case.
     """
     with _host() as host, _pod(net.netns) as (pod, _):
         if pod.link(net.ifname) is not None:
@@ -720,32 +723,21 @@ def setup_pod(net: PodNetwork) -> VethPair:
 def _build(host: _Netns, pod: _Netns, host_fd: int, net: PodNetwork, undo: list) -> VethPair:
     """Create and configure the veth pair, then the host route and rules; log undo steps."""
     mtu = attr(IFLA_MTU, _U32.pack(net.mtu))
-    peer = _IFINFO.pack(0, 0, 0, 0, 0) + _name(net.host_veth) + mtu
+    peer = _IFINFO.pack(0, 0, 0, 0, 0) + _name(net.host_veth) + mtu + attr(IFLA_NET_NS_FD, _U32.pack(host_fd))
     veth = attr(IFLA_INFO_KIND, b"veth") + attr(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer))
     try:
-        pod.change(f"create veth {net.ifname} / {net.host_veth} in pod netns {net.netns}", RTM_NEWLINK,
-                   NLM_F_CREATE | NLM_F_EXCL, _IFINFO.pack(0, 0, 0, 0, 0) + _name(net.ifname) + mtu
-                   + attr(IFLA_LINKINFO, veth))
-    except DataPathError as exc:
-        if exc.errno == errno.EEXIST:
-            raise InterfaceExistsError(exc.msg, exc.errno) from None
-        raise
-    pod_link = pod.existing_link(net.ifname)
-    undo.append(lambda: pod.delete_link(pod_link))  # takes its peer along, wherever that is
-    peer_link = pod.existing_link(net.host_veth)
-    pod.set_link(f"set alias {net.attachment.alias} on {net.host_veth} in pod netns {net.netns}", peer_link.index,
-                 attrs=attr(IFLA_IFALIAS, net.attachment.alias.encode()))
-    try:
-        pod.set_link(f"move host veth {net.host_veth} from pod netns {net.netns} to the host netns",
-                     peer_link.index, attrs=attr(IFLA_NET_NS_FD, _U32.pack(host_fd)))
+        pod.change(f"create veth {net.ifname} in pod netns {net.netns} with peer {net.host_veth} in the host netns",
+                   RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
+                   _IFINFO.pack(0, 0, 0, 0, 0) + _name(net.ifname) + mtu + attr(IFLA_LINKINFO, veth))
     except DataPathError as exc:
         if exc.errno == errno.EEXIST:
             raise InterfaceExistsError(exc.msg, exc.errno) from None
         raise
     host_link = host.existing_link(net.host_veth)
-    undo.append(lambda: host.delete_link(host_link))
-    host.set_link(f"set host veth {net.host_veth} up", host_link.index, up=True)
-
+    undo.append(lambda: host.delete_link(host_link))  # takes its peer along
+    host.set_link(f"set alias {net.attachment.alias} on host veth {net.host_veth} and set it up", host_link.index,
+                  up=True, attrs=attr(IFLA_IFALIAS, net.attachment.alias.encode()))
+    pod_link = pod.existing_link(net.ifname)
     pod.set_link(f"set {net.ifname} up", pod_link.index, up=True)
     pod.add_address(f"add address {net.pod_ip}/32 to {net.ifname}", pod_link.index, f"{net.pod_ip}/32")
     for route in _pod_routes(pod_link.index):
@@ -775,9 +767,8 @@ def teardown_pod(attachment: Attachment, *, host_veth: str | None = None,
     its alias names this attachment: a veth now serving another attachment is left alone.
     Rules 512/1536 for `pod_ip` are removed only when no /32 route to it remains (a remaining one
     means the IP already serves another attachment). ENI tables are shared and left in place.
-    With `netns` (the pod's, if it still exists): also a pair that an ADD killed before it moved
-    the host end out is removed from the pod netns (the pod's `ifname` whose veth peer, in the pod
-    netns too, carries the host veth's name).
+    With `netns` (the pod's, if it still exists): a host veth `host_veth` without alias (an ADD killed
+    before it marked the host end) is removed when its peer is the pod's `ifname` in that netns.
     """
     if host_veth is not None:
         _check_ifname("host veth", host_veth)
@@ -788,8 +779,8 @@ def teardown_pod(attachment: Attachment, *, host_veth: str | None = None,
             raise ValueError(f"pod IP {pod_ip!r} is not an IPv4 address") from None
     with _host() as host:
         route = _main_route_to(host, pod_ip) if pod_ip is not None else None
-        candidates = [host.link(host_veth) if host_veth else None,
-                      host.link_at(route.oif) if route is not None else None]
+        by_name = host.link(host_veth) if host_veth else None
+        candidates = [by_name, host.link_at(route.oif) if route is not None else None]
         deleted = set()
         for link in candidates:
             if link is not None and link.alias == attachment.alias and link.index not in deleted:
@@ -797,20 +788,20 @@ def teardown_pod(attachment: Attachment, *, host_veth: str | None = None,
                 deleted.add(link.index)
         if pod_ip is not None and (route is None or route.oif in deleted):
             host.delete_pod_rules(pod_ip)
-    if netns and host_veth is not None:
-        _remove_unmoved_pair(netns, attachment.ifname, host_veth)
+        if netns and by_name is not None and by_name.alias is None and by_name.kind == "veth":
+            _remove_unfinished_pair(host, by_name, netns, attachment.ifname)
 
 
-def _remove_unmoved_pair(path: str, ifname: str, host_veth: str) -> None:
-    """Delete the veth pair an ADD made in the pod netns and was killed before moving out."""
+def _remove_unfinished_pair(host: _Netns, host_link: Link, path: str, ifname: str) -> None:
+    """Delete an unaliased host veth whose peer is the pod's `ifname` in the pod netns `path`."""
     try:
         with _pod(path) as (pod, _):
-            pod_link, peer = pod.link(ifname), pod.link(host_veth)
-            if (pod_link is not None and peer is not None and pod_link.kind == peer.kind == "veth"
-                    and pod_link.peer_index == peer.index):
-                pod.delete_link(peer)
+            pod_link = pod.link(ifname)
     except NetnsError:
         return  # the netns is gone, and the pair with it
+    if pod_link is not None and pod_link.kind == "veth" and pod_link.peer_index == host_link.index \
+            and host_link.peer_index == pod_link.index:
+        host.delete_link(host_link)
 
 
 def list_host_veths(prefix: str) -> list[HostVeth]:
@@ -824,8 +815,30 @@ def list_host_veths(prefix: str) -> list[HostVeth]:
             continue
         ips = tuple(sorted(route.dst[:-3] for route in routes
                            if route.oif == link.index and route.dst.endswith("/32")))
-        found.append(HostVeth(link.name, Attachment.from_alias(link.alias), ips))
+        unfinished = link.alias is None and not link.up and not ips and _is_veth_name(link.name, prefix)
+        found.append(HostVeth(link.name, Attachment.from_alias(link.alias), ips, unfinished))
     return found
+
+
+def remove_unfinished_veth(name: str) -> bool:
+    """Delete host veth `name` if it is still unfinished (down, no alias); True if deleted.
+
+    Such a veth is what an ADD killed between creating the pair and marking the host end leaves (a
+    down link carries no route: the kernel refuses one and flushes them when a link goes down). An
+    ADD still running at that instant then fails (its next request finds no link) and is retried.
+    """
+    with _host() as host:
+        link = host.link(name)
+        if link is None or link.kind != "veth" or link.alias is not None or link.up:
+            return False
+        host.delete_link(link)
+        return True
+
+
+def _is_veth_name(name: str, prefix: str) -> bool:
+    """`name` is a host veth name as ADD makes them: the prefix and 11 hex digits."""
+    digits = name[len(prefix):]
+    return len(digits) == 11 and all(c in "0123456789abcdef" for c in digits)
 
 
 def list_pod_rule_ips() -> set[str]:

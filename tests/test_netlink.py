@@ -565,6 +565,58 @@ def test_gc_lists_host_veths_with_attachments_and_rule_ips(vpc):
     assert vpc.run(netlink.list_pod_rule_ips) == {"10.0.0.51"}
 
 
+def _killed_after_creating_the_pair(net: netlink.PodNetwork) -> None:
+    """What an ADD killed right after its first change leaves: the pair, the host end down and unaliased."""
+    calls = []
+
+    def change(self, what, *args, **kwargs):
+        if calls and calls[-1].startswith("create veth"):
+            raise KeyboardInterrupt("killed")  # not a DataPathError: no undo runs, as after a SIGKILL
+        calls.append(what)
+        return netlink_change(self, what, *args, **kwargs)
+
+    netlink_change = netlink._Netns.change
+    netlink._Netns.change = change
+    try:
+        netlink.setup_pod(net)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        netlink._Netns.change = netlink_change
+    assert calls[-1] == f"create veth {net.ifname} in pod netns {net.netns} with peer {net.host_veth} in the host netns"
+
+
+def test_a_pair_left_unmarked_by_a_killed_add_is_removed_by_del_or_by_gc(vpc):
+    bystander = vpc.pod("10.0.1.70", cid="up")
+    vpc.run(netlink.setup_pod, bystander)
+    for cleaner in ("del", "gc"):
+        net = vpc.pod("10.0.1.71", cid=f"killed-{cleaner}")
+        vpc.run(_killed_after_creating_the_pair, net)
+        veths = {v.name: v for v in vpc.run(netlink.list_host_veths, "eni")}
+        assert veths[net.host_veth].unfinished and veths[net.host_veth].attachment is None
+        assert not veths[bystander.host_veth].unfinished
+        # DEL without the pod netns cannot tell whose it is, and leaves it
+        vpc.run(netlink.teardown_pod, net.attachment, host_veth=net.host_veth, pod_ip=net.pod_ip)
+        assert net.host_veth in ip(vpc.node, "link", "show")
+        if cleaner == "del":
+            vpc.run(netlink.teardown_pod, net.attachment, host_veth=net.host_veth, pod_ip=net.pod_ip,
+                    netns=net.netns)
+        else:
+            assert vpc.run(netlink.remove_unfinished_veth, net.host_veth) is True
+        assert net.host_veth not in ip(vpc.node, "link", "show")
+        assert ip(pod_ns_of(net), "-o", "link", "show").count("\n") == 1  # lo only
+    # neither touches a finished attachment (also when someone set it down), nor a veth named otherwise
+    vpc.run(netlink.teardown_pod, netlink.Attachment("aws-vpc", "other", "eth0"), host_veth=bystander.host_veth,
+            netns=bystander.netns)
+    assert vpc.run(netlink.check_pod, bystander) == []
+    ip(vpc.node, "link", "add", "enihand", "type", "veth", "peer", "name", "xhand")
+    ip(vpc.node, "link", "set", bystander.host_veth, "down")  # (which flushes its route)
+    veths = {v.name: v for v in vpc.run(netlink.list_host_veths, "eni")}
+    assert not veths["enihand"].unfinished and not veths[bystander.host_veth].unfinished
+    assert vpc.run(netlink.remove_unfinished_veth, bystander.host_veth) is False
+    assert {bystander.host_veth, "enihand"} <= {v.name for v in vpc.run(netlink.list_host_veths, "eni")}
+
+
 def test_concurrent_adds_on_one_eni_then_concurrent_dels(vpc):
     nets = [vpc.pod(f"10.0.1.{60 + i}", cid=f"p{i}") for i in range(4)]
     children = [Child(vpc.node, netlink.setup_pod, net) for net in nets]

@@ -185,11 +185,11 @@ def _kill_runs(node: ChainNode, pods: list[Pod], runs: int, rng, make_netns, tal
         command = "add" if pod.state == DOWN else "del"
         kill = None
         if rng.random() < KILL_SHARE:
+            typical = sorted(duration[command] or duration["add"])[len(duration[command] or duration["add"]) // 2]
             if rng.random() < 0.75 or not duration[command]:
-                typical = sorted(duration[command] or duration["add"])[len(duration[command] or duration["add"]) // 2]
                 kill = ("group", rng.uniform(0, typical * 1.1))
-            else:
-                kill = ("plugin", rng.choice(FULL_CHAIN + ("aws-eni-ipam",)), rng.uniform(0, 0.15))
+            else:  # within one plugin's share of a whole operation (four programs run per ADD)
+                kill = ("plugin", rng.choice(FULL_CHAIN + ("aws-eni-ipam",)), rng.uniform(0, typical / 3))
         outcome = node.run(command, pod, kill=kill)
         pod.history.append((command, kill, outcome.rc, outcome.killed))
         if outcome.killed:

@@ -144,6 +144,13 @@ def cmd_gc(args: skel.CmdArgs) -> None:
     routed = set()
     for veth in netlink.list_host_veths(cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
         att = veth.attachment
+        if veth.unfinished:  # an ADD killed right after creating the pair, before it marked the host end
+            try:
+                if netlink.remove_unfinished_veth(veth.name):
+                    args.log.info("GC removed an unfinished host veth", host_veth=veth.name)
+            except CNIError as exc:
+                errors.append(str(exc))
+            continue
         if att is None or att.network != args.network or (att.container_id, att.ifname) in keep:
             routed.update(veth.pod_ips)
             continue
