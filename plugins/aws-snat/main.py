@@ -83,6 +83,7 @@ SWEPT_CHAINS = {"nat": ("PREROUTING", "POSTROUTING"), "mangle": ("PREROUTING",)}
 OUR_COMMENTS = {SNAT_JUMP_COMMENT, SNAT_COMMENT, CONNMARK_JUMP_COMMENT, CONNMARK_COMMENT, NODEPORT_COMMENT}
 RANDOM_FLAG = {"prng": " --random-fully", "hashrandom": " --random", "none": ""}
 STAMP_FILE = "aws-snat.stamp"  # in the data dir
+STAMP_VERSION = 1
 IFACE_FILE = "aws-snat.primary-interface"  # in the data dir: "<MAC> <interface name>"
 SIOCGIFHWADDR = 0x8927
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -343,7 +344,10 @@ def plan(nf: Netfilter, state: TableState) -> TablePlan:
 
 def stamp(cfg: dict, want: Desired) -> Stamp:
     """The stamp for these desired nat and mangle rules in this mode (see cnicore.netfilter.stamp)."""
-    key = json.dumps([want.nat, want.mangle], sort_keys=True, default=list)
+    # what the verification looks for: the rules, and which rules of ours it sweeps (a new plugin
+    # version that verifies otherwise bumps STAMP_VERSION)
+    key = json.dumps([STAMP_VERSION, want.nat, want.mangle, SWEPT_CHAINS, sorted(OUR_COMMENTS)], sort_keys=True,
+                     default=list)
     return Stamp(os.path.join(cfg["AWS_VPC_CNI_DATA_DIR"], STAMP_FILE), cfg["AWS_VPC_CNI_NETFILTER_MODE"], key)
 
 
