@@ -7,11 +7,11 @@ the runtime keeps; the plugin itself never fails because of its log.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
+from . import jsonio
 from .fsutil import make_dirs
 
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARN": 30, "WARNING": 30, "ERROR": 40}
@@ -48,7 +48,7 @@ class Logger:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
         record = {"time": stamp,
                   "level": level, "plugin": self.plugin, **self.context, "msg": msg, **fields}
-        line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
+        line = jsonio.dumps(record, default=str, separators=(",", ":")) + "\n"
         try:
             os.write(self._open(), line.encode())
         except OSError:

@@ -8,17 +8,25 @@ reset: opening it raises StoreError, and only `set_aside` (used by the agent's r
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import re
 import time
 
+from . import jsonio
 from .errors import CNIError, STORE_FAILURE
 from .fsutil import make_dirs
 
 SCHEMA = 1
 DEFAULT_DIR = "/var/run/aws-vpc-cni"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_NAME_CHARS = _ALNUM | frozenset("_.-")
+
+
+def _valid_name(name: str) -> bool:
+    r"""What re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", name) accepts ("$" also before one final
+    newline), without importing re (~4 ms per exec)."""
+    if name.endswith("\n"):
+        name = name[:-1]
+    return name[:1] in _ALNUM and all(c in _NAME_CHARS for c in name)
 
 
 class StoreError(CNIError):
@@ -30,7 +38,7 @@ class Store:
     """The document of one network in `data_dir`; every access goes through `locked()`."""
 
     def __init__(self, data_dir: str, network: str):
-        if not _NAME_RE.match(network or ""):
+        if not _valid_name(network or ""):
             raise StoreError(f"invalid network name for the state store: {network!r}")
         self.data_dir = data_dir
         self.network = network
@@ -101,7 +109,7 @@ class Transaction:
         except OSError as exc:
             raise StoreError(f"cannot read the state file {path}: {exc.strerror}") from None
         try:
-            doc = json.loads(raw)
+            doc = jsonio.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise StoreError(f"the state file {path} is corrupt and was left as it is: {exc}",
                              "the node agent rebuilds it from EC2 and the host, keeping the bad file aside") from None
@@ -116,7 +124,7 @@ class Transaction:
             raise StoreError("the state store was opened read-only")
         doc["schema"] = SCHEMA
         doc["network"] = self.store.network
-        data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+        data = jsonio.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
         directory = self.store.data_dir
         self._remove_stale_temps()
         tmp = os.path.join(directory, f".{self.store.network}.json.tmp.{os.getpid()}")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from cnicore import skel
 from cnicore.errors import CNIError
@@ -364,3 +365,20 @@ def test_bad_cni_args_are_code_4_and_change_nothing(cni, args):
     rc, parsed, out, _ = cni.run("ADD", CNI_ARGS=args)
     assert_error(rc, parsed, out, 4)
     assert cni.state() is None
+
+
+# The name checks are written without `re` (start-up cost); they must answer as the patterns they stand for.
+_NAME_ALPHABET = "aZz09-_.\n\t /:AéİK١²\x00"
+_names = st.text(alphabet=_NAME_ALPHABET, max_size=70) | st.sampled_from(
+    ["", "a", "-a", "a-", "a" * 63, "a" * 64, "a." * 126 + "a", "a." * 127 + "a", ("b" * 63 + ".") * 4, "c1\n",
+     "1" * 65, "web-1", "kube-system", "default", "0", "a..b", ".a", "a."])
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_names)
+def test_name_checks_answer_as_their_regular_expressions(text):
+    import re
+    for check in (skel.CONTAINER_ID_RE, skel.NETWORK_NAME_RE, *skel.K8S_ARGS.values()):
+        assert bool(check.match(text)) == bool(re.match(check.pattern, text)), (check, text)
+    assert bool(skel.K8S_ARGS["K8S_POD_NAME"].match(text + "x" * 250)) == \
+        bool(re.match(skel.K8S_ARGS["K8S_POD_NAME"].pattern, text + "x" * 250))

@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from cnicore.pool import Pool, PoolExhausted, new_document
 from cnicore.store import Store, StoreError
@@ -248,3 +249,11 @@ def test_ips_ec2_no_longer_reports_are_dropped_unless_assigned():
     assert lost == ["10.0.1.9"]
     assert sorted(pool.enis["eni-a"]["ips"]) == ["10.0.1.30", "10.0.1.9"]
     assert pool.find("c1", "eth0").ip == "10.0.1.9"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet="aZ09-_.\n\t /éİ١\x00", max_size=20))
+def test_network_name_check_answers_as_its_regular_expression(name):
+    import re
+    from cnicore import store
+    assert store._valid_name(name) == bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", name)), name
