@@ -23,11 +23,16 @@ import os
 import socket
 import struct
 
-from cnicore.rawnetlink import NLM_F_ACK, attr, attributes, open_socket, transact
+from cnicore.rawnetlink import NLM_F_ACK, NLM_F_DUMP, attr, attributes, open_socket, transact
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETCHAIN, NFT_MSG_NEWCHAIN = 4, 3
+NFT_MSG_NEWRULE, NFT_MSG_GETRULE = 6, 7
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
+# Rule attributes that say where a rule sits or how it was made, not what it does.
+_RULE_PLACE = {3, 6, 8, 9, 10}  # HANDLE, POSITION, ID, POSITION_ID, CHAIN_ID
+NFTA_LIST_ELEM, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 1, 2
 NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 15, 16
 NFTA_GEN_ID = 1
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME = 1, 3
@@ -72,6 +77,65 @@ def chain_exists(family: int, table: str, chain: str, sock: socket.socket | None
     except OSError as exc:
         raise NftError(exc.errno, f"cannot look up nf_tables chain {table}/{chain}: {exc.strerror or exc}") from None
     return any(kind == _kind(NFT_MSG_NEWCHAIN) for kind, _ in answers)
+
+
+def chains_digest(family: int, table: str, chains, sock: socket.socket | None = None) -> str:
+    """A digest of what `chains` of nf_tables table `table` hold: whether each exists, and its rules
+    in order, without their handles and positions and without counter values (they move with
+    traffic). Equal digests, the same rules in these chains. Other chains and tables do not count.
+    (A rule whose expressions keep other state that moves, e.g. quota or last, makes every digest
+    differ: never a false "unchanged".)"""
+    import hashlib
+    digest = hashlib.blake2b(digest_size=16)
+    own = sock is None
+    sock = open_nfnetlink() if own else sock
+    try:
+        for chain in chains:
+            if not chain_exists(family, table, chain, sock):
+                digest.update(f"-{table}/{chain}\n".encode())
+                continue
+            digest.update(f"+{table}/{chain}\n".encode())
+            payload = (_NFGEN.pack(family, 0, 0) + attr(NFTA_RULE_TABLE, table.encode() + b"\0")
+                       + attr(NFTA_RULE_CHAIN, chain.encode() + b"\0"))
+            try:
+                answers = transact(sock, _kind(NFT_MSG_GETRULE), NLM_F_DUMP, payload, _next_seq())
+            except OSError as exc:
+                raise NftError(exc.errno, f"cannot list nf_tables chain {table}/{chain}: {exc.strerror or exc}") from None
+            for kind, body in answers:
+                if kind != _kind(NFT_MSG_NEWRULE):
+                    continue
+                for key, value in _attribute_list(body[_NFGEN.size:]):
+                    if key in _RULE_PLACE:
+                        continue
+                    if key == NFTA_RULE_EXPRESSIONS:
+                        value = _without_counter_values(value)
+                    digest.update(struct.pack("=HI", key, len(value)) + value)
+                digest.update(b"\n")
+    finally:
+        if own:
+            sock.close()
+    return digest.hexdigest()
+
+
+def _attribute_list(data) -> list[tuple[int, bytes]]:
+    """Attributes in order (a rule's expression list repeats NFTA_LIST_ELEM)."""
+    found, offset = [], 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        found.append((kind & 0x3FFF, bytes(data[offset + 4:offset + length])))
+        offset += (length + 3) & ~3
+    return found
+
+
+def _without_counter_values(expressions: bytes) -> bytes:
+    out = []
+    for key, element in _attribute_list(expressions):
+        if key == NFTA_LIST_ELEM and dict(_attribute_list(element)).get(NFTA_EXPR_NAME) == b"counter\0":
+            element = attr(NFTA_EXPR_NAME, b"counter\0")  # the expression stays, its packet and byte counts go
+        out.append(attr(key, element))
+    return b"".join(out)
 
 
 def open_nfnetlink() -> socket.socket:

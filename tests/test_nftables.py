@@ -159,38 +159,84 @@ def test_any_chain_exists_looks_in_the_variants_the_mode_drives(make_netns, mode
     assert ask(ns, a=q.format(mode="iptc", v6=(False, True))) == {"a": True}
 
 
+CHAINS = "{'nat': ['PREROUTING', 'POSTROUTING', 'AWS-SNAT-CHAIN-0'], 'mangle': ['PREROUTING']}"
+
+
+def fingerprints(ns):
+    return ask(ns, **{mode: f"stamp.fingerprint({mode!r}, {CHAINS})" for mode in ("nft", "legacy", "auto")})
+
+
+def test_nft_chain_digest_follows_those_chains_only_and_not_the_counters(make_netns):
+    ns = make_netns("digest")
+    sh(ns, "ip link set lo up; iptables-nft -w -t nat -N AWS-SNAT-CHAIN-0; "
+           "iptables-nft -w -t nat -A AWS-SNAT-CHAIN-0 -d 10.0.0.0/16 -j RETURN; "
+           "iptables-nft -w -t mangle -A PREROUTING -i lo -j MARK --set-xmark 0x1/0x1; "
+           "iptables-nft -w -t nat -A POSTROUTING -o lo -j AWS-SNAT-CHAIN-0")
+    one = fingerprints(ns)["nft"]
+    sh(ns, f"{sys.executable} -c \"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+           "[s.sendto(b'x', ('127.0.0.1', 9)) for _ in range(3)]\"")  # counters of the mangle rule move
+    assert int(sh(ns, "iptables-nft -t mangle -L PREROUTING -v -x -n | awk 'NR==3 {print $1}'")) >= 3
+    assert fingerprints(ns)["nft"] == one
+    for elsewhere in ("iptables-nft -w -t filter -A INPUT -j ACCEPT", "iptables-nft -w -t nat -N KUBE-SERVICES",
+                      "iptables-nft -w -t nat -A KUBE-SERVICES -j RETURN", "iptables-nft -w -t nat -A OUTPUT -j RETURN",
+                      "ip6tables-nft -w -t nat -A POSTROUTING -j RETURN", "nft add table inet other",
+                      "iptables-legacy -w -t nat -A POSTROUTING -j RETURN"):
+        sh(ns, elsewhere)
+        assert fingerprints(ns)["nft"] == one, elsewhere
+    for change in ("iptables-nft -w -t nat -R AWS-SNAT-CHAIN-0 1 -d 10.1.0.0/16 -j RETURN",  # same size, another rule
+                   "iptables-nft -w -t nat -I POSTROUTING 1 -j RETURN",
+                   "iptables-nft -w -t nat -D POSTROUTING 1",                                # back: the same again
+                   "iptables-nft -w -t mangle -D PREROUTING 1",
+                   "iptables-nft -w -t nat -F AWS-SNAT-CHAIN-0",
+                   "iptables-nft -w -t nat -D POSTROUTING 1; iptables-nft -w -t nat -X AWS-SNAT-CHAIN-0",
+                   "iptables-nft -w -t nat -N AWS-SNAT-CHAIN-0"):                            # empty is not absent
+        sh(ns, change)
+        now = fingerprints(ns)["nft"]
+        if change == "iptables-nft -w -t nat -D POSTROUTING 1":
+            assert now == last_but_one, change
+        else:
+            assert now != one, change
+        last_but_one, one = one, now
+
+
 def test_fingerprint_per_mode(make_netns):
     ns = make_netns("fp")
-    before = ask(ns, nft="stamp.fingerprint('nft')", legacy="stamp.fingerprint('legacy')",
-                 auto="stamp.fingerprint('auto')")
-    sh(ns, "iptables-legacy -w -t filter -A INPUT -j ACCEPT")  # a legacy table auto reads, legacy mode does not
-    after = ask(ns, nft="stamp.fingerprint('nft')", legacy="stamp.fingerprint('legacy')",
-                auto="stamp.fingerprint('auto')")
+    before = fingerprints(ns)
+    sh(ns, "iptables-legacy -w -t filter -A INPUT -j ACCEPT")  # a legacy table auto reads (rules counted)
+    after = fingerprints(ns)
     assert after["nft"] == before["nft"] and after["legacy"] == before["legacy"] and after["auto"] != before["auto"]
-    sh(ns, "iptables-nft -w -t filter -A INPUT -j ACCEPT")
-    last = ask(ns, nft="stamp.fingerprint('nft')", legacy="stamp.fingerprint('legacy')",
-               auto="stamp.fingerprint('auto')")
-    assert last["nft"] != after["nft"] and last["legacy"] == after["legacy"] and last["auto"] != after["auto"]
+    sh(ns, "iptables-nft -w -t filter -A INPUT -j ACCEPT")  # counted: any nf_tables change counts
+    last = fingerprints(ns)
+    assert last["nft"] == after["nft"] and last["legacy"] == after["legacy"] and last["auto"] != after["auto"]
+    sh(ns, "iptables-legacy -w -t nat -A POSTROUTING -j RETURN")
+    assert fingerprints(ns)["legacy"] != last["legacy"]
 
 
 def test_auto_fingerprint_reads_what_detection_rests_on(make_netns):
-    """With kubelet's hint in legacy mangle, the auto fingerprint covers nat, mangle and the generation,
-    not the (large, kube-proxy's) filter table; without any hint it covers every legacy table."""
+    """With kubelet's hint in legacy mangle, the auto fingerprint covers nat and mangle, not the (large,
+    kube-proxy's) filter table nor nf_tables; with the hint in nf_tables, only our nf_tables chains;
+    without any hint it covers every legacy table and the generation."""
     ns = make_netns("fp")
+    auto = f"stamp.fingerprint('auto', {CHAINS})"
     sh(ns, "iptables-legacy -w -t mangle -N KUBE-KUBELET-CANARY")
-    one = ask(ns, fp="stamp.fingerprint('auto')")["fp"]
+    one = ask(ns, fp=auto)["fp"]
     assert one.split()[1] == "legacy-hint"
-    sh(ns, "iptables-legacy -w -t filter -A INPUT -j ACCEPT")
-    assert ask(ns, fp="stamp.fingerprint('auto')")["fp"] == one
-    for change in ("iptables-legacy -w -t nat -N X", "ip6tables-legacy -w -t mangle -N Y", "iptables-nft -w -N Z"):
+    for elsewhere in ("iptables-legacy -w -t filter -A INPUT -j ACCEPT", "iptables-nft -w -N Z"):
+        sh(ns, elsewhere)
+        assert ask(ns, fp=auto)["fp"] == one, elsewhere
+    for change in ("iptables-legacy -w -t nat -N X", "ip6tables-legacy -w -t mangle -N Y",
+                   "iptables-nft -w -t mangle -N KUBE-IPTABLES-HINT"):  # the last: nft's hint wins now
         sh(ns, change)
-        assert ask(ns, fp="stamp.fingerprint('auto')")["fp"] != one, change
-        one = ask(ns, fp="stamp.fingerprint('auto')")["fp"]
-    sh(ns, "iptables-legacy -w -t mangle -X KUBE-KUBELET-CANARY")
-    counted = ask(ns, fp="stamp.fingerprint('auto')")["fp"]
+        assert ask(ns, fp=auto)["fp"] != one, change
+        one = ask(ns, fp=auto)["fp"]
+    assert one.split()[1] == "nft-hint"
+    sh(ns, "iptables-nft -w -X Z; iptables-legacy -w -t filter -A INPUT -j DROP")
+    assert ask(ns, fp=auto)["fp"] == one
+    sh(ns, "iptables-nft -w -t mangle -X KUBE-IPTABLES-HINT; iptables-legacy -w -t mangle -X KUBE-KUBELET-CANARY")
+    counted = ask(ns, fp=auto)["fp"]
     assert counted.split()[1] == "counted"
     sh(ns, "iptables-legacy -w -t filter -A INPUT -j DROP")
-    assert ask(ns, fp="stamp.fingerprint('auto')")["fp"] != counted
+    assert ask(ns, fp=auto)["fp"] != counted
 
 
 def test_legacy_tables_are_read_with_the_ctypes_package_too(make_netns):

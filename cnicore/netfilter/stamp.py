@@ -5,28 +5,29 @@ A plugin that converges the same node-wide rules on every pod ADD (aws-snat) can
 answers with a value that changes whenever anything the verification (and, in 'auto', the variant
 detection) read could have changed:
 
-    nft     the nf_tables generation (cnicore.nftables.genid): every nf_tables transaction in this
-            namespace bumps it, iptables-nft's included; reads do not
-    legacy  a digest of the legacy tables the rules live in (counters left out): x_tables has no
-            generation, so the content itself
-    auto    (and iptc) the generation, and a digest of the legacy tables the detection's answer
-            rests on: none when nf_tables has kubelet's hint or no legacy table exists, the mangle
-            tables (where kubelet's hint is) and nat when legacy has the hint in mangle, else every
-            legacy table, IPv4 and IPv6 (the rules are counted)
+    nft     a digest of the nf_tables chains the verification reads (cnicore.nftables.chains_digest:
+            whether each exists, its rules in order, counters left out): rules elsewhere (kube-proxy
+            rewrites its chains all the time) do not move it
+    legacy  a digest of the legacy tables those chains are in (counters left out): x_tables can
+            only be read a table at a time
+    auto    (and iptc) which step of the variant detection decides, and what it rests on: with
+            kubelet's hint in nf_tables, or no legacy table at all, the nft chains' digest; with the
+            hint in legacy mangle, the legacy tables' digest (mangle included, IPv4 and IPv6); else
+            (the rules are counted) the nf_tables generation (cnicore.nftables.genid, bumped by
+            every nf_tables transaction) and a digest of every legacy table
 
 A `Stamp` file in the data dir records "rules described by KEY were verified in place at
 fingerprint F, in network namespace N". It is written only when a verification found nothing to
 change and the fingerprint read before it equals the one read after it (nothing changed meanwhile),
 and it is trusted only for the same key (the desired rules, settings and mode), the same namespace
-(cookie and boot id: the generation restarts with the namespace) and the same fingerprint. Any
+(cookie and boot id: a generation restarts with the namespace) and the same fingerprint. Any
 change (a rule deleted by hand, another iptables user, a new setting) gives another fingerprint or
 key, and the next caller verifies in full. A stamp that is missing, unreadable, corrupt or foreign
 counts as absent; failing to write one only costs the next caller a full verification.
 
-Limits: the nf_tables generation only grows (a u32; it would take 4 billion transactions to come
-back). A legacy digest is of content: a change and its exact undoing between the two fingerprint
-reads of one verification (a few ms) would go unnoticed for that verification; anything later is
-seen. Without SO_NETNS_COOKIE (kernels before 5.14) the namespace is told by its inode, which a
+Limits: a digest is of content: a change and its exact undoing between the two fingerprint reads
+of one verification (a few ms) would go unnoticed for that verification; anything later is seen.
+The nf_tables generation only grows (a u32: 4 billion transactions to come back). Without SO_NETNS_COOKIE (kernels before 5.14) the namespace is told by its inode, which a
 namespace made after this one was deleted can reuse; the root namespace, where plugins run on a
 node, lives as long as the boot.
 """
@@ -43,48 +44,58 @@ from . import xtables
 FORMAT = "netfilter-stamp-v1"
 
 
-def fingerprint(mode: str, tables=("nat", "mangle")) -> str | None:
-    """What verifying rules of `tables` in `mode` depends on, now; None when it cannot be read
-    (then nothing may be skipped)."""
+def fingerprint(mode: str, chains) -> str | None:
+    """What verifying the rules of `chains` ({table: [chain, ...]}, IPv4) in `mode` depends on, now;
+    None when it cannot be read (then nothing may be skipped)."""
     try:
         if mode == "nft":
-            return f"nft {nftables.genid()}"
+            return f"nft {_nft_chains(chains)}"
         if mode == "legacy":
-            return f"legacy {xtables.fingerprint(tables, ipv6=False)}"
-        return _detected(mode, tables)
+            return f"legacy {xtables.fingerprint(sorted(chains), ipv6=False)}"
+        return _detected(mode, chains)
     except OSError:
         return None
 
 
-def _detected(mode: str, tables) -> str:
-    """'auto' (and 'iptc'): the generation, plus the legacy tables the detection's answer rests on.
-    Which of the detection's steps decides is part of the value, and each step reads only what
-    decides it, so that a legacy node with kubelet's hint does not digest its whole filter table."""
+def _nft_chains(chains) -> str:
+    with nftables.open_nfnetlink() as sock:
+        return " ".join(nftables.chains_digest(nftables.NFPROTO_IPV4, table, names, sock)
+                        for table, names in sorted(chains.items()))
+
+
+def _detected(mode: str, chains) -> str:
+    """'auto' (and 'iptc'): what the detection's answer rests on, plus the rules in the variant it
+    picks. Which of the detection's steps decides is part of the value, and each step reads only
+    what decides it, so that a legacy node with kubelet's hint does not digest its whole filter
+    table, and an nft node's fingerprint does not move with rules elsewhere (kube-proxy's)."""
     from .detect import KUBELET_CHAINS, nft_hint
+    if nft_hint():  # nft, whatever else either variant holds
+        return f"{mode} nft-hint {_nft_chains(chains)}"
+    names = {ipv6: xtables.table_names(ipv6) for ipv6 in (False, True)}
+    if not any(names.values()):  # nft: legacy holds no rule at all
+        return f"{mode} no-legacy {_nft_chains(chains)}"
+    if any(chain in KUBELET_CHAINS for ipv6 in (False, True) if "mangle" in names[ipv6]
+           for chain in xtables.user_chains("mangle", ipv6)):  # legacy; the hint is in a mangle table
+        return (f"{mode} legacy-hint {xtables.fingerprint(sorted({*chains, 'mangle'}), ipv6=False)} "
+                f"{xtables.fingerprint(['mangle'], ipv6=True)}")
+    # the rules of both variants are counted: any nf_tables change may matter
     try:
         generation = str(nftables.genid())
     except OSError:
-        generation = "-"  # no nf_tables here: nothing in it to detect or change
-    if nft_hint():  # nft, whatever legacy holds; the hint and our rules are nf_tables', in the generation
-        return f"{mode} nft-hint {generation}"
-    names = {ipv6: xtables.table_names(ipv6) for ipv6 in (False, True)}
-    if not any(names.values()):  # nft: legacy holds no rule at all
-        return f"{mode} no-legacy {generation}"
-    if any(chain in KUBELET_CHAINS for ipv6 in (False, True) if "mangle" in names[ipv6]
-           for chain in xtables.user_chains("mangle", ipv6)):  # legacy; the hint is in a mangle table
-        return (f"{mode} legacy-hint {generation} {xtables.fingerprint(sorted({*tables, 'mangle'}), ipv6=False)} "
-                f"{xtables.fingerprint(['mangle'], ipv6=True)}")
+        generation = "-"  # no nf_tables here: nothing in it to count or change
     return f"{mode} counted {generation} {xtables.fingerprint(None, ipv6=False)} {xtables.fingerprint(None, ipv6=True)}"
 
 
 class Stamp:
-    def __init__(self, path: str, mode: str, key: str):
+    def __init__(self, path: str, mode: str, key: str, chains):
+        """`chains`: {table: [chain, ...]}, every chain the verification reads (IPv4)."""
         self.path = path
         self.mode = mode
+        self.chains = {table: tuple(names) for table, names in chains.items()}
         self.key = hashlib.sha256(f"{FORMAT}\n{mode}\n{nftables.netns_id()}\n{key}".encode()).hexdigest()
 
     def fingerprint(self) -> str | None:
-        return fingerprint(self.mode)
+        return fingerprint(self.mode, self.chains)
 
     def holds(self, current: str | None) -> bool:
         """Whether the stamp says our rules were verified at exactly this fingerprint."""

@@ -26,9 +26,9 @@ external SNAT both nat chains go (marking pod traffic to the primary ENI would m
 the pod IP is not the primary ENI's).
 
 Cost: in the steady state, no iptables at all: a stamp in the data dir (cnicore.netfilter.stamp)
-records the ruleset fingerprint (the nf_tables generation, or a digest of the legacy tables) at which
+records the fingerprint (a digest of our nf_tables chains, or of the legacy tables) at which
 a verification last found every rule in place for exactly these desired rules, settings and mode; if
-the fingerprint is unchanged, nothing in netfilter can have changed since, and only rule 1024 (one
+the fingerprint is unchanged, nothing that verification reads can have changed, and only rule 1024 (one
 rtnetlink dump) and rp_filter (a sysctl read) are looked at. Otherwise one iptables-save per table
 (the rules are written exactly as iptables-save prints them, so they compare as text) verifies, and a
 table that differs gets one iptables-restore transaction (two when a rule must move, see `plan`).
@@ -348,7 +348,13 @@ def stamp(cfg: dict, want: Desired) -> Stamp:
     # version that verifies otherwise bumps STAMP_VERSION)
     key = json.dumps([STAMP_VERSION, want.nat, want.mangle, SWEPT_CHAINS, sorted(OUR_COMMENTS)], sort_keys=True,
                      default=list)
-    return Stamp(os.path.join(cfg["AWS_VPC_CNI_DATA_DIR"], STAMP_FILE), cfg["AWS_VPC_CNI_NETFILTER_MODE"], key)
+    chains = {}  # every chain `plan` reads: the swept built-in ones, ours, the ones our rules are in
+    for state in (want.nat, want.mangle):
+        names = [*SWEPT_CHAINS[state.table], *state.chains, *state.absent_chains,
+                 *(rule.chain for rule in (*state.rules, *state.absent_rules))]
+        chains[state.table] = list(dict.fromkeys(names))
+    return Stamp(os.path.join(cfg["AWS_VPC_CNI_DATA_DIR"], STAMP_FILE), cfg["AWS_VPC_CNI_NETFILTER_MODE"], key,
+                 chains)
 
 
 def converge(cfg: dict, want: Desired, stamped: Stamp | None = None, trust_stamp: bool = True) -> list[str]:
