@@ -382,3 +382,16 @@ def test_name_checks_answer_as_their_regular_expressions(text):
         assert bool(check.match(text)) == bool(re.match(check.pattern, text)), (check, text)
     assert bool(skel.K8S_ARGS["K8S_POD_NAME"].match(text + "x" * 250)) == \
         bool(re.match(skel.K8S_ARGS["K8S_POD_NAME"].pattern, text + "x" * 250))
+
+
+def test_the_core_a_plugin_imports_on_every_exec_stays_lean():
+    """skel, settings, result, log, store, pool and agentlink are imported by every plugin exec (the
+    frozen bundle pays for each module on every pod ADD and DEL): none of them may pull in json, re,
+    dataclasses, typing, socket, ipaddress or contextlib (together ~15-20 ms of CPU per exec)."""
+    code = ("import sys; before = set(sys.modules); "
+            "from cnicore import skel, settings, result, log, store, pool, agentlink; "
+            "print(' '.join(sorted(set(sys.modules) - before)))")
+    loaded = set(subprocess.run([sys.executable, "-S", "-I", "-c", f"import sys; sys.path.insert(0, {os.path.dirname(TESTS)!r}); {code}"],
+                                capture_output=True, text=True, check=True).stdout.split())
+    assert not loaded & {"json", "re", "dataclasses", "typing", "socket", "ipaddress", "contextlib", "enum",
+                         "inspect", "collections"}, sorted(loaded)
