@@ -18,6 +18,28 @@ PROGRAMS = {
 PLUGINS = ("aws-eni-ipam", "aws-vpc-bridge", "aws-snat", "portmap-compat")
 
 
+def _frozen_stdlib_files() -> None:
+    """What PyInstaller's bootstrap does for Python 3.11's frozen stdlib modules (os, codecs, io, ...),
+    which build/launcher.c runs us without: sys._stdlib_dir and their __file__ point into the
+    bundle, as for every other module. Here rather than in the launcher, so it is compiled once."""
+    import _imp
+    if not sys._stdlib_dir:
+        sys._stdlib_dir = sys._MEIPASS
+    for name, module in list(sys.modules.items()):
+        if not _imp.is_frozen(name):
+            continue
+        state = module.__spec__.loader_state
+        origname = state.origname + (".__init__" if _imp.is_frozen_package(name) else "")
+        filename = "/".join([sys._MEIPASS, *origname.split(".")]) + ".pyc"
+        if not hasattr(module, "__file__"):
+            try:
+                module.__file__ = filename
+            except AttributeError:
+                pass
+        if state.filename is None and origname != "importlib._bootstrap":
+            state.filename = filename
+
+
 def _exit_without_teardown(code) -> None:
     """Exit as sys.exit(code) would, without the interpreter's teardown.
 
@@ -45,6 +67,8 @@ def _exit_without_teardown(code) -> None:
 
 
 def main() -> None:
+    if hasattr(sys, "_MEIPASS"):
+        _frozen_stdlib_files()
     name = os.path.basename(sys.argv[0])
     if name not in PROGRAMS and len(sys.argv) > 1 and sys.argv[1] in PROGRAMS:
         name = sys.argv.pop(1)

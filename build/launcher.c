@@ -36,31 +36,9 @@
 #define OPTIMIZE 0
 #endif
 
-/* Run in __main__ once the interpreter is up: what PyInstaller's bootstrap does for Python 3.11's
- * frozen stdlib modules (os, codecs, io, ...: sys._stdlib_dir and their __file__ point into the
- * bundle, as for every other module), then build/entry.py (_internal/entry.pyc). */
-#define RUN \
-    "def _frozen_stdlib_files():\n" \
-    "    import _imp, os, sys\n" \
-    "    if not sys._stdlib_dir:\n" \
-    "        sys._stdlib_dir = sys._MEIPASS\n" \
-    "    for name, module in list(sys.modules.items()):\n" \
-    "        if not _imp.is_frozen(name):\n" \
-    "            continue\n" \
-    "        state = module.__spec__.loader_state\n" \
-    "        origname = state.origname + ('.__init__' if _imp.is_frozen_package(name) else '')\n" \
-    "        filename = '/'.join([sys._MEIPASS, *origname.split('.')]) + '.pyc'\n" \
-    "        if not hasattr(module, '__file__'):\n" \
-    "            try:\n" \
-    "                module.__file__ = filename\n" \
-    "            except AttributeError:\n" \
-    "                pass\n" \
-    "        if state.filename is None and origname != 'importlib._bootstrap':\n" \
-    "            state.filename = filename\n" \
-    "_frozen_stdlib_files()\n" \
-    "del _frozen_stdlib_files\n" \
-    "import entry\n" \
-    "entry.main()\n"
+/* Run in __main__ once the interpreter is up: build/entry.py (_internal/entry.pyc), which first
+ * gives Python 3.11's frozen stdlib modules their __file__ as PyInstaller's bootstrap does. */
+#define RUN "import entry\nentry.main()\n"
 
 static int fail(const char *what)
 {
