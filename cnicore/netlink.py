@@ -27,12 +27,12 @@ import errno
 import ipaddress
 import os
 import struct
-from _sha1 import sha1  # hashlib's import loads OpenSSL (~3 ms per exec); the built-in SHA-1 is the same function
 from _socket import AF_INET, NETLINK_ROUTE, inet_aton, inet_ntoa  # socket.py costs 2-4 ms more (rawnetlink)
 from collections import namedtuple
 from contextlib import contextmanager
 
 from cnicore.errors import NETLINK_FAILURE, CNIError
+from cnicore.hashes import sha1
 from cnicore.rawnetlink import (NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, attr, attributes,
                                 open_socket, transact)
 

@@ -20,10 +20,11 @@ in the same namespace (`netns_id`).
 from __future__ import annotations
 
 import os
-import socket
 import struct
+from _socket import AF_INET, SOL_SOCKET
 
-from cnicore.rawnetlink import NLM_F_ACK, NLM_F_DUMP, attr, attributes, open_socket, transact
+from cnicore.hashes import blake2b
+from cnicore.rawnetlink import NLM_F_ACK, NLM_F_DUMP, Socket, attr, attributes, control_socket, open_socket, transact
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -61,7 +62,7 @@ def genid() -> int:
     raise NftError("nf_tables answered GETGEN without a generation id")
 
 
-def chain_exists(family: int, table: str, chain: str, sock: socket.socket | None = None) -> bool:
+def chain_exists(family: int, table: str, chain: str, sock: Socket | None = None) -> bool:
     """Whether nf_tables table `table` of `family` (NFPROTO_IPV4/IPV6) has chain `chain`.
     A missing table is a missing chain. Raises NftError on any other failure."""
     payload = (_NFGEN.pack(family, 0, 0) + attr(NFTA_CHAIN_TABLE, table.encode() + b"\0")
@@ -79,14 +80,13 @@ def chain_exists(family: int, table: str, chain: str, sock: socket.socket | None
     return any(kind == _kind(NFT_MSG_NEWCHAIN) for kind, _ in answers)
 
 
-def chains_digest(family: int, table: str, chains, sock: socket.socket | None = None) -> str:
+def chains_digest(family: int, table: str, chains, sock: Socket | None = None) -> str:
     """A digest of what `chains` of nf_tables table `table` hold: whether each exists, and its rules
     in order, without their handles and positions and without counter values (they move with
     traffic). Equal digests, the same rules in these chains. Other chains and tables do not count.
     (A rule whose expressions keep other state that moves, e.g. quota or last, makes every digest
     differ: never a false "unchanged".)"""
-    import hashlib
-    digest = hashlib.blake2b(digest_size=16)
+    digest = blake2b(digest_size=16)
     own = sock is None
     sock = open_nfnetlink() if own else sock
     try:
@@ -138,7 +138,7 @@ def _without_counter_values(expressions: bytes) -> bytes:
     return b"".join(out)
 
 
-def open_nfnetlink() -> socket.socket:
+def open_nfnetlink() -> Socket:
     """A NETLINK_NETFILTER socket to pass to several `chain_exists` calls."""
     try:
         return open_socket(NETLINK_NETFILTER)
@@ -156,8 +156,8 @@ def netns_id() -> str:
     except OSError:
         boot = "?"
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            cookie = struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+        with control_socket(AF_INET) as sock:
+            cookie = struct.unpack("=Q", sock.getsockopt(SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
         return f"{boot}/cookie:{cookie}"
     except OSError:
         return f"{boot}/inode:{os.stat('/proc/self/ns/net').st_ino}"

@@ -22,8 +22,8 @@ _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
 _ATTR = struct.Struct("=HH")       # nlattr: length, type
 
 
-class NetlinkSocket(_socket.socket):
-    """A netlink socket; closed at the end of a `with` block."""
+class Socket(_socket.socket):
+    """A socket of the C module, closed at the end of a `with` block."""
 
     __slots__ = ()
 
@@ -34,13 +34,19 @@ class NetlinkSocket(_socket.socket):
         self.close()
 
 
-def open_socket(protocol: int) -> NetlinkSocket:
-    sock = NetlinkSocket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, protocol)
+def open_socket(protocol: int) -> Socket:
+    """A netlink socket of `protocol` (NETLINK_ROUTE, NETLINK_NETFILTER, ...)."""
+    sock = Socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, protocol)
     sock.bind((0, 0))
     return sock
 
 
-def transact(sock: NetlinkSocket, kind: int, flags: int, payload: bytes, seq: int = 1) -> list[tuple[int, bytes]]:
+def control_socket(family: int = _socket.AF_INET) -> Socket:
+    """A datagram socket to address ioctls and getsockopt calls to (interfaces, xtables)."""
+    return Socket(family, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+
+
+def transact(sock: Socket, kind: int, flags: int, payload: bytes, seq: int = 1) -> list[tuple[int, bytes]]:
     """Send one request; return (type, body) of each answer, up to DONE or the ACK."""
     flags |= NLM_F_REQUEST
     sock.send(_HEADER.pack(_HEADER.size + len(payload), kind, flags, seq, 0) + payload)

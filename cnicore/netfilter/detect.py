@@ -17,8 +17,7 @@ the four iptables-save of the wrapper. `detect` says which step decided (`Detect
 from __future__ import annotations
 
 import re
-import subprocess
-from typing import NamedTuple
+from collections import namedtuple
 
 from .restore import tool
 
@@ -26,9 +25,8 @@ KUBELET_CHAINS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 _RULE_LINE = re.compile(r"^-", re.MULTILINE)
 
 
-class Detected(NamedTuple):
-    variant: str  # 'nft' or 'legacy'
-    basis: str    # 'nft-hint', 'legacy-hint', 'no-legacy' or 'counted'
+Detected = namedtuple("Detected", "variant basis")
+Detected.__doc__ = "variant: 'nft' or 'legacy'; basis: 'nft-hint', 'legacy-hint', 'no-legacy' or 'counted'."
 
 
 def detect_variant() -> str:
@@ -69,6 +67,8 @@ def nft_hint() -> bool:
 
 
 def _saved(variant: str, ipv6: bool, *args: str) -> str:
+    import subprocess  # only when a variant must be read by its save program (~3-6 ms to import)
+
     try:
         proc = subprocess.run([tool(variant, ipv6, "save"), *args], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):

@@ -7,8 +7,8 @@ nothing more) and, when that finds differences, asks iptables itself for the can
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import Callable, NamedTuple
+from collections import Counter, namedtuple
+from collections.abc import Callable
 
 from .model import Drift, TableState, jump_target
 
@@ -16,11 +16,10 @@ from .model import Drift, TableState, jump_target
 _PHASE = {":": 0, "-N": 0, "-D": 1, "-F": 2, "-X": 3, "-A": 4, "-I": 4}
 
 
-class Op(NamedTuple):
+class Op(namedtuple("Op", "verb chain spec", defaults=("",))):
     """One iptables-restore line: ':' (create or flush a user chain), -N, -A, -I (at the top), -D, -F, -X."""
-    verb: str
-    chain: str
-    spec: str = ""
+
+    __slots__ = ()
 
     def line(self) -> str:
         if self.verb == ":":

@@ -34,11 +34,11 @@ node, lives as long as the boot.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from .. import nftables
 from ..fsutil import make_dirs
+from ..hashes import sha256
 from . import xtables
 
 FORMAT = "netfilter-stamp-v1"
@@ -92,7 +92,7 @@ class Stamp:
         self.path = path
         self.mode = mode
         self.chains = {table: tuple(names) for table, names in chains.items()}
-        self.key = hashlib.sha256(f"{FORMAT}\n{mode}\n{nftables.netns_id()}\n{key}".encode()).hexdigest()
+        self.key = sha256(f"{FORMAT}\n{mode}\n{nftables.netns_id()}\n{key}".encode()).hexdigest()
 
     def fingerprint(self) -> str | None:
         return fingerprint(self.mode, self.chains)

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import struct
+from _socket import AF_INET, AF_INET6
+
+from ..hashes import blake2b
+from ..rawnetlink import Socket, control_socket
 
 SOL_IP, SOL_IPV6 = 0, 41
 SO_GET_INFO, SO_GET_ENTRIES = 64, 65  # IPT_SO_GET_* and IP6T_SO_GET_* (both bases are 64)
@@ -53,11 +56,11 @@ def table_names(ipv6: bool = False) -> list[str]:
 
 def entries(table: str, ipv6: bool = False) -> memoryview:
     """The raw entries of an existing legacy table. Raises XtablesError (ENOENT: no such table)."""
-    family, level = (socket.AF_INET6, SOL_IPV6) if ipv6 else (socket.AF_INET, SOL_IP)
+    family, level = (AF_INET6, SOL_IPV6) if ipv6 else (AF_INET, SOL_IP)
     name = table.encode()
     if len(name) >= TABLE_MAXNAMELEN:
         raise XtablesError(errno.EINVAL, f"bad table name {table!r}")
-    with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+    with control_socket(family) as sock:
         for _ in range(10):  # the table can change between the two calls: the kernel says EAGAIN
             info = _getsockopt(sock, level, SO_GET_INFO, name.ljust(_INFO.size, b"\0"))
             size = _INFO.unpack(info)[-1]
@@ -75,9 +78,8 @@ def entries(table: str, ipv6: bool = False) -> memoryview:
 def fingerprint(tables=None, ipv6: bool = False) -> str:
     """A digest of the rules of the given legacy tables (default: all that exist), counters left
     out; a table given but missing counts as absent. Equal digests, equal rules."""
-    import hashlib
     present = table_names(ipv6)
-    digest = hashlib.blake2b(digest_size=16)
+    digest = blake2b(digest_size=16)
     for table in sorted(present if tables is None else tables):
         if table not in present:
             digest.update(f"-{table}\n".encode())
@@ -136,8 +138,8 @@ def _without_counters(data: bytes, ipv6: bool) -> bytes:
     return b"".join(parts)
 
 
-def _getsockopt(sock: socket.socket, level: int, option: int, buffer: bytes) -> bytearray:
-    """getsockopt with an input buffer (Python's socket.getsockopt cannot pass one)."""
+def _getsockopt(sock: Socket, level: int, option: int, buffer: bytes) -> bytearray:
+    """getsockopt with an input buffer (a socket's getsockopt cannot pass one)."""
     global _libc
     if _libc is None:
         _libc = _libc_getsockopt()

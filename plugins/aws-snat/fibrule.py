@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import struct
-from typing import NamedTuple
+from _socket import AF_INET, NETLINK_ROUTE
+from collections import namedtuple
 
 from cnicore.rawnetlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, attr, attributes, request
 
@@ -34,12 +34,11 @@ class RuleError(Exception):
     """The kernel refused a request (the message names it and the errno text)."""
 
 
-class FwmarkRule(NamedTuple):
-    priority: int
-    mark: int
-    mask: int
-    table: int = RT_TABLE_MAIN
-    protocol: int = RTPROT_BOOT  # who made it; deleting with it set spares same-looking rules of others
+class FwmarkRule(namedtuple("FwmarkRule", "priority mark mask table protocol", defaults=(RT_TABLE_MAIN, RTPROT_BOOT))):
+    """`<priority>: from all fwmark <mark>/<mask> lookup <table>`; `protocol` says who made it (deleting
+    with it set spares same-looking rules of others)."""
+
+    __slots__ = ()
 
     @property
     def key(self) -> tuple[int, int, int, int]:
@@ -54,14 +53,14 @@ class FwmarkRule(NamedTuple):
 def fwmark_rules() -> list[FwmarkRule]:
     """The IPv4 rules whose one selector is a fwmark and whose action is a table lookup."""
     found = []
-    for kind, body in request(socket.NETLINK_ROUTE, RTM_GETRULE, NLM_F_DUMP,
-                              _FIB_RULE_HDR.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)):
+    for kind, body in request(NETLINK_ROUTE, RTM_GETRULE, NLM_F_DUMP,
+                              _FIB_RULE_HDR.pack(AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)):
         if kind != RTM_NEWRULE or len(body) < _FIB_RULE_HDR.size or _FWMARK_ATTR not in body:
             continue  # (a node has two rules per pod, none with a mark: not parsing them saves ~3 ms at 700)
         family, dst_len, src_len, tos, table, _, _, action, flags = _FIB_RULE_HDR.unpack_from(body)
         attrs = {key: value for key, value in attributes(body[_FIB_RULE_HDR.size:]).items()
                  if not (key in (FRA_SUPPRESS_IFGROUP, FRA_SUPPRESS_PREFIXLEN) and value == _UNSET)}
-        if (family != socket.AF_INET or dst_len or src_len or tos or action != FR_ACT_TO_TBL
+        if (family != AF_INET or dst_len or src_len or tos or action != FR_ACT_TO_TBL
                 or flags & FIB_RULE_INVERT or FRA_FWMARK not in attrs or set(attrs) - _PLAIN):
             continue
         u32 = lambda key, default: struct.unpack_from("=I", attrs[key])[0] if key in attrs else default  # noqa: E731
@@ -74,7 +73,7 @@ def fwmark_rules() -> list[FwmarkRule]:
 def add(rule: FwmarkRule) -> bool:
     """Add the rule; False if the very same rule was already there (it is never added twice)."""
     try:
-        request(socket.NETLINK_ROUTE, RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
+        request(NETLINK_ROUTE, RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK,
                 _rule_message(rule, rule.protocol))
     except OSError as exc:
         if exc.errno == errno.EEXIST:
@@ -91,7 +90,7 @@ def delete(rule: FwmarkRule) -> bool:
     `1024 iif eth0 fwmark 0x80/0x80 lookup main`. Naming the rule's protocol (ours: boot) keeps such
     a rule of someone else's safe unless it also has that protocol."""
     try:
-        request(socket.NETLINK_ROUTE, RTM_DELRULE, NLM_F_ACK, _rule_message(rule, rule.protocol or None))
+        request(NETLINK_ROUTE, RTM_DELRULE, NLM_F_ACK, _rule_message(rule, rule.protocol or None))
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             return False
@@ -104,7 +103,7 @@ def delete(rule: FwmarkRule) -> bool:
 
 def _rule_message(rule: FwmarkRule, protocol: int | None) -> bytes:
     table = rule.table if rule.table < 256 else 0
-    return (_FIB_RULE_HDR.pack(socket.AF_INET, 0, 0, 0, table, 0, 0, FR_ACT_TO_TBL, 0)
+    return (_FIB_RULE_HDR.pack(AF_INET, 0, 0, 0, table, 0, 0, FR_ACT_TO_TBL, 0)
             + attr(FRA_PRIORITY, struct.pack("=I", rule.priority))
             + attr(FRA_FWMARK, struct.pack("=I", rule.mark))
             + attr(FRA_FWMASK, struct.pack("=I", rule.mask))

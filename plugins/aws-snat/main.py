@@ -50,9 +50,9 @@ import ipaddress
 import json
 import os
 import re
-import socket
 import struct
-from typing import NamedTuple
+from collections import namedtuple
+from _socket import if_nameindex
 
 from cnicore import settings, skel
 from cnicore.errors import (AWS_FAILURE, CHECK_FAILED, INVALID_CONFIG, NETLINK_FAILURE, PLUGIN_NOT_AVAILABLE,
@@ -61,6 +61,7 @@ from cnicore.netfilter import Netfilter, NetfilterError, Rule, TableState, quote
 from cnicore.netfilter.model import jump_target, split_spec
 from cnicore.netfilter.plan import compare
 from cnicore.netfilter.stamp import Stamp
+from cnicore.rawnetlink import control_socket
 from cnicore.store import Store
 
 from aws_snat import fibrule
@@ -89,18 +90,11 @@ SIOCGIFHWADDR = 0x8927
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
-class Node(NamedTuple):
-    primary_ip: str
-    primary_mac: str
-    vpc_cidrs: tuple[str, ...]
-    source: str  # where the facts came from
-
-
-class Desired(NamedTuple):
-    nat: TableState
-    mangle: TableState
-    fwmark: bool                 # rule 1024 wanted (else: ours must be absent)
-    loose_rp_filter: str | None  # the interface that needs rp_filter 0 or 2
+Node = namedtuple("Node", "primary_ip primary_mac vpc_cidrs source")
+Node.__doc__ = "The node's primary IP and MAC, the VPC's CIDRs, and where these facts came from."
+Desired = namedtuple("Desired", "nat mangle fwmark loose_rp_filter")
+Desired.__doc__ = """The nat and mangle TableStates, whether rule 1024 is wanted (else ours must be absent),
+and the interface that needs rp_filter 0 or 2 (or None)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +241,7 @@ def mac_of(name: str) -> str | None:
     """The hardware address of interface `name`, or None if there is no such interface."""
     if not 0 < len(name.encode()) < 16:
         return None
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+    with control_socket() as sock:
         try:
             return fcntl.ioctl(sock, SIOCGIFHWADDR, struct.pack("256s", name.encode()))[18:24].hex(":")
         except OSError:
@@ -256,8 +250,8 @@ def mac_of(name: str) -> str | None:
 
 def interface_by_mac(mac: str) -> str | None:
     """The name of this network namespace's interface with hardware address `mac`."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        for _, name in socket.if_nameindex():
+    with control_socket() as sock:
+        for _, name in if_nameindex():
             try:
                 ifreq = fcntl.ioctl(sock, SIOCGIFHWADDR, struct.pack("256s", name.encode()))
             except OSError:
@@ -313,10 +307,9 @@ def _to(cidr: str) -> str:
 # Converge and compare
 
 
-class TablePlan(NamedTuple):
-    drifts: list[str]   # what differs, for CHECK and the log
-    stale: list[Rule]   # rules of ours in built-in chains that are no longer wanted
-    reorder: list[Rule]  # wanted rules present in the wrong order: removed, then added again
+TablePlan = namedtuple("TablePlan", "drifts stale reorder")
+TablePlan.__doc__ = """What differs (for CHECK and the log), rules of ours in built-in chains that are no longer
+wanted, and wanted rules present in the wrong order (removed, then added again)."""
 
 
 def plan(nf: Netfilter, state: TableState) -> TablePlan:

@@ -9,8 +9,8 @@ NATed. Raw netlink with the standard library only: pyroute2's import alone would
 
 from __future__ import annotations
 
-import socket
 import struct
+from _socket import IPPROTO_UDP
 
 from cnicore import rawnetlink
 from cnicore.rawnetlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, attr, attributes
@@ -27,7 +27,7 @@ CTA_PROTO_NUM, CTA_PROTO_DST_PORT = 1, 3
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id
 
 
-def delete_by_dst_port(ports: set[int], family: int, proto: int = socket.IPPROTO_UDP) -> int:
+def delete_by_dst_port(ports: set[int], family: int, proto: int = IPPROTO_UDP) -> int:
     """Delete the conntrack entries of `family` (AF_INET/AF_INET6) whose original tuple is `proto` to one
     of `ports`, in this network namespace; return how many were deleted. Raises OSError on failure."""
     if not ports:
