@@ -12,13 +12,12 @@ ADD and DEL). An IPAM binary from anywhere else, another version of ours include
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from . import result as cniresult
 from .errors import CNIError, DECODING_FAILURE, INTERNAL, INVALID_CONFIG, INVALID_ENVIRONMENT
-from .skel import CmdArgs, load_json
+from .skel import CmdArgs, answer_bytes, load_json
 
 IN_PROCESS = {"aws-eni-ipam": "aws_eni_ipam.main"}  # plugin type -> module with HANDLERS
 
@@ -78,7 +77,7 @@ class _Printed:
         self.data = b""
 
     def write(self, obj: dict) -> None:
-        self.data += (json.dumps(obj, indent=4) + "\n").encode()
+        self.data += answer_bytes(obj)
 
 
 def _run_in_process(plugin_type: str, env: dict, stdin: bytes) -> tuple[int, bytes, bytes]:

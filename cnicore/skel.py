@@ -208,9 +208,14 @@ class _Output:
         os.dup2(2, 1)
 
     def write(self, obj: dict) -> None:
-        data = (jsonio.dumps(obj, indent=4) + "\n").encode()
+        data = answer_bytes(obj)
         while data:
             data = data[os.write(self.fd, data):]
+
+
+def answer_bytes(obj: dict) -> bytes:
+    """What a plugin prints for its answer (a result or an error object)."""
+    return (jsonio.dumps(obj, indent=4) + "\n").encode()
 
 
 def _read_stdin() -> bytes:
