@@ -23,10 +23,14 @@ ATTACHMENT_EXISTS = 105  # ADD for a (container ID, ifname) that already has an 
 INTERNAL = 999           # an unexpected exception; the traceback is in the log file
 
 
+MAX_MSG, MAX_DETAILS = 1024, 4096  # characters: a message may quote input, and input may be megabytes
+
+
 class CNIError(Exception):
     """A failure reported to the runtime as the CNI error object on stdout."""
 
     def __init__(self, code: int, msg: str, details: str = ""):
+        msg, details = _capped(msg, MAX_MSG), _capped(details, MAX_DETAILS)
         super().__init__(msg)
         self.code = code
         self.msg = msg
@@ -40,3 +44,10 @@ class CNIError(Exception):
 
     def __str__(self) -> str:
         return f"{self.msg} ({self.details})" if self.details else self.msg
+
+
+def _capped(text: str, limit: int) -> str:
+    """`text`, cut to about `limit` characters with a note of how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"

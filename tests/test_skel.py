@@ -117,6 +117,18 @@ def test_bad_container_id_is_code_4(cni, cid):
     assert cni.state() is None
 
 
+def test_a_huge_bad_value_is_quoted_only_in_part(cni):
+    """An error may quote the input, and the input may be huge (an argument can be 128 KiB, stdin
+    megabytes): the runtime gets a short answer that says how much was left out."""
+    rc, parsed, out, _ = cni.run("ADD", CNI_CONTAINERID="a;" + "b" * 100_000)
+    assert_error(rc, parsed, out, 4)
+    assert len(out) < 8_000 and parsed["details"].endswith("... (95906 more characters)")
+    rc, parsed, out, _ = cni.run("ADD", conf=cni.conf(name="n;" + "x" * 2_000_000))
+    assert_error(rc, parsed, out, 7)
+    assert len(out) < 8_000 and "more characters)" in out
+    assert cni.state() is None
+
+
 def test_empty_container_id_is_code_3_when_validated():
     with pytest.raises(CNIError) as exc:
         skel.validate_container_id("")
