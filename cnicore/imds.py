@@ -163,9 +163,14 @@ class IMDS:
             subnet_id=field("subnet-id"),
             subnet_cidr=_cidr(field("subnet-ipv4-cidr-block"), base + "subnet-ipv4-cidr-block"),
             vpc_id=field("vpc-id"),
-            vpc_cidrs=tuple(_cidr(c, base + "vpc-ipv4-cidr-blocks") for c in lines("vpc-ipv4-cidr-blocks")),
+            vpc_cidrs=self.vpc_cidrs(mac),
             security_group_ids=lines("security-group-ids"),
         )
+
+    def vpc_cidrs(self, mac: str) -> tuple[str, ...]:
+        """The IPv4 CIDR blocks of the VPC of the ENI `mac` (a block associated later shows up here)."""
+        path = f"network/interfaces/macs/{mac.lower()}/vpc-ipv4-cidr-blocks"
+        return tuple(_cidr(c.strip(), path) for c in self.get(path).splitlines() if c.strip())
 
     def enis(self) -> dict[str, ENIMetadata]:
         """Every attached ENI, by MAC."""

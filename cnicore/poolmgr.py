@@ -233,8 +233,10 @@ class NodePool:
         if doc is None:
             doc = self.new_document()
         enis = self.ec2(doc).instance_enis()
+        node = self._node_view(doc)
         with store.locked() as tx:
             fresh = tx.read() or doc
+            fresh["node"].update(node or {})
             self.apply_ec2_view(fresh, enis)
             fresh.setdefault("agent", {})["last_refresh"] = self.clock()
             tx.write(fresh)
@@ -284,12 +286,13 @@ class NodePool:
         self._after_ec2_round(doc, calls)
         self._merge(store, doc, enis)
 
-    def _merge(self, store: Store, doc: dict, enis) -> warmpool.Decision:
-        """Under the lock: the agent section of `doc` and EC2's view (if read) into the stored
-        document, which pods changed meanwhile; return the decision on the result."""
+    def _merge(self, store: Store, doc: dict, enis, node: dict | None = None) -> warmpool.Decision:
+        """Under the lock: the agent section of `doc`, EC2's view and the node facts (if read) into the
+        stored document, which pods changed meanwhile; return the decision on the result."""
         with store.locked() as tx:
             fresh = tx.read() or doc
             fresh["agent"] = doc["agent"]
+            fresh["node"].update(node or {})
             if enis is not None:
                 self.apply_ec2_view(fresh, enis)
                 fresh["agent"]["last_refresh"] = self.clock()
@@ -326,7 +329,7 @@ class NodePool:
             enis = self._ec2_view(doc)
         self._after_ec2_round(doc, calls)
         doc["agent"]["last_tick"] = self.clock()
-        return self._merge(store, doc, enis)
+        return self._merge(store, doc, enis, self._node_view(doc) if refresh_due else None)
 
     def _blocked_entry(self, doc: dict, decision: warmpool.Decision) -> dict | None:
         reason = self.blocked_reason(doc, decision) if decision.figures.short or decision.blocked else None
@@ -334,6 +337,19 @@ class NodePool:
             return None
         previous = doc["agent"].get("blocked") or {}
         return {"reason": reason, "since": previous.get("since", self.clock())}
+
+    def _node_view(self, doc: dict) -> dict | None:
+        """The node facts that change while the node runs: the VPC's CIDR blocks (one associated
+        later must not be SNATed; aws-snat reads them from the store). None when IMDS does not say."""
+        from .imds import IMDSError
+        try:
+            cidrs = self.imds.vpc_cidrs(doc["node"]["primary_mac"])
+            if not cidrs:
+                raise IMDSError("IMDS lists no VPC CIDR block for the primary ENI")
+        except IMDSError as exc:
+            self.log.warn(f"node facts not refreshed: {exc}")
+            return None
+        return {"vpc_cidrs": list(cidrs)}
 
     def _ec2_view(self, doc: dict):
         """The instance's ENIs as EC2 lists them, or None (error recorded) if EC2 does not say."""

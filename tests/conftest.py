@@ -58,9 +58,25 @@ def lab():
     lab.down()
 
 
+# What the plugins leave in a lab node besides links, routes and pod rules (which their DELs remove):
+# nat and mangle rules in both iptables variants, rule 1024, eth0's rp_filter.
+CLEAN_NODE = """
+for v in nft legacy; do for t in nat mangle; do iptables-$v -w -t $t -F; iptables-$v -w -t $t -X; done; done
+while ip rule del priority 1024 2>/dev/null; do :; done
+sysctl -qw net.ipv4.conf.eth0.rp_filter=1
+"""
+
+
 @pytest.fixture
 def fresh_lab(lab):
-    """The session lab, back to its initial EC2 state (no extra ENIs or IPs, no faults) around the test."""
-    lab.reset()
+    """The session lab back to its initial state around the test: EC2 (no extra ENIs or IPs, no faults)
+    and the nodes (CLEAN_NODE), so no test sees another's SNAT or hostPort rules."""
+    _reset(lab)
     yield lab
+    _reset(lab)
+
+
+def _reset(lab) -> None:
     lab.reset()
+    for node in lab.status()["nodes"]:
+        lab.exec(node["name"], ["sh", "-c", CLEAN_NODE])

@@ -677,13 +677,6 @@ INTERNET = "203.0.113.10"
 EXCLUDED_HOST, EXCLUDED_CIDR = "198.51.100.10", "198.51.100.0/24"
 ECHO_PORT = 7007
 NODE_PORT = 30080
-CLEAN_NODE = """
-for v in nft legacy; do for t in nat mangle; do iptables-$v -w -t $t -F; iptables-$v -w -t $t -X; done; done
-while ip rule del priority 1024 2>/dev/null; do :; done
-sysctl -qw net.ipv4.conf.eth0.rp_filter=1
-"""
-
-
 def lab_node_facts(lab, name):
     info = next(n for n in lab.status()["nodes"] if n["name"] == name)
     return snat.Node(info["primary_ip"], info["mac"], (LAB_VPC,), "lab")
@@ -697,20 +690,56 @@ def lab_ip_rules(lab, name):
     return [line for line in lab.exec(name, ["ip", "-4", "rule"]).stdout.splitlines() if line.startswith("1024:")]
 
 
-@pytest.fixture
-def lab_nodes(fresh_lab):
-    """The session lab with both nodes' nat/mangle tables (both variants), rule 1024 and eth0's
-    rp_filter as the lab made them, before and after the test."""
-    for name in ("node1", "node2"):
-        fresh_lab.exec(name, ["sh", "-c", CLEAN_NODE])
-    yield fresh_lab
-    for name in ("node1", "node2"):
-        fresh_lab.exec(name, ["sh", "-c", CLEAN_NODE])
-
-
-def test_in_a_lab_node_rules_converge_from_imds_or_the_store_and_repair_themselves(lab_nodes, tmp_path, variant):
+def test_a_vpc_cidr_block_associated_later_is_exempted_after_the_agents_refresh(fresh_lab, tmp_path, make_netns):
+    """Clusters add CIDR blocks to their VPC (EKS custom networking); traffic to those must not be
+    SNATed either. The agent's periodic refresh reads the VPC's blocks from IMDS into the store, and
+    the next ADD's aws-snat exempts the new block."""
     from labnode import LabNode
-    lab = lab_nodes
+    lab = fresh_lab
+    node = LabNode(lab, "node1", tmp_path)
+    node.write_conflist()
+    store = Store(node.data_dir, NETWORK)
+    added, association, pods = "10.99.0.0/16", None, []
+
+    def add_pod():
+        pods.append(make_netns("cidr"))
+        rc, out, err = node.cnitool("add", pods[-1], f"web-{len(pods)}")
+        assert rc == 0, err + out
+
+    def exempted():
+        return [spec for spec in lab_tables(lab, "node1", "nft")["nat"][snat.SNAT_CHAIN] if spec.endswith("-j RETURN")]
+
+    def refreshed():
+        with store.locked() as tx:  # make the agent's next round a refresh (every 60 s otherwise)
+            doc = tx.read()
+            if added in doc["node"]["vpc_cidrs"]:
+                return True
+            doc["agent"]["last_refresh"] = 0
+            tx.write(doc)
+        return False
+
+    node.start_agent()
+    try:
+        add_pod()
+        assert exempted() == [f"-d {LAB_VPC} -j RETURN"]
+        association = lab.ec2("AssociateVpcCidrBlock", VpcId=lab.status()["vpc_id"],
+                              CidrBlock=added)["CidrBlockAssociation"]["AssociationId"]
+        node.wait_for(refreshed, timeout=30, what="the agent to read the VPC's new CIDR block")
+        with store.locked(shared=True) as tx:
+            assert tx.read()["node"]["vpc_cidrs"] == [LAB_VPC, added]
+        add_pod()
+        assert exempted() == [f"-d {LAB_VPC} -j RETURN", f"-d {added} -j RETURN"]
+    finally:
+        node.stop_agents()
+        for i, netns in enumerate(pods):
+            node.cnitool("del", netns, f"web-{i + 1}")
+        if association:
+            lab.ec2("DisassociateVpcCidrBlock", AssociationId=association)
+
+
+def test_in_a_lab_node_rules_converge_from_imds_or_the_store_and_repair_themselves(fresh_lab, tmp_path, variant):
+    from labnode import LabNode
+    lab = fresh_lab
     node = LabNode(lab, "node1", tmp_path)
     facts = lab_node_facts(lab, "node1")
     conf = {"cniVersion": "1.0.0", "name": NETWORK, "type": "aws-snat", "dataDir": node.data_dir,
@@ -876,8 +905,8 @@ def servers():
         proc.stderr.close()
 
 
-def test_pod_traffic_is_translated_only_when_it_leaves_the_vpc(lab_nodes, tmp_path, make_netns, servers, variant):
-    lab = lab_nodes
+def test_pod_traffic_is_translated_only_when_it_leaves_the_vpc(fresh_lab, tmp_path, make_netns, servers, variant):
+    lab = fresh_lab
     node1_ip, node2_ip = (lab_node_facts(lab, n).primary_ip for n in ("node1", "node2"))
     chain1 = Chain(lab, "node1", tmp_path, make_netns, variant)
     chain2 = Chain(lab, "node2", tmp_path, make_netns, variant)
