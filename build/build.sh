@@ -57,8 +57,14 @@ DATAS = [(os.path.join(root, f), os.path.relpath(root, SRC)) for pkg in OURS
          for root, _, files in os.walk(os.path.join(SRC, pkg)) for f in files
          if not f.endswith((".py", ".pyc")) and "__pycache__" not in root]
 
+# python-iptables (netfilter mode iptc) loads its C helper with ctypes, searching sys.path among other
+# places; it is no module, so PyInstaller would not collect it: put it at the top of _internal.
+import glob
+import sysconfig
+XTWRAPPER = [(path, ".") for path in glob.glob(os.path.join(sysconfig.get_path("purelib"), "libxtwrapper*.so"))]
+
 a = Analysis(["$top/build/entry.py"], pathex=[SRC], hiddenimports="$modules".split(), datas=DATAS,
-             excludes=EXCLUDES, noarchive=True, optimize=0)
+             binaries=XTWRAPPER, excludes=EXCLUDES, noarchive=True, optimize=0)
 a.datas = [d for d in a.datas if not d[0].startswith(("botocore/data/", "boto3/data/")) or KEEP_DATA.match(d[0])]
 pyz = PYZ(a.pure)
 exe = EXE(pyz, a.scripts, [], exclude_binaries=True, name="aws-vpc-cni", debug=False, strip=False, upx=False,

@@ -214,3 +214,30 @@ def test_frozen_bridge_runs_its_own_ipam_in_process_and_execs_any_other(frozen, 
         assert in_process == ([] if execs else ["aws-eni-ipam ADD runs in-process", "aws-eni-ipam DEL runs in-process"])
         assert [r["command"] for r in records if r["plugin"] == "aws-eni-ipam" and r["msg"] == "done"] == ["ADD", "DEL"]
         assert (runs.read_text().split() if runs.exists() else []) == execs
+
+
+def test_frozen_aws_snat_in_iptc_mode_writes_the_rules_on_a_legacy_host(frozen, tmp_path, make_netns):
+    """netfilterMode iptc (python-iptables) needs its C helper, libxtwrapper, which is no module: the
+    bundle must carry it, or the frozen plugin fails where the source tree works."""
+    from cnicore.pool import new_document
+    from cnicore.store import Store
+    ns = make_netns("iptc")
+    subprocess.run(["ip", "netns", "exec", ns, "sh", "-ec",
+                    "ip link add eth0 address 02:00:00:00:5a:01 type veth peer name p0; ip link set eth0 up; "
+                    "iptables-legacy -t mangle -N KUBE-KUBELET-CANARY"], check=True)  # kubelet's mark: legacy
+    data_dir = str(tmp_path / "data")
+    with Store(data_dir, "aws-vpc").locked() as tx:
+        tx.write(new_document({"primary_ip": "10.0.0.10", "primary_mac": "02:00:00:00:5a:01",
+                               "vpc_cidrs": ["10.0.0.0/16"]}))
+    prev = {"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.20/32"}]}
+    conf = {"cniVersion": "1.0.0", "name": "aws-vpc", "type": "aws-snat", "dataDir": data_dir,
+            "pluginLogFile": str(tmp_path / "plugin.log"), "netfilterMode": "iptc", "prevResult": prev}
+    for command in ("ADD", "CHECK"):
+        proc = subprocess.run(["ip", "netns", "exec", ns, os.path.join(frozen, "aws-snat")], input=json.dumps(conf),
+                              env={"CNI_COMMAND": command, "CNI_CONTAINERID": "c1", "CNI_NETNS": f"/var/run/netns/{ns}",
+                                   "CNI_IFNAME": "eth0", "CNI_PATH": frozen, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    saved = subprocess.run(["ip", "netns", "exec", ns, "iptables-legacy-save", "-t", "nat"], capture_output=True,
+                           text=True, check=True).stdout
+    assert "-A AWS-SNAT-CHAIN-0 -d 10.0.0.0/16 -j RETURN" in saved and '--comment "AWS, SNAT"' in saved
