@@ -24,8 +24,7 @@ def _int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
         if isinstance(value, bool):
             raise ValueError("must be a whole number")
         if isinstance(value, str):
-            text = value.strip()
-            value = int(text, 16) if text.lower().startswith("0x") else int(text)
+            value = _whole_number(value.strip())
         if not isinstance(value, int):
             raise ValueError("must be a whole number")
         if lo is not None and value < lo:
@@ -34,6 +33,17 @@ def _int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
             raise ValueError(f"must be at most {hi}")
         return value
     return parse
+
+
+def _whole_number(text: str) -> int:
+    """Decimal with an optional sign, or 0x and hex digits; ASCII only, as Go's strconv reads them
+    (Python's int() would also take "1_000" and other scripts' digits)."""
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    if text[:2].lower() == "0x" and text[2:] and all(c in "0123456789abcdefABCDEF" for c in text[2:]):
+        return int(text, 16)
+    if digits and all(c in "0123456789" for c in digits):
+        return int(text)
+    raise ValueError("must be a whole number")
 
 
 def _bool(value: Any) -> bool:

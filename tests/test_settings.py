@@ -40,6 +40,8 @@ def test_env_renders_to_conf_and_reads_back_identically():
     ("AWS_VPC_K8S_PLUGIN_LOG_FILE", "relative.log"), ("AWS_VPC_K8S_PLUGIN_LOG_FILE", "/var/../etc/x"),
     ("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "TRACE"), ("AWS_VPC_K8S_CNI_CONNMARK", "0"),
     ("AWS_VPC_CNI_NETFILTER_MODE", "ebpf"), ("CLUSTER_NAME", "a\nb"),
+    ("WARM_IP_TARGET", "1_000"), ("WARM_IP_TARGET", "\u0661\u0662"), ("AWS_VPC_K8S_CNI_CONNMARK", "0x"),
+    ("AWS_VPC_K8S_CNI_CONNMARK", "0x8_0"), ("MAX_ENI", "+"), ("MAX_ENI", "- 3"),
 ])
 def test_bad_values_name_the_setting(name, value):
     with pytest.raises(SettingError) as exc:
