@@ -231,7 +231,7 @@ def render_conflist(cfg: dict, network: str = DEFAULT_NETWORK, cni_version: str 
                                        "AWS_VPC_K8S_CNI_CONNMARK", "AWS_VPC_K8S_CNI_VETHPREFIX",
                                        "AWS_VPC_CNI_DATA_DIR", "AWS_VPC_CNI_NETFILTER_MODE"), **logging}
     portmap = {"type": "portmap-compat", "capabilities": {"portMappings": True}, "snat": True,
-               **pick("AWS_VPC_CNI_NETFILTER_MODE"), **logging}
+               **pick("AWS_VPC_CNI_DATA_DIR", "AWS_VPC_CNI_NETFILTER_MODE"), **logging}
     return {"cniVersion": cni_version, "name": network, "plugins": [bridge, snat, portmap]}
 
 

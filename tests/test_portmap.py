@@ -252,6 +252,29 @@ def test_steady_state_add_changes_nothing_and_is_idempotent(make_netns, log_file
     assert v4[dnat_chain(NET, "c2")] == first[0][dnat_chain(NET, "c1")]
 
 
+def test_add_and_del_take_the_netfilter_lock_in_the_data_dir_that_aws_snat_takes(make_netns, log_file, tmp_path):
+    """Both plugins read, plan and rewrite the nat table: they share one lock, in the configured dataDir."""
+    import fcntl
+    import threading
+
+    ns = make_netns("lock")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for command in ("ADD", "DEL"):
+        with open(data_dir / "netfilter.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            outcome = []
+            run = threading.Thread(target=lambda: outcome.append(
+                ours(ns, command, conf([tcp(8080)], dataDir=str(data_dir)), log_file)))
+            run.start()
+            run.join(1.5)
+            assert run.is_alive() and not outcome, f"{command} did not wait for the lock"
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            run.join(60)
+        assert outcome[0][0] == 0, outcome
+    assert dnat_chain(NET, "c1") not in nat(ns, "nft")
+
+
 # ---------------------------------------------------------------------------------------------
 # Chained-plugin behaviour and malformed input
 

@@ -53,9 +53,10 @@ _ENTRY_COMMENT = re.compile(r'^dnat name: "(?P<name>[^"]*)" id: "(?P<id>[^"]*)"$
 # (namedtuples, not dataclasses: `dataclasses` imports inspect, ast, dis and tokenize, ~7 ms per exec)
 Mapping = namedtuple("Mapping", "host_port container_port protocol host_ip")
 Mapping.__doc__ = "One hostPort mapping; `host_ip` an ipaddress address, or None for every address."
-Conf = namedtuple("Conf", "network container_id snat mark_bit external_setmark_chain conditions mappings mode")
+Conf = namedtuple("Conf", "network container_id snat mark_bit external_setmark_chain conditions mappings mode "
+                         "data_dir")
 Conf.__doc__ = """The plugin's configuration: `conditions` maps the IP version to extra words for the entry
-rules, `mode` is the netfilter mode (auto, nft, legacy, iptc)."""
+rules, `mode` is the netfilter mode (auto, nft, legacy, iptc), `data_dir` holds the netfilter lock."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ def cmd_add(args: skel.CmdArgs) -> dict:
                        "portmap-compat needs the prevResult of the plugins before it in the conflist")
     if not conf.mappings:
         return args.prev_result
-    netfilter = Netfilters(conf.mode)
+    netfilter = Netfilters(conf.mode, conf.data_dir)
     for address in container_addresses(args.prev_result, args.ifname):
         if conf.snat and address.version == 4:
             enable_localnet_routing(address.ip)  # so 127.0.0.1 -> pod, masqueraded, is not martian
@@ -183,11 +184,11 @@ def cmd_del(args: skel.CmdArgs) -> None:
     """Remove the container's chain and every rule jumping to it, in both families, whatever the
     mappings were (they need not be sent again) and whether or not the netns still exists. A family
     whose iptables is not usable is skipped, as in the reference; both unusable is an error."""
-    mode = netfilter_mode(args.conf)
+    mode, data_dir = netfilter_settings(args.conf)
     doomed = [dnat_chain(args.network, args.container_id), old_snat_chain(args.network, args.container_id)]
     if not any_chain_exists(mode, "nat", doomed):
         return None  # the pod had no host ports (or they are gone): no chain, so no rule jumping to one
-    netfilter = Netfilters(mode)
+    netfilter = Netfilters(mode, data_dir)
     unusable = []
     for version in (4, 6):
         try:
@@ -209,7 +210,7 @@ def cmd_check(args: skel.CmdArgs) -> None:
         raise CNIError(INVALID_CONFIG, "required prevResult missing")
     if not conf.mappings:
         return
-    netfilter = Netfilters(conf.mode)
+    netfilter = Netfilters(conf.mode, conf.data_dir)
     problems = []
     for address in container_addresses(args.prev_result, args.ifname):  # only the pod's own families
         problems += netfilter.family(address.version).check(nat_state(conf, address))
@@ -222,7 +223,7 @@ def cmd_gc(args: skel.CmdArgs) -> None:
     """Remove the chains of this network's containers that are not in the valid attachments. Our
     chains are named by a hash, so the container IDs come from the entry rules' comments."""
     keep = {container_id for container_id, _ in skel.valid_attachments(args.conf)}
-    netfilter = Netfilters(netfilter_mode(args.conf))
+    netfilter = Netfilters(*netfilter_settings(args.conf))
     for version in (4, 6):
         try:
             nf = netfilter.family(version)
@@ -251,7 +252,7 @@ def attached_chains(present: dict[str, list[str]], network: str):
 
 def cmd_status(args: skel.CmdArgs) -> None:
     try:
-        Netfilters(netfilter_mode(args.conf)).family(4).chains("nat")
+        Netfilters(*netfilter_settings(args.conf)).family(4).chains("nat")
     except NetfilterError as exc:
         raise CNIError(PLUGIN_NOT_AVAILABLE, f"iptables is not usable: {exc.msg}") from None
 
@@ -285,9 +286,10 @@ def parse_conf(args: skel.CmdArgs) -> Conf:
     if not isinstance(entries, list):
         raise _bad("runtimeConfig.portMappings must be a list", entries)
     mappings = [_mapping(entry, n) for n, entry in enumerate(entries)]
+    mode, data_dir = netfilter_settings(raw)
     return Conf(network=args.network, container_id=args.container_id, snat=snat, mark_bit=mark_bit,
                 external_setmark_chain=external, conditions=conditions, mappings=mappings,
-                mode=netfilter_mode(raw))
+                mode=mode, data_dir=data_dir)
 
 
 def _mapping(entry, n: int) -> Mapping:
@@ -323,8 +325,10 @@ def _conditions(raw: dict, key: str) -> list[str]:
     return words
 
 
-def netfilter_mode(raw: dict) -> str:
-    return settings.from_conf(raw, ["AWS_VPC_CNI_NETFILTER_MODE"])["AWS_VPC_CNI_NETFILTER_MODE"]
+def netfilter_settings(raw: dict) -> tuple[str, str]:
+    """The netfilter mode, and the data dir whose lock aws-snat takes too (both rewrite the nat table)."""
+    cfg = settings.from_conf(raw, ["AWS_VPC_CNI_NETFILTER_MODE", "AWS_VPC_CNI_DATA_DIR"])
+    return cfg["AWS_VPC_CNI_NETFILTER_MODE"], cfg["AWS_VPC_CNI_DATA_DIR"]
 
 
 def container_addresses(prev_result: dict, ifname: str) -> list:
@@ -365,8 +369,9 @@ def _chain_name(prefix: str, network: str, container_id: str) -> str:
 class Netfilters:
     """Netfilter per family, created on first use; 'auto' detects the variant once for both."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, lock_dir: str):
         self.mode = mode
+        self.lock_dir = lock_dir
         self._made: dict[int, Netfilter] = {}
 
     def family(self, version: int) -> Netfilter:
@@ -374,7 +379,7 @@ class Netfilters:
             mode = self.mode
             if mode == "auto" and self._made:
                 mode = next(iter(self._made.values())).variant
-            self._made[version] = Netfilter(mode, ipv6=version == 6)
+            self._made[version] = Netfilter(mode, ipv6=version == 6, lock_dir=self.lock_dir)
         return self._made[version]
 
 
