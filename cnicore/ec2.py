@@ -173,13 +173,18 @@ class EC2:
                 self._delete(eni.eni_id)
             raise
         try:
-            self._call("ModifyNetworkInterfaceAttribute", NetworkInterfaceId=eni.eni_id,
-                       Attachment={"AttachmentId": attached.attachment_id, "DeleteOnTermination": True})
+            self.delete_on_termination(eni.eni_id, attached.attachment_id)
         except EC2Error:
             with contextlib.suppress(EC2Error):
                 self.free_eni(eni.eni_id)
             raise
         return attached
+
+    def delete_on_termination(self, eni_id: str, attachment_id: str) -> None:
+        """Have EC2 delete the ENI when the instance terminates (set on every ENI of ours)."""
+        _check_id("eni", eni_id)
+        self._call("ModifyNetworkInterfaceAttribute", NetworkInterfaceId=eni_id,
+                   Attachment={"AttachmentId": attachment_id, "DeleteOnTermination": True})
 
     def create_eni(self, subnet_id: str, security_group_ids) -> ENI:
         _check_id("subnet", subnet_id)

@@ -399,9 +399,7 @@ class NodePool:
         adopted = doc["agent"].get("adopted") or {}
         for eni_id, attachment_id in list(adopted.items()):
             try:
-                # EC2 has no public call for this yet (cnicore.ec2 sets it only inside allocate_eni)
-                self.ec2(doc)._call("ModifyNetworkInterfaceAttribute", NetworkInterfaceId=eni_id,
-                                    Attachment={"AttachmentId": attachment_id, "DeleteOnTermination": True})
+                self.ec2(doc).delete_on_termination(eni_id, attachment_id)
                 self.log.info("set DeleteOnTermination on an adopted ENI", eni=eni_id)
             except EC2Error as exc:
                 if exc.code not in ("InvalidNetworkInterfaceID.NotFound", "InvalidAttachmentID.NotFound"):
