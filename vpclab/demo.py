@@ -29,6 +29,8 @@ CNITOOL = os.path.join(ROOT, ".tools", "bin", "cnitool")
 REFERENCE = "/usr/lib/cni"
 PODS_PER_NODE = 10  # on an m5.large the 10th pod's IP sits on the node's second ENI
 NETWORK = "aws-vpc"
+POOL_GROWING = "the node agent was asked to grow the pool"  # aws-eni-ipam's code 11 when the pool is empty
+ADD_RETRIES = 20
 
 
 def say(text: str) -> None:
@@ -80,10 +82,18 @@ class DemoNode:
                "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=demo;K8S_POD_NAME={pod}"}
         if cap_args:
             env["CAP_ARGS"] = json.dumps(cap_args)
-        proc = self.lab.exec(self.name, [CNITOOL, command, NETWORK, netns.path(pod_netns)], env=env, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"cnitool {command} {pod} on {self.name} failed: {proc.stderr.strip() or proc.stdout}")
-        return json.loads(proc.stdout) if command == "add" else None
+        for attempt in range(ADD_RETRIES + 1):
+            proc = self.lab.exec(self.name, [CNITOOL, command, NETWORK, netns.path(pod_netns)], env=env, check=False)
+            if proc.returncode == 0:
+                return json.loads(proc.stdout) if command == "add" else None
+            error = proc.stderr.strip() or proc.stdout
+            if command != "add" or POOL_GROWING not in error or attempt == ADD_RETRIES:
+                break
+            # The warm pool ran dry faster than the agent's tick: the plugin answered "try again
+            # later" (code 11) and nudged the agent; a runtime retries the sandbox, so do we.
+            print(f"    {pod}: the warm pool is empty while the agent grows it; retrying as the kubelet would")
+            time.sleep(1)
+        raise RuntimeError(f"cnitool {command} {pod} on {self.name} failed: {error}")
 
     def add_pod(self, pod: str, pod_netns: str, cap_args: dict | None = None) -> str:
         netns.create(pod_netns)
