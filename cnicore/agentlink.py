@@ -66,8 +66,8 @@ def read_status(data_dir: str, timeout: float = 10.0) -> dict:
 
 def nudge(data_dir: str, message: bytes = b"grow") -> bool:
     """Ask the agent to look at the pool now; True if the datagram was delivered."""
-    import socket
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    import _socket  # not socket.py: this runs on pod ADDs that leave the pool short
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
     try:
         sock.sendto(message, os.path.join(data_dir, NUDGE))
         return True

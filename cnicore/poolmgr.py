@@ -298,6 +298,7 @@ class NodePool:
                 fresh["agent"]["last_refresh"] = self.clock()
             decision = self.decide(fresh)
             fresh["agent"]["blocked"] = self._blocked_entry(fresh, decision)
+            fresh["agent"]["warm_floor"] = warmpool.warm_floor(self.settings, self.limits(fresh))
             tx.write(fresh)
         return decision
 

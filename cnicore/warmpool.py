@@ -177,6 +177,14 @@ def measure(enis: Sequence[ENIState], settings: PoolSettings, limits: InstanceLi
                    available=available, free=sum(e.free for e in enis), short=short, over=over)
 
 
+def warm_floor(settings: PoolSettings, limits: InstanceLimits) -> int:
+    """The fewest available IPs (free or cooling) that do not leave the pool short (see `measure`):
+    an ADD that takes the pool below it asks the agent to grow now rather than at its next tick."""
+    if settings.mode == MODE_IP_TARGET:
+        return settings.warm_ip_target or 0  # MINIMUM_IP_TARGET counts IPs held, which an ADD does not change
+    return settings.warm_eni_target * limits.ips_per_eni or 1
+
+
 def decide(enis: Sequence[ENIState], settings: PoolSettings, limits: InstanceLimits, now: float, *,
            last_release_at: float | None = None, insufficient_addresses_at: float | None = None) -> Decision:
     """What the pool should do now: grow, or give back IPs and/or free one ENI."""

@@ -117,3 +117,20 @@ def test_idle_enis_and_surplus_ips_return_to_ec2(fresh_lab, tmp_path):
     finally:
         node.stop_agents()
 
+
+
+def test_an_add_that_leaves_the_pool_short_wakes_the_agent_before_its_next_tick(fresh_lab, tmp_path):
+    """WARM_ENI_TARGET=1 on an m5.large keeps 9 IPs available; the ADD that takes one leaves the pool
+    short, and asks the agent (ticking every 60 s here) to grow now: a second ENI comes at once."""
+    node = LabNode(fresh_lab, "node1", tmp_path)
+    node.start_agent(interval=60)
+    try:
+        node.wait_for(lambda: node.agent_status()["figures"]["short"] == 0, what="the warm pool")
+        assert len(node.ec2_enis()) == 1
+        ticks = node.agent_status()["ticks"]
+        assert node.ipam("ADD", cid="pod0")[0] == 0
+        node.wait_for(lambda: len(node.ec2_enis()) == 2, timeout=20, what="a second ENI, grown on the nudge")
+        node.wait_for(lambda: node.agent_status()["ticks"] > ticks, timeout=20, what="the nudged round to end")
+    finally:
+        node.stop_agents()
+        node.ipam("DEL", cid="pod0")

@@ -64,7 +64,17 @@ def cmd_add(args: skel.CmdArgs) -> dict:
         args.log.info("assigned after growing the pool", ip=got.ip, eni=got.eni_id)
     else:
         args.log.debug("assigned from the warm pool", ip=got.ip, eni=got.eni_id)
+        if _below_warm_floor(doc) and agentlink.agent_running(cfg["AWS_VPC_CNI_DATA_DIR"]):
+            agentlink.nudge(cfg["AWS_VPC_CNI_DATA_DIR"])  # grow now, not at the agent's next tick
     return _result(got.ip, got.gateway)
+
+
+def _below_warm_floor(doc: dict) -> bool:
+    """This assignment left the pool short of its warm target (the floor the agent records)."""
+    floor = (doc.get("agent") or {}).get("warm_floor")
+    if not floor:
+        return False
+    return sum(s["total"] - s["assigned"] for s in Pool(doc, time.time()).eni_stats()) < floor
 
 
 def _assign(store: Store, args: skel.CmdArgs, cfg: dict):
