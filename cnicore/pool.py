@@ -123,6 +123,8 @@ class Pool:
         """Hand out a free IP (lowest device number, then lowest address); raise PoolExhausted."""
         cooling = 0
         for eni_id, eni in sorted(self.enis.items(), key=lambda kv: kv[1]["device_number"]):
+            if all(entry["state"] == ASSIGNED for entry in eni["ips"].values()):
+                continue  # a full ENI: not worth sorting (a node with 700 pods has 14 of them)
             for ip in sorted(eni["ips"], key=_ip_key):
                 entry = eni["ips"][ip]
                 if entry["state"] == COOLING and not self._cooled(entry):
