@@ -260,9 +260,9 @@ def test_validate_refuses_bad_states(state, message):
         validate(state)
 
 
-def test_unknown_mode_is_refused_before_anything_runs():
+def test_unknown_mode_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(NetfilterError, match="unknown netfilter mode 'nftables': use one of auto, nft, legacy, iptc"):
-        Netfilter("nftables")
+        Netfilter("nftables", lock_dir=str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------

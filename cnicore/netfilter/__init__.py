@@ -5,7 +5,7 @@ others, the rules it needs in chains it does not own, and what must be gone (`Ta
 `Netfilter.converge` makes the table so in one transaction, touching nothing else; `check` reports
 each difference (`Drift`) without changing anything; `remove` deletes chains and rules.
 
-    nf = Netfilter(mode)                 # 'auto' | 'nft' | 'legacy' | 'iptc'
+    nf = Netfilter(mode, lock_dir=data_dir)   # mode 'auto' | 'nft' | 'legacy' | 'iptc'
     nf.converge(TableState("nat",
         chains={"AWS-SNAT-CHAIN-0": ["-d 10.0.0.0/16 -j RETURN", "... -j SNAT --to-source 10.0.0.5"]},
         rules=[Rule("POSTROUTING", '-m comment --comment "AWS SNAT CHAIN" -j AWS-SNAT-CHAIN-0')]))
@@ -31,7 +31,6 @@ __all__ = ["MODES", "Drift", "Netfilter", "NetfilterError", "Rule", "TableState"
            "quote"]
 
 MODES = ("auto", "nft", "legacy", "iptc")
-DEFAULT_LOCK_DIR = "/var/run/aws-vpc-cni"
 
 
 class Netfilter:
@@ -40,12 +39,13 @@ class Netfilter:
     mode:  'auto' detects the variant that holds the rules (as kube-proxy's iptables-wrapper does);
            'nft' / 'legacy' force one; 'iptc' writes through python-iptables and is refused unless
            the host is detected as legacy (rules iptc writes are invisible to iptables-nft).
+    lock_dir:  the data dir: the lock file there serialises the read-plan-write cycles of aws-snat
+           and portmap-compat.
     ipv6:  drive ip6tables instead of iptables.
     wait:  seconds to wait for the xtables lock and for our own lock.
     """
 
-    def __init__(self, mode: str = "auto", *, ipv6: bool = False, lock_dir: str = DEFAULT_LOCK_DIR,
-                 wait: float = 30):
+    def __init__(self, mode: str, *, lock_dir: str, ipv6: bool = False, wait: float = 30):
         if mode not in MODES:
             raise NetfilterError(f"unknown netfilter mode {mode!r}: use one of {', '.join(MODES)}")
         self.mode = mode
