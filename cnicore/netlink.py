@@ -765,8 +765,11 @@ def teardown_pod(attachment: Attachment, *, host_veth: str | None = None,
     Works from the host side alone, so also after the pod netns is gone; idempotent. The veth is
     looked for under the name `host_veth` and behind the /32 route to `pod_ip`, and deleted only if
     its alias names this attachment: a veth now serving another attachment is left alone.
-    Rules 512/1536 for `pod_ip` are removed only when no /32 route to it remains (a remaining one
-    means the IP already serves another attachment). ENI tables are shared and left in place.
+    Rules 512/1536 for `pod_ip` are removed unless the /32 route to it goes through a live link of
+    another attachment (the IP already serves another pod). ENI tables are shared and left in place.
+    The kernel destroys a deleted pod netns, and the pair with it, asynchronously, so the pair may
+    vanish between any two requests here: a route whose link is gone by the time it is looked up
+    is the vanishing pair's, and its rules are removed.
     With `netns` (the pod's, if it still exists): a host veth `host_veth` without alias (an ADD killed
     before it marked the host end) is removed when its peer is the pod's `ifname` in that netns.
     """
@@ -780,13 +783,13 @@ def teardown_pod(attachment: Attachment, *, host_veth: str | None = None,
     with _host() as host:
         route = _main_route_to(host, pod_ip) if pod_ip is not None else None
         by_name = host.link(host_veth) if host_veth else None
-        candidates = [by_name, host.link_at(route.oif) if route is not None else None]
+        by_route = host.link_at(route.oif) if route is not None else None
         deleted = set()
-        for link in candidates:
+        for link in (by_name, by_route):
             if link is not None and link.alias == attachment.alias and link.index not in deleted:
                 host.delete_link(link)  # the kernel drops the routes through it
                 deleted.add(link.index)
-        if pod_ip is not None and (route is None or route.oif in deleted):
+        if pod_ip is not None and (by_route is None or by_route.index in deleted):
             host.delete_pod_rules(pod_ip)
         if netns and by_name is not None and by_name.alias is None and by_name.kind == "veth":
             _remove_unfinished_pair(host, by_name, netns, attachment.ifname)

@@ -512,12 +512,55 @@ def test_del_finds_the_veth_by_name_or_by_the_route_to_the_pod_ip(vpc):
     assert "from 10.0.1.46 lookup 3" in ip(vpc.node, "rule", "show")  # no IP given: rules stay
 
 
-def test_del_after_the_pod_netns_is_gone(vpc):
-    net = vpc.pod("10.0.1.41")
-    vpc.run(netlink.setup_pod, net)
-    netns.delete(pod_ns_of(net))
-    vpc.run(netlink.teardown_pod, net.attachment, host_veth=net.host_veth, pod_ip=net.pod_ip)
-    assert_node_clean(vpc, net)
+def teardown_as_the_pair_vanishes(netns_fd: int, before_request: int, net: netlink.PodNetwork) -> int:
+    """Run DEL's teardown while the kernel destroys the pod netns, and the pair with it, right before
+    its netlink request number `before_request`: `netns_fd` is the last reference to the deleted
+    netns; it is closed then, and the teardown goes on once the host veth is gone. Returns how many
+    requests the teardown made."""
+    real_ask = netlink._Netns.ask
+    made, probing = 0, False
+
+    def release(sock: netlink._Netns) -> None:
+        nonlocal probing
+        os.close(netns_fd)
+        probing, deadline = True, time.monotonic() + 30
+        while sock.link(net.host_veth) is not None:
+            assert time.monotonic() < deadline, "the kernel did not destroy the pod netns in 30 s"
+            time.sleep(0.01)
+        probing = False
+
+    def ask(self, *args, **kwargs):
+        nonlocal made
+        if not probing:
+            if made == before_request:
+                release(self)
+            made += 1
+        return real_ask(self, *args, **kwargs)
+
+    netlink._Netns.ask = ask
+    netlink.teardown_pod(net.attachment, host_veth=net.host_veth, pod_ip=net.pod_ip)
+    if made <= before_request:
+        os.close(netns_fd)
+    return made
+
+
+def test_del_leaves_nothing_whenever_the_kernel_destroys_the_deleted_netns(vpc):
+    """containerd's RemovePodSandbox: a DEL with the netns deleted, whose pair the kernel destroys
+    asynchronously, so at any point of the DEL. Every point is visited, one pod each."""
+    before_request = 0
+    while True:
+        net = vpc.pod("10.0.1.41", cid=f"c{before_request}")
+        vpc.run(netlink.setup_pod, net)
+        held = os.open(net.netns, os.O_RDONLY)
+        netns.delete(pod_ns_of(net))
+        child = Child(vpc.node, teardown_as_the_pair_vanishes, held, before_request, net)
+        os.close(held)
+        made = child.result()
+        assert_node_clean(vpc, net)
+        if before_request >= made:  # the last run left the pair in place for the whole DEL
+            break
+        before_request += 1
+    assert before_request >= 3
 
 
 def test_del_of_an_attachment_never_added_changes_nothing(vpc):
