@@ -12,10 +12,14 @@ venv="$top/.venv"
 say() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- Debian packages -----------------------------------------------------------------------------
+# Every command the plugins, the lab, the demo and the tests run comes from one of these (or from
+# Debian's required base); tests/test_setup.py checks that against the code.
 # gcc and libc6-dev: build.sh compiles the bundle's launcher (build/launcher.c); it also needs the
-# Python headers, which a Debian Python gets from python3-dev.
-debs=(iptables iproute2 procps golang-go golang-github-appc-cni-dev containernetworking-plugins dpkg-dev
-      python3-venv gcc libc6-dev)
+# Python headers, which a Debian Python gets from python3-dev. nftables: the nft command the netfilter
+# tests write other tables with. containerd, runc, podman, busybox-static: the real-runtime tests (the
+# container images are made from busybox). strace: tests count a frozen plugin's execs.
+debs=(iptables nftables iproute2 procps golang-go golang-github-appc-cni-dev containernetworking-plugins dpkg-dev
+      python3-venv gcc libc6-dev git strace containerd runc podman busybox-static)
 if [ "$("${PYTHON:-python3}" -c 'import sys; print(sys.prefix)' 2>/dev/null)" = /usr ]; then
     debs+=(python3-dev)
 fi
