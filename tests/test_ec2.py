@@ -453,13 +453,14 @@ def test_unreachable_endpoint(vpc, monkeypatch):
 
 
 def test_a_hung_endpoint_times_out(vpc):
-    vpc.lab.front.hang("DescribeInstanceTypes", 3, times=2)
+    hung = 15  # s: each request hangs this long; both attempts give up well before one of them ends
+    vpc.lab.front.hang("DescribeInstanceTypes", hung, times=2)
     kw, sleeps = quick(retry=RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.01))
     ec2 = EC2(vpc.instance_id, timeout=0.5, **kw)
     started = time.monotonic()
     with pytest.raises(EC2Unreachable, match="ReadTimeoutError"):
         vpc.run(ec2.instance_type_limits, "m5.large")
-    assert time.monotonic() - started < 2.5 and ec2.calls["DescribeInstanceTypes"] == 2
+    assert time.monotonic() - started < hung and ec2.calls["DescribeInstanceTypes"] == 2
 
 
 def test_free_eni_detaches_and_deletes_and_refuses_the_primary(vpc):

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -85,10 +84,8 @@ def test_cli_up_exec_fault_calls_down_leaves_nothing():
         return subprocess.run(VPCLAB + list(args), capture_output=True, text=True, env=env, check=check, timeout=120)
 
     try:
-        started = time.monotonic()
         up = vpclab("up", "--nodes", "1", "--extra-host", "198.51.100.0/24")
         assert name in up.stdout and "node1" in up.stdout and "198.51.100.10" in up.stdout
-        assert time.monotonic() - started < 30
         status = json.loads(vpclab("status", "--json").stdout)
         assert status["nodes"][0]["primary_ip"] == "10.0.0.10" and status["internet"]["echo_port"] == 7007
 
