@@ -5,6 +5,21 @@ validates the environment and stdin, negotiates the version, parses CNI_ARGS and
 converts the ADD result to the configuration's version, and turns every failure into exactly one
 CNI error object on stdout. Nothing else can reach stdout: file descriptor 1 points at stderr while
 a handler runs, so a stray print or a child process cannot corrupt the result.
+
+CNI_ARGS, as the Go plugins treat it (ARCHITECTURE section 9 has what the runtimes send):
+- The Go skel does not read CNI_ARGS; a plugin that needs it calls types.LoadArgs, the others (the
+  reference portmap, bridge) never look at it. Ours alike: aws-vpc-bridge and aws-eni-ipam read the
+  pod's namespace and name (`reads_cni_args`), aws-snat and portmap-compat read nothing from it.
+- K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_INFRA_CONTAINER_ID and K8S_POD_UID are opaque strings
+  (types.UnmarshallableString): any text, empty, either name without the other (podman sends
+  K8S_POD_NAME alone, its container's name), or absent. They name nothing directly: the bridge hashes
+  them into the host veth's name, logs escape them (JSON, ASCII), the store holds them as JSON strings.
+- Truly unusable, as LoadArgs refuses it (parse_cni_args): a pair that is not exactly one key, '=' and
+  a value (so a value cannot hold ';' or '=': runtimes join their pairs with them), an IgnoreUnknown
+  other than 1, 0, true, false, and an unknown key without IgnoreUnknown true. That fails an ADD of a
+  plugin that reads CNI_ARGS (code 4), as it fails the Go plugins that call LoadArgs. It never fails
+  DEL, CHECK, GC or STATUS, nor any command of a plugin that does not read CNI_ARGS: those go on with
+  the well-formed pairs and log what was wrong (a DEL must always succeed).
 """
 
 from __future__ import annotations
@@ -54,18 +69,10 @@ class Pattern:
 
 _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 _NAME_CHARS = _ALNUM | frozenset("_.-")
-_LOWER_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
-_LABEL_CHARS = _LOWER_ALNUM | {"-"}
-_UID_CHARS = _ALNUM | {"-"}
 
 
 def _is_name(text: str) -> bool:
     return text[:1] in _ALNUM and all(c in _NAME_CHARS for c in text)
-
-
-def _is_dns_label(text: str) -> bool:
-    return (0 < len(text) <= 63 and text[0] in _LOWER_ALNUM and text[-1] in _LOWER_ALNUM
-            and all(c in _LABEL_CHARS for c in text))
 
 
 # \Z, not $: "$" also matches before a trailing newline, which would let "c1\n" through.
@@ -73,15 +80,8 @@ CONTAINER_ID_RE = Pattern(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*\Z", _is_name)
 NETWORK_NAME_RE = Pattern(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*\Z", _is_name)
 MAX_IFNAME = 15  # IFNAMSIZ - 1
 
-# CNI_ARGS keys that Kubernetes runtimes send, with what their values may be.
-_DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
-K8S_ARGS = {
-    "K8S_POD_NAMESPACE": Pattern(rf"^{_DNS_LABEL}\Z", _is_dns_label),
-    "K8S_POD_NAME": Pattern(rf"^(?=.{{1,253}}\Z){_DNS_LABEL}(\.{_DNS_LABEL})*\Z",
-                            lambda t: len(t) <= 253 and all(_is_dns_label(label) for label in t.split("."))),
-    "K8S_POD_INFRA_CONTAINER_ID": CONTAINER_ID_RE,
-    "K8S_POD_UID": Pattern(r"^[A-Za-z0-9-]{1,64}\Z", lambda t: 0 < len(t) <= 64 and all(c in _UID_CHARS for c in t)),
-}
+# The CNI_ARGS keys Kubernetes runtimes send; their values are opaque (see the module docstring).
+K8S_ARGS = ("K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID")
 
 
 class CmdArgs:
@@ -157,31 +157,63 @@ def validate_ifname(ifname: str) -> None:
                        repr(ifname))
 
 
-def parse_cni_args(raw: str, known: dict[str, Pattern]) -> dict[str, str]:
-    """Parse `K=V;K=V` like the reference types.LoadArgs, and check each known value's form."""
-    if not raw:
-        return {}
+def parse_cni_args(raw: str, known=K8S_ARGS) -> tuple[dict[str, str], list[str]]:
+    """CNI_ARGS read as libcni's types.LoadArgs reads it into a struct of the `known` keys (opaque strings)
+    and CommonArgs' IgnoreUnknown: (the values, what LoadArgs refuses).
+
+    As LoadArgs: "" holds no pairs; pairs are split on ';' and each on '=' into exactly a key and a
+    value; keys are case-sensitive; a later pair replaces an earlier one; IgnoreUnknown takes 1, 0,
+    true or false in any case (the last one counts); an unknown key is refused unless IgnoreUnknown is
+    true. The refusals are returned, not raised, beside the values of the well-formed pairs.
+    """
     values: dict[str, str] = {}
+    problems: list[str] = []
+    if not raw:
+        return values, problems
     unknown: list[str] = []
     ignore_unknown = False
     for pair in raw.split(";"):
         kv = pair.split("=")
         if len(kv) != 2:
-            raise CNIError(INVALID_ENVIRONMENT, f"CNI_ARGS: invalid pair {pair!r}")
+            problems.append(f"invalid pair {pair!r}")
+            continue
         key, value = kv
         if key == "IgnoreUnknown":
-            if value.lower() not in ("1", "true", "0", "false"):
-                raise CNIError(INVALID_ENVIRONMENT, f"CNI_ARGS: IgnoreUnknown must be 1, 0, true or false, not {value!r}")
-            ignore_unknown = value.lower() in ("1", "true")
+            if value.lower() in ("1", "true", "0", "false"):
+                ignore_unknown = value.lower() in ("1", "true")
+            else:
+                problems.append(f"IgnoreUnknown must be 1, 0, true or false, not {value!r}")
         elif key in known:
-            if value and not known[key].match(value):
-                raise CNIError(INVALID_ENVIRONMENT, f"CNI_ARGS: invalid value for {key}: {value!r}")
             values[key] = value
         else:
-            unknown.append(key)
+            unknown.append(pair)
     if unknown and not ignore_unknown:
-        raise CNIError(INVALID_ENVIRONMENT, f"CNI_ARGS: unknown args {unknown}")
-    return values
+        problems.append(f"unknown args {unknown} (IgnoreUnknown=1 lets them through)")
+    return values, problems
+
+
+# The non-ASCII letters that Go's case folding (bytes.EqualFold, unicode.SimpleFold) equates with ASCII ones.
+_GO_FOLDS = {0x17F: "s", 0x212A: "k"}  # LATIN SMALL LETTER LONG S, KELVIN SIGN
+
+
+def go_field(obj: dict, name: str):
+    """The value Go's encoding/json decodes from the JSON object `obj` into a struct field whose JSON name
+    is `name` (ASCII), or None when no key names it (or the last one is null).
+
+    As encoding/json: a key names the field when it equals `name` case-insensitively (bytes.EqualFold:
+    "HostPort", "HOSTPORT" and "hoſtPort" all name hostPort; an exact match is preferred only among
+    several fields, and here each name is one field); keys that name no field are ignored; of several
+    keys naming the field, the last one wins. (A key repeated exactly was already reduced to its last
+    value by the JSON decoder, at the first one's place: only such a repeat interleaved with another
+    spelling of the same key could be ordered differently than Go orders it.)
+    """
+    wanted = name.lower()
+    found = None
+    for key, value in obj.items():
+        folded = key.translate(_GO_FOLDS)
+        if folded.isascii() and folded.lower() == wanted:
+            found = value
+    return found
 
 
 def valid_attachments(conf: dict) -> set[tuple[str, str]]:
@@ -285,10 +317,11 @@ def _log_settings(conf: dict) -> tuple[str, str]:
     return cfg["AWS_VPC_K8S_PLUGIN_LOG_FILE"], cfg["AWS_VPC_K8S_PLUGIN_LOG_LEVEL"]
 
 
-def run(plugin: str, handlers: dict[str, Handler], *, about: str = "",
-        known_args: dict[str, Pattern] = K8S_ARGS, environ=os.environ, stdin: bytes | None = None,
-        out=None) -> int:
+def run(plugin: str, handlers: dict[str, Handler], *, about: str = "", reads_cni_args: bool = True,
+        environ=os.environ, stdin: bytes | None = None, out=None) -> int:
     """Run one invocation; return the exit code. `handlers` maps ADD/DEL/CHECK/GC/STATUS to functions.
+    `reads_cni_args`: the plugin uses the pod's namespace and name, so an ADD with CNI_ARGS that
+    types.LoadArgs refuses is refused (see the module docstring).
 
     `stdin` and `out` (anything with `write(obj)`) replace the process's stdin and stdout when one
     plugin runs another in-process (cnicore.invoke).
@@ -329,7 +362,14 @@ def run(plugin: str, handlers: dict[str, Handler], *, about: str = "",
             raise CNIError(INCOMPATIBLE_VERSION, f"config version does not allow {command}",
                            f"{command} needs cniVersion {MIN_VERSION[command]} or later, config is {conf_version}")
         cniresult.require_supported(conf_version)
-        args.args = parse_cni_args(environ.get("CNI_ARGS", ""), known_args)
+        args.args, problems = parse_cni_args(environ.get("CNI_ARGS", ""))
+        if problems and command == "ADD" and reads_cni_args:
+            raise CNIError(INVALID_ENVIRONMENT, f"CNI_ARGS: {'; '.join(problems)}")
+        if problems:
+            log.warn("CNI_ARGS is not as types.LoadArgs reads it; going on with its well-formed pairs",
+                     problems=problems)
+        log.context.update((key, value) for key, value in (("podNamespace", args.pod_namespace),
+                                                           ("podName", args.pod_name)) if value)
         if conf.get("prevResult") is not None:
             args.prev_result = cniresult.parse(conf["prevResult"], conf_version)
         answer = handlers[command](args)
@@ -352,5 +392,5 @@ def run(plugin: str, handlers: dict[str, Handler], *, about: str = "",
         return 1
 
 
-def plugin_main(plugin: str, handlers: dict[str, Handler], about: str = "") -> None:
-    sys.exit(run(plugin, handlers, about=about))
+def plugin_main(plugin: str, handlers: dict[str, Handler], about: str = "", reads_cni_args: bool = True) -> None:
+    sys.exit(run(plugin, handlers, about=about, reads_cni_args=reads_cni_args))

@@ -455,7 +455,7 @@ def _converge_rp_filter(ifname: str) -> list[str]:
 def main() -> None:
     skel.plugin_main("aws-snat", {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check,
                                   "GC": cmd_gc, "STATUS": cmd_status},
-                     about="aws-snat: node SNAT and connmark rules for pods on VPC addresses")
+                     about="aws-snat: node SNAT and connmark rules for pods on VPC addresses", reads_cni_args=False)
 
 
 if __name__ == "__main__":

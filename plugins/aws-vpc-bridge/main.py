@@ -31,11 +31,24 @@ def _config(args: skel.CmdArgs) -> tuple[dict, str, Store]:
 
 
 def _host_veth(args: skel.CmdArgs, cfg: dict) -> str:
+    """The host veth's name: upstream's hash of "<namespace>.<pod name>" when the runtime sent both
+    (kubelet's CRI runtimes do), else the hash of the container ID and ifname (podman sends the pod
+    name alone, cnitool neither). The names are opaque text; one that is not UTF-8 (no Kubernetes or
+    podman name is) takes the second form too, as the hash is of the UTF-8 text."""
+    namespace, name = args.pod_namespace, args.pod_name
+    if not (namespace and name and _is_utf8(namespace) and _is_utf8(name)):
+        namespace = name = ""
+    return netlink.host_veth_name(cfg["AWS_VPC_K8S_CNI_VETHPREFIX"], pod_namespace=namespace, pod_name=name,
+                                  container_id=args.container_id, ifname=args.ifname)
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text with bytes that were not UTF-8 (the environment decodes them to lone surrogates)."""
     try:
-        return netlink.host_veth_name(cfg["AWS_VPC_K8S_CNI_VETHPREFIX"], pod_namespace=args.pod_namespace,
-                                      pod_name=args.pod_name, container_id=args.container_id, ifname=args.ifname)
-    except ValueError as exc:
-        raise CNIError(INVALID_CONFIG, f"cannot name the host veth: {exc}") from None
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _attachment(args: skel.CmdArgs) -> netlink.Attachment:
@@ -69,8 +82,7 @@ def _pod_network(args: skel.CmdArgs, cfg: dict, pod_ip: str, eni) -> netlink.Pod
 
 def cmd_add(args: skel.CmdArgs) -> dict:
     cfg, ipam_type, store = _config(args)
-    _host_veth(args, cfg)  # refuse bad names and a bad netns before any IP is taken
-    _attachment(args)
+    _attachment(args)  # refuse what the veth's alias cannot record, and a bad netns, before any IP is taken
     try:
         netlink.check_netns(args.netns)
     except netlink.NetnsError as exc:

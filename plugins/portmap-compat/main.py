@@ -17,7 +17,10 @@ neither `portMappings` nor the netns. A rule cannot jump to a chain that does no
 first asks whether the chain (or an old CNI-SN one) exists at all, in the variant the mode drives
 (both for 'auto'), over nfnetlink and getsockopt: for a pod without host ports, most pods, that is
 the whole DEL, with no iptables exec and no variant detection. GC finds other containers' chains of this network through the
-`id: "<cid>"` in the entry rules' comments. Beyond the reference: malformed mappings are refused
+`id: "<cid>"` in the entry rules' comments. `runtimeConfig`, `portMappings` and the mappings' keys are
+read as the reference's Go decoding reads them (skel.go_field: any case, so containerd's "HostPort" of
+go-cni's untagged PortMapping struct too; unknown keys ignored; the last of two spellings wins).
+CNI_ARGS is not read (nor refused), as by the reference. Beyond the reference: malformed mappings are refused
 (code 7) before any rule is touched, CHECK looks only at the families the pod has (plugins#819), and
 ADD replaces the container's chain instead of adding to whatever an earlier ADD left in it.
 """
@@ -279,10 +282,10 @@ def parse_conf(args: skel.CmdArgs) -> Conf:
     if external is not None and not (isinstance(external, str) and _CHAIN_NAME.fullmatch(external)):
         raise _bad("externalSetMarkChain must be a chain name of at most 28 letters, digits or _.:+-", external)
     conditions = {4: _conditions(raw, "conditionsV4"), 6: _conditions(raw, "conditionsV6")}
-    runtime = raw.get("runtimeConfig") or {}
+    runtime = skel.go_field(raw, "runtimeConfig") or {}
     if not isinstance(runtime, dict):
         raise _bad("runtimeConfig must be an object", runtime)
-    entries = runtime.get("portMappings") or []
+    entries = skel.go_field(runtime, "portMappings") or []
     if not isinstance(entries, list):
         raise _bad("runtimeConfig.portMappings must be a list", entries)
     mappings = [_mapping(entry, n) for n, entry in enumerate(entries)]
@@ -296,26 +299,24 @@ def _mapping(entry, n: int) -> Mapping:
     where = f"runtimeConfig.portMappings[{n}]"
     if not isinstance(entry, dict):
         raise _bad(f"{where} must be an object", entry)
-    for key in ("hostPort", "containerPort"):
-        port = entry.get(key)
+    host_port, container_port, protocol, host_ip = (skel.go_field(entry, key) for key in
+                                                    ("hostPort", "containerPort", "protocol", "hostIP"))
+    for key, port in (("hostPort", host_port), ("containerPort", container_port)):
         if not _is_int(port) or not 1 <= port <= 65535:
             raise _bad(f"{where}.{key} must be a port number from 1 to 65535", port)
-    protocol = entry.get("protocol")
     if not isinstance(protocol, str) or protocol.lower() not in PROTOCOLS:
         raise _bad(f"{where}.protocol must be one of {', '.join(PROTOCOLS)}", protocol)
-    host_ip = entry.get("hostIP")
-    if host_ip in (None, ""):
-        host_ip = None
-    else:
+    address = None
+    if host_ip not in (None, ""):
         try:
             if not isinstance(host_ip, str) or "%" in host_ip:
                 raise ValueError  # a number or a zone would pass ipaddress, not Go's net.ParseIP
-            host_ip = ipaddress.ip_address(host_ip)
+            address = ipaddress.ip_address(host_ip)
         except ValueError:
-            raise _bad(f"{where}.hostIP must be an IPv4 or IPv6 address", entry.get("hostIP")) from None
-        if host_ip.version == 6 and host_ip.ipv4_mapped:
-            host_ip = host_ip.ipv4_mapped  # as Go's net.IP.To4 reads it
-    return Mapping(entry["hostPort"], entry["containerPort"], protocol.lower(), host_ip)
+            raise _bad(f"{where}.hostIP must be an IPv4 or IPv6 address", host_ip) from None
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped  # as Go's net.IP.To4 reads it
+    return Mapping(host_port, container_port, protocol.lower(), address)
 
 
 def _conditions(raw: dict, key: str) -> list[str]:
@@ -403,7 +404,8 @@ def _bad(msg: str, value) -> CNIError:
 def main() -> None:
     skel.plugin_main("portmap-compat", {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check,
                                         "GC": cmd_gc, "STATUS": cmd_status},
-                     about="portmap-compat: hostPort mappings for pods, a drop-in for the reference portmap")
+                     about="portmap-compat: hostPort mappings for pods, a drop-in for the reference portmap",
+                     reads_cni_args=False)
 
 
 if __name__ == "__main__":
