@@ -35,10 +35,10 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# --- cnitool from Debian's source package golang-github-appc-cni ---------------------------------
-cnitool="$tools/bin/cnitool"
-if [ ! -x "$cnitool" ]; then
-    src_list=/etc/apt/sources.list.d/aws-vpc-cni-deb-src.sources
+# --- Debian source packages ----------------------------------------------------------------------
+# deb-src for the configured Debian suites, so `apt-get source` works; enabled once, on first need.
+apt_source() {  # apt_source PACKAGE DIR [apt-get source options]: PACKAGE's source into DIR
+    local src_list=/etc/apt/sources.list.d/aws-vpc-cni-deb-src.sources
     if ! grep -rqsE '^(Types:.*deb-src|deb-src )' /etc/apt/sources.list /etc/apt/sources.list.d/; then
         say "enabling deb-src for the configured Debian suites ($src_list)"
         : >"$src_list.tmp"
@@ -55,12 +55,18 @@ if [ ! -x "$cnitool" ]; then
         apt_updated=
     fi
     [ -n "$apt_updated" ] || { apt-get update -q >/dev/null; apt_updated=1; }
-    work=$(mktemp -d)
-    trap 'rm -rf "$work"' EXIT
+    (cd "$2" && apt-get source -q "${@:3}" "$1" >/dev/null 2>&1) || { say "apt-get source $1 failed"; exit 1; }
+}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# --- cnitool from Debian's source package golang-github-appc-cni ---------------------------------
+cnitool="$tools/bin/cnitool"
+if [ ! -x "$cnitool" ]; then
     say "building cnitool from Debian's golang-github-appc-cni source"
-    (cd "$work" && apt-get source -q golang-github-appc-cni >/dev/null 2>&1)
+    apt_source golang-github-appc-cni "$work"
     srcdir=$(find "$work" -maxdepth 1 -type d -name 'golang-github-appc-cni-*' | head -1)
-    [ -n "$srcdir" ] || { say "apt-get source golang-github-appc-cni failed"; exit 1; }
+    [ -n "$srcdir" ] || { say "apt-get source golang-github-appc-cni unpacked nothing"; exit 1; }
     mkdir -p "$work/gopath/src/github.com/containernetworking" "$tools/bin"
     ln -s "$srcdir" "$work/gopath/src/github.com/containernetworking/cni"
     (cd "$work/gopath/src/github.com/containernetworking/cni" &&
@@ -86,4 +92,25 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     fi
     echo "$want" >"$stamp"
 fi
-say "ready: $venv, $cnitool"
+
+# --- CRI client stubs ----------------------------------------------------------------------------
+# tests/cri_world.py speaks kubelet's CRI (runtime.v1) to containerd: Python gRPC stubs generated
+# from the api.proto vendored in Debian's containerd source package, the version the installed
+# containerd serves. Its gogoproto options only steer Go code generation, and protoc would need
+# gogo.proto for them: those lines are dropped.
+cri="$tools/cri"
+if [ ! -f "$cri/cri_api_pb2_grpc.py" ]; then
+    say "generating the CRI client stubs from Debian's containerd source"
+    mkdir -p "$work/containerd" "$work/proto"
+    apt_source containerd "$work/containerd" --download-only
+    tar -xf "$(find "$work/containerd" -maxdepth 1 -name 'containerd_*.orig.tar.*' | head -1)" -C "$work/containerd" \
+        --wildcards '*/vendor/k8s.io/cri-api/pkg/apis/runtime/v1/api.proto'
+    proto=$(find "$work/containerd" -path '*/vendor/k8s.io/cri-api/pkg/apis/runtime/v1/api.proto' | head -1)
+    [ -n "$proto" ] || { say "no runtime/v1/api.proto in Debian's containerd source"; exit 1; }
+    grep -v gogoproto "$proto" >"$work/proto/cri_api.proto"
+    rm -rf "$cri.tmp" && mkdir -p "$cri.tmp"
+    "$venv/bin/python" -m grpc_tools.protoc -I"$work/proto" --python_out="$cri.tmp" --grpc_python_out="$cri.tmp" \
+        "$work/proto/cri_api.proto"
+    rm -rf "$cri" && mv "$cri.tmp" "$cri"
+fi
+say "ready: $venv, $cnitool, $cri"
