@@ -22,10 +22,8 @@ _NAME_CHARS = _ALNUM | frozenset("_.-")
 
 
 def _valid_name(name: str) -> bool:
-    r"""What re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", name) accepts ("$" also before one final
-    newline), without importing re (~4 ms per exec)."""
-    if name.endswith("\n"):
-        name = name[:-1]
+    r"""What re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name) accepts (no trailing newline, which
+    re.match's "$" would let through), without importing re (~4 ms per exec)."""
     return name[:1] in _ALNUM and all(c in _NAME_CHARS for c in name)
 
 

@@ -256,4 +256,13 @@ def test_ips_ec2_no_longer_reports_are_dropped_unless_assigned():
 def test_network_name_check_answers_as_its_regular_expression(name):
     import re
     from cnicore import store
-    assert store._valid_name(name) == bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", name)), name
+    assert store._valid_name(name) == bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name)), name
+
+
+@pytest.mark.parametrize("name", ["aws-vpc\n", "aws-vpc\n\n", "\n"])
+def test_a_network_name_with_a_trailing_newline_is_refused(tmp_path, name):
+    """The agent's --network reaches the store without skel's check: "aws-vpc\n" would name a file
+    with a newline in it (re.match's "$" matches before a final newline)."""
+    with pytest.raises(StoreError):
+        Store(str(tmp_path), name)
+    assert os.listdir(tmp_path) == []
