@@ -14,6 +14,7 @@ route_localnet (links, addresses, rules, routes and neighbours in the pod namesp
 failure exactly one valid CNI error object, never code 999 (hostile input is refused on purpose, not
 by accident), no traceback, nothing changed; on success a valid answer, after which the world is put
 back (DEL of a successful ADD, the pristine store copied back) and a new baseline taken.
+`World.chain_add()` and `chain_del()` drive the conflist's plugins in order as libcni does.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ BIN = os.path.join(sys.prefix, "bin")
 ALL_PLUGINS = ("aws-eni-ipam", "aws-vpc-bridge", "portmap-compat", "aws-snat")
 PLUGINS = tuple(p for p in ALL_PLUGINS if os.access(os.path.join(BIN, p), os.X_OK))
 COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS")
+CHAIN = ("aws-vpc-bridge", "aws-snat", "portmap-compat")  # 10-aws-vpc.conflist's order (the IPAM delegated)
 NETWORK = "aws-vpc"
 PRIMARY_MAC = "02:00:00:00:00:01"
 SECONDARY_MAC = "02:00:00:00:00:02"
@@ -251,8 +253,45 @@ class World:
                               preexec_fn=None if umask is None else (lambda: os.umask(umask)))
         return Outcome(argv, env, stdin, proc)
 
+    # --- the whole chain, as a runtime drives it ---------------------------------------------------
+    def chain_conf(self, plugin: str, prev: dict | None, port_mappings: list | None = None) -> bytes:
+        """`plugin`'s entry of the conflist as libcni hands it over: with the previous plugin's result
+        (None: no prevResult, as containerd's second DEL) and, for portmap-compat, the mappings."""
+        conf = self.conf(plugin)
+        conf.pop("prevResult", None)
+        conf.pop("runtimeConfig", None)
+        if plugin == "portmap-compat" and port_mappings is not None:
+            conf["runtimeConfig"] = {"portMappings": port_mappings}
+        if prev is not None:
+            conf["prevResult"] = prev
+        return json.dumps(conf).encode()
+
+    def chain_add(self, env: dict, port_mappings: list | None = None) -> tuple[dict | None, Outcome | None]:
+        """ADD through CHAIN as libcni's AddNetworkList does: (the last result, None), or (None, the
+        outcome of the plugin that failed)."""
+        prev = None
+        for plugin in CHAIN:
+            outcome = self.run(plugin, {**env, "CNI_COMMAND": "ADD"}, self.chain_conf(plugin, prev, port_mappings))
+            if outcome.rc != 0:
+                return None, outcome
+            prev = strict_json(outcome.stdout)
+        return prev, None
+
+    def chain_del(self, env: dict, prev: dict | None, port_mappings: list | None = None) -> list[Outcome]:
+        """DEL through CHAIN in reverse, as libcni's DelNetworkList does; every plugin's outcome."""
+        return [self.run(plugin, {**env, "CNI_COMMAND": "DEL"}, self.chain_conf(plugin, prev, port_mappings))
+                for plugin in reversed(CHAIN)]
+
+    def held_ips(self) -> dict[tuple[str, str], str]:
+        """{(containerID, ifname): IP} of every reservation in the store."""
+        with Store(self.data_dir, NETWORK).locked(shared=True) as tx:
+            doc = tx.read()
+        return {(cid, ifname): ip for cid, ifname, ip in Pool(doc, time.time()).attachments()}
+
     # --- the state a plugin could change ---------------------------------------------------------
-    def snapshot(self) -> str:
+    def snapshot(self, data_dir: bool = True) -> str:
+        """Everything listed in the module docstring; without the data dir's files when `data_dir` is
+        False (a released IP stays in the store, cooling down: compare reservations with held_ips)."""
         parts = []
         for label, ns, script in (("node", self.ns, SNAPSHOT), ("pod", self.pod_ns, POD_SNAPSHOT)):
             text = self.sh(ns, script)
@@ -260,12 +299,14 @@ class World:
                 text = pattern.sub(repl, text)
             parts.append(f"### {label} namespace\n{text}")
         for label, root in (("data dir", self.data_dir), ("cwd", self.cwd), ("bin", self.bin)):
+            if label == "data dir" and not data_dir:
+                continue
             parts.append(f"### {label}\n" + "\n".join(tree_lines(root)))
         return "\n".join(parts)
 
-    def assert_unchanged(self, outcome: Outcome | None = None, before: str | None = None) -> None:
+    def assert_unchanged(self, outcome: Outcome | None = None, before: str | None = None, data_dir: bool = True) -> None:
         before = self.baseline if before is None else before
-        after = self.snapshot()
+        after = self.snapshot(data_dir)
         if after != before:
             diff = "\n".join(difflib.unified_diff(before.splitlines(), after.splitlines(), "before", "after",
                                                   lineterm="", n=1))

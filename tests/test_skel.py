@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from cnicore import skel
 from cnicore.errors import CNIError
+from runtime_input import CONTAINERD_CNI_ARGS, PODMAN_CNI_ARGS
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 SEED = [f"10.9.0.{i}" for i in range(20, 24)]
@@ -357,23 +358,7 @@ def test_log_lines_carry_the_invocation(cni):
 
 
 # --- CNI_ARGS ------------------------------------------------------------------------------------------
-# What the runtimes send, exactly (ARCHITECTURE section 9 has them measured on this machine):
-# containerd 1.6 CRI: pkg/cri/server/sandbox_run.go toCNILabels -> go-cni WithLabels; go-cni's
-# Namespace.config ranges over that Go map, so the order changes from call to call.
-CONTAINERD_CNI_ARGS = [
-    "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-7d4b9c8f5-x2x7q;"
-    "K8S_POD_INFRA_CONTAINER_ID=4f7a1c2d9e8b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b2a1f0;"
-    "K8S_POD_UID=8d3f2b1a-7c6e-4d5f-9a8b-1c2d3e4f5a6b;IgnoreUnknown=1",
-    "IgnoreUnknown=1;K8S_POD_UID=8d3f2b1a-7c6e-4d5f-9a8b-1c2d3e4f5a6b;K8S_POD_NAME=web-7d4b9c8f5-x2x7q;"
-    "K8S_POD_NAMESPACE=kube-system;K8S_POD_INFRA_CONTAINER_ID=4f7a1c2d9e8b",
-]
-# podman 4.3, CNI backend: containers/common libnetwork/cni/run.go getRuntimeConfig: IgnoreUnknown=1 and
-# K8S_POD_NAME=<container name> (no K8S_POD_NAMESPACE, podman#12083), then the pairs of its own CNI_ARGS
-# environment, MAC=<mac> with --mac-address and IP=<ip> with one --ip.
-PODMAN_CNI_ARGS = [
-    "IgnoreUnknown=1;K8S_POD_NAME=eager_hamilton",
-    "IgnoreUnknown=1;K8S_POD_NAME=probe1;MAC=02:42:ac:11:00:02;IP=10.88.0.5",
-]
+# What the runtimes send, exactly: tests/runtime_input.py (with the source files that make it).
 
 
 @pytest.mark.parametrize("args", CONTAINERD_CNI_ARGS + PODMAN_CNI_ARGS + [
