@@ -3,7 +3,16 @@
 Plugins are exec'd with only CNI_* variables, so the conflist carries the settings: the agent reads
 the upstream environment variable names (`from_env`) and renders them as conflist keys (`to_conf`);
 a plugin reads the keys back (`from_conf`). Both paths run the same parser, so a value is accepted or
-refused the same way at install time and in the plugin (CNI code 7, naming the setting).
+refused the same way at install time and in the plugin (CNI code 7, naming the setting), except that
+a conflist holds values as the agent renders them: what the agent reads with a warning (a default
+used, a value clamped, a list entry skipped) a plugin refuses, since only a hand-edited conflist has it.
+
+Each upstream setting is read as upstream's code reads it (aws/amazon-vpc-cni-k8s: pkg/ipamd/ipamd.go,
+pkg/networkutils/network.go, pkg/utils/logger, cmd/aws-vpc-cni/main.go; tests/test_settings_upstream.py
+cites file and line for each rule): Go's strconv spellings, a value upstream falls back from is the
+default here too (with a warning naming the setting), a bad entry of a list is skipped with a warning
+naming it, and only what upstream refuses or what cannot work at all is an error. An empty variable
+means unset (README's settings table lists the one exception, the plugin log file).
 """
 
 from __future__ import annotations
@@ -11,6 +20,8 @@ from __future__ import annotations
 # Every plugin imports this module on every exec, so it imports nothing costly at the top: no
 # dataclasses (it pulls in inspect, ast, dis and tokenize, ~7 ms per exec), no typing (~3 ms; the
 # annotations below are never evaluated), ipaddress only where a CIDR list is parsed.
+import sys
+
 from .errors import CNIError, INVALID_CONFIG
 
 
@@ -19,101 +30,317 @@ class SettingError(CNIError):
         super().__init__(INVALID_CONFIG, msg)
 
 
-def _int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
-    def parse(value: Any) -> int:
-        if isinstance(value, bool):
-            raise ValueError("must be a whole number")
-        if isinstance(value, str):
-            value = _whole_number(value.strip())
-        if not isinstance(value, int):
-            raise ValueError("must be a whole number")
-        if lo is not None and value < lo:
-            raise ValueError(f"must be at least {lo}")
-        if hi is not None and value > hi:
-            raise ValueError(f"must be at most {hi}")
-        return value
-    return parse
+class _Default(Exception):
+    """Raised by a parser for a value upstream reads as "use the default"; a non-empty message is
+    the warning to give (upstream logs one too)."""
 
 
-def _whole_number(text: str) -> int:
-    """Decimal with an optional sign, or 0x and hex digits; ASCII only, as Go's strconv reads them
-    (Python's int() would also take "1_000" and other scripts' digits)."""
+_DIGITS = frozenset("0123456789")
+_INT64_MAX = (1 << 63) - 1
+_GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+_GO_FALSE = ("0", "f", "F", "FALSE", "false", "False")
+
+
+def go_atoi(text: str) -> int:
+    """Go's strconv.Atoi: an optional sign and ASCII decimal digits, nothing else (no spaces, no
+    underscores, no 0x), within int64. ValueError otherwise."""
     digits = text[1:] if text[:1] in ("+", "-") else text
-    if text[:2].lower() == "0x" and text[2:] and all(c in "0123456789abcdefABCDEF" for c in text[2:]):
-        return int(text, 16)
-    if digits and all(c in "0123456789" for c in digits):
-        return int(text)
-    raise ValueError("must be a whole number")
+    if not digits or not all(c in _DIGITS for c in digits):
+        raise ValueError("is not a whole number")
+    if len(digits.lstrip("0")) > 19:
+        raise ValueError("is out of range")
+    value = int(text)
+    if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
+        raise ValueError("is out of range")
+    return value
 
 
-def _bool(value: Any) -> bool:
+def go_parse_int(text: str) -> int:
+    """Go's strconv.ParseInt(text, 0, 64): sign, then 0x/0o/0b or a leading 0 (octal) prefix, and
+    underscores between digits. ValueError otherwise."""
+    negative = text[:1] == "-"
+    body = text[1:] if text[:1] in ("+", "-") else text
+    if not body:
+        raise ValueError("is not a number")
+    base, digits = 10, body
+    if body[0] == "0" and len(body) > 1:
+        kind = body[1].lower()
+        if len(body) >= 3 and kind in "box":
+            base, digits = {"b": 2, "o": 8, "x": 16}[kind], body[2:]
+        else:
+            base, digits = 8, body[1:]
+    value = 0
+    for c in digits:
+        if c == "_":
+            continue
+        d = "0123456789abcdef".find(c.lower()) if c.isascii() else -1
+        if d < 0 or d >= base:
+            raise ValueError("is not a number")
+        value = value * base + d
+    if "_" in body and not _underscores_ok(body):
+        raise ValueError("is not a number")
+    if value > _INT64_MAX + negative:
+        raise ValueError("is out of range")
+    return -value if negative else value
+
+
+def _underscores_ok(body: str) -> bool:
+    """Go's underscoreOK: an underscore only between digits, or between a base prefix and a digit."""
+    saw, i = "^", 0
+    hexadecimal = False
+    if len(body) >= 2 and body[0] == "0" and body[1].lower() in "box":
+        saw, i, hexadecimal = "0", 2, body[1].lower() == "x"
+    for c in body[i:]:
+        if c in _DIGITS or (hexadecimal and c.lower() in "abcdef"):
+            saw = "0"
+        elif c == "_":
+            if saw != "0":
+                return False
+            saw = "_"
+        elif saw == "_":
+            return False
+        else:
+            saw = "!"
+    return saw != "_"
+
+
+def _text_of(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be {what}")
+    if value == "":
+        raise _Default("")
+    return value
+
+
+def _int_value(value) -> int:
+    """A conflist number as it is, an environment string as Go's Atoi reads it."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("must be a whole number")
+    if isinstance(value, int):
+        return value
+    if value == "":
+        raise _Default("")
+    try:
+        return go_atoi(value)
+    except ValueError as exc:
+        raise _Default(f"{exc}") from None
+
+
+def _target(value, warn) -> int | None:
+    """WARM_IP_TARGET, MINIMUM_IP_TARGET: 0 (upstream's "no target"), negative or not a number all
+    mean unset upstream."""
+    number = _int_value(value)
+    if number < 0:
+        raise _Default("is negative, which upstream reads as unset")
+    return number or None
+
+
+def _warm_eni_target(value, warn) -> int:
+    number = _int_value(value)
+    if number < 0:
+        raise _Default("is negative")
+    return number
+
+
+def _max_eni(value, warn) -> int | None:
+    """0 (the usual way to say "the instance type's limit") or negative: unset, as upstream."""
+    number = _int_value(value)
+    if number < 0:
+        raise _Default("is negative, which upstream reads as unset")
+    return number or None
+
+
+_MAX_COOLDOWN = _INT64_MAX // 1_000_000_000  # seconds a Go time.Duration holds
+
+
+def _cooldown(value, warn) -> int:
+    """Upstream's init refuses a bad or negative IP_COOLDOWN_PERIOD (it is the one it validates)."""
+    try:
+        number = _int_value(value)
+    except _Default as exc:
+        if str(exc):
+            raise ValueError("must be a whole number of seconds, 0 or more") from None
+        raise
+    if not 0 <= number <= _MAX_COOLDOWN:
+        raise ValueError(f"must be between 0 and {_MAX_COOLDOWN} seconds")
+    return number
+
+
+def _log_rotation(value, warn) -> int:
+    """Ours (upstream hard-codes lumberjack's figures): a whole number, 0 or more."""
+    try:
+        number = _int_value(value)
+    except _Default as exc:
+        if str(exc):
+            raise ValueError("must be a whole number, 0 or more") from None
+        raise
+    if number < 0:
+        raise ValueError("must be a whole number, 0 or more")
+    return number
+
+
+def _go_bool(value, warn) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
-        return value.strip().lower() in ("true", "1", "yes")
-    raise ValueError("must be true or false")
+    text = _text_of(value, "true or false")
+    if text in _GO_TRUE:
+        return True
+    if text in _GO_FALSE:
+        return False
+    raise _Default("is not a boolean as Go's strconv.ParseBool reads it (1, t, T, TRUE, true, True, 0, f, F, "
+                   "FALSE, false, False)")
 
 
-def _choice(*choices: str) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
+def _exclude_cidrs(value, warn) -> tuple[str, ...]:
+    """A comma-separated list (a JSON list in a conflist); each entry trimmed and parsed like Go's
+    net.ParseCIDR (host bits allowed, masked off). An entry that is not an IPv4 CIDR (IPv6 included,
+    as upstream's parseCIDRString) is skipped with a warning."""
+    if isinstance(value, str):
+        items = value.split(",") if value else []
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        raise ValueError("must be a comma-separated list of IPv4 CIDRs")
+    import ipaddress
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"{item!r} is not an IPv4 CIDR")
+        address, _, bits = item.strip().partition("/")
+        try:
+            if not bits or not bits.isascii() or not bits.isdigit() or not address.isascii():
+                raise ValueError
+            net = ipaddress.IPv4Network(f"{ipaddress.IPv4Address(address)}/{int(bits)}", strict=False)
+        except ValueError:
+            warn(f"ignoring {item!r}: not an IPv4 CIDR")
+            continue
+        if str(net) != item.strip():
+            warn(f"{item!r} read as {str(net)!r}")  # host bits masked off, as net.ParseCIDR does
+        out.append(str(net))
+    return tuple(out)
+
+
+def _randomize_snat(value, warn) -> str:
+    text = _text_of(value, "prng, hashrandom or none")
+    if text not in ("prng", "hashrandom", "none"):  # case-sensitive, as upstream's switch
+        raise _Default("is not prng, hashrandom or none")
+    return text
+
+
+def _connmark(value, warn) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("must be a number")
+    if isinstance(value, str):
+        if value == "":
+            raise _Default("")
+        try:
+            value = go_parse_int(value)
+        except ValueError as exc:
+            raise _Default(f"{exc}") from None
+    if not 0 < value <= 0xFFFFFFFF:
+        raise _Default("is out of range (1 to 0xFFFFFFFF)")
+    return value
+
+
+MIN_MTU, MAX_MTU = 576, 9001
+
+
+def _eni_mtu(value, warn) -> int:
+    """Upstream clamps AWS_VPC_ENI_MTU into 576..9001 and uses 9001 for a value that is not a number."""
+    number = _int_value(value)
+    if number < MIN_MTU or number > MAX_MTU:
+        warn(f"{number} is outside {MIN_MTU}..{MAX_MTU} (read as {min(max(number, MIN_MTU), MAX_MTU)})")
+    return min(max(number, MIN_MTU), MAX_MTU)
+
+
+def _pod_mtu(value, warn) -> int:
+    """Upstream's GetPodMTU: a value that is not a number or is outside 576..9001 means 9001."""
+    number = _int_value(value)
+    if not MIN_MTU <= number <= MAX_MTU:
+        raise _Default(f"is outside {MIN_MTU}..{MAX_MTU}")
+    return number
+
+
+# Characters a veth name may hold here: the kernel refuses '/', ':' and whitespace, expands '%',
+# and iptables reads '+' as a wildcard; upstream checks only the length and the reserved names.
+_IFNAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def _veth_prefix(value, warn) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be text")
+    if value == "":
+        raise _Default("is empty: an empty prefix would match every veth on the node")
+    if len(value.encode()) > 4:
+        raise ValueError("cannot be longer than 4 characters")
+    if value in ("eth", "lo", "vlan"):
+        raise ValueError("cannot be set to reserved values 'eth', 'vlan', or 'lo'")
+    if not all(c in _IFNAME_CHARS for c in value):
+        raise ValueError("must be letters, digits, '_' or '-' (it starts interface names)")
+    return value
+
+
+def _log_level(value, warn) -> str:
+    """Upstream's getZapLevel: debug, info, warn, error or fatal in any case; anything else is debug."""
+    text = _text_of(value, "a log level").lower()
+    if text not in ("debug", "info", "warn", "error", "fatal"):
+        raise _Default("is not debug, info, warn, error or fatal")
+    return text.upper()
+
+
+def _path(value) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value or "/../" in value + "/":
+        raise ValueError("must be an absolute path, stderr or stdout")
+    return value
+
+
+def _plugin_log_file(value, warn) -> str:
+    """A path, or stderr; empty is stderr too (upstream's getPluginLogFilePath). stdout carries a
+    plugin's CNI result, so a log asked there goes to stderr (upstream's init refuses stdout)."""
+    if not isinstance(value, str):
+        raise ValueError("must be an absolute path, stderr or stdout")
+    if value.lower() in ("", "stderr"):
+        return "stderr"
+    if value.lower() == "stdout":
+        warn("a plugin's stdout carries its CNI result; logging to stderr instead")
+        return "stderr"
+    return _path(value)
+
+
+def _agent_log_file(value, warn) -> str:
+    text = _text_of(value, "an absolute path, stderr or stdout")
+    if text.lower() in ("stderr", "stdout"):
+        return text.lower()
+    return _path(text)
+
+
+def _choice(*choices: str) -> Callable[[Any, Callable], str]:
+    def parse(value, warn) -> str:
+        if value == "":
+            raise _Default("")
         if not isinstance(value, str) or value.strip().lower() not in choices:
             raise ValueError(f"must be one of {', '.join(choices)}")
         return value.strip().lower()
     return parse
 
 
-def _cidrs(value: Any) -> tuple[str, ...]:
-    import ipaddress
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)):
-        raise ValueError("must be a comma-separated list of IPv4 CIDRs")
-    out = []
-    for item in items:
-        if not isinstance(item, str):
-            raise ValueError(f"{item!r} is not an IPv4 CIDR")
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            net = ipaddress.IPv4Network(item, strict=True)
-        except ValueError as exc:
-            raise ValueError(f"{item!r} is not an IPv4 CIDR ({exc})") from None
-        out.append(str(net))
-    return tuple(out)
+def _data_dir(value, warn) -> str:
+    return _path(_text_of(value, "an absolute path"))
 
 
-def _veth_prefix(value: Any) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 4 or not value.isascii() or not value.isalnum():
-        raise ValueError("must be 1 to 4 letters or digits")
-    if value in ("eth", "lo", "vlan"):
-        raise ValueError(f"{value!r} is reserved")
+def _cluster_name(value, warn) -> str:
+    """Tagged on the ENIs: EC2 takes a tag value of at most 256 characters."""
+    if not isinstance(value, str) or len(value) > 256 or not value.isprintable():
+        raise ValueError("must be printable text of at most 256 characters")
     return value
-
-
-def _log_level(value: Any) -> str:
-    return _choice("debug", "info", "warn", "error")(value).upper()
-
-
-def _path(value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith("/") or "\0" in value or "/../" in value + "/":
-        raise ValueError("must be an absolute path")
-    return value
-
-
-def _text(max_len: int) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        if not isinstance(value, str) or len(value) > max_len or not value.isprintable():
-            raise ValueError(f"must be printable text of at most {max_len} characters")
-        return value
-    return parse
 
 
 class Setting:
-    """One setting: its upstream variable name, conflist key, default (None: unset) and parser."""
+    """One setting: its variable name, conflist key, default (None: unset) and parser."""
 
     __slots__ = ("env", "key", "default", "parse")
 
-    def __init__(self, env: str, key: str, default: Any, parse: Callable[[Any], Any]):
+    def __init__(self, env: str, key: str, default: Any, parse: Callable[[Any, Callable], Any]):
         object.__setattr__(self, "env", env)
         object.__setattr__(self, "key", key)  # conflist key
         object.__setattr__(self, "default", default)
@@ -134,55 +361,82 @@ class Setting:
         return hash((self.env, self.key, self.default, self.parse))
 
 
+DEFAULT_PLUGIN_LOG = "/var/log/aws-routed-eni/plugin.log"
+DEFAULT_AGENT_LOG = "/var/log/aws-routed-eni/ipamd.log"
+
 SETTINGS = {s.env: s for s in (
-    Setting("WARM_IP_TARGET", "warmIPTarget", None, _int(0)),
-    Setting("MINIMUM_IP_TARGET", "minimumIPTarget", None, _int(0)),
-    Setting("WARM_ENI_TARGET", "warmENITarget", 1, _int(0)),
-    Setting("MAX_ENI", "maxENI", None, _int(1)),
-    Setting("IP_COOLDOWN_PERIOD", "ipCooldownPeriod", 30, _int(0, 3600)),
-    Setting("AWS_VPC_K8S_CNI_EXTERNALSNAT", "externalSNAT", False, _bool),
-    Setting("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "excludeSNATCIDRs", (), _cidrs),
-    Setting("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "randomizeSNAT", "prng", _choice("prng", "hashrandom", "none")),
-    Setting("AWS_VPC_CNI_NODE_PORT_SUPPORT", "nodePortSupport", True, _bool),
-    Setting("AWS_VPC_K8S_CNI_CONNMARK", "connmark", 0x80, _int(1, 0xFFFFFFFF)),
+    Setting("WARM_IP_TARGET", "warmIPTarget", None, _target),
+    Setting("MINIMUM_IP_TARGET", "minimumIPTarget", None, _target),
+    Setting("WARM_ENI_TARGET", "warmENITarget", 1, _warm_eni_target),
+    Setting("MAX_ENI", "maxENI", None, _max_eni),
+    Setting("IP_COOLDOWN_PERIOD", "ipCooldownPeriod", 30, _cooldown),
+    Setting("AWS_VPC_K8S_CNI_EXTERNALSNAT", "externalSNAT", False, _go_bool),
+    Setting("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "excludeSNATCIDRs", (), _exclude_cidrs),
+    Setting("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "randomizeSNAT", "prng", _randomize_snat),
+    Setting("AWS_VPC_CNI_NODE_PORT_SUPPORT", "nodePortSupport", True, _go_bool),
+    Setting("AWS_VPC_K8S_CNI_CONNMARK", "connmark", 0x80, _connmark),
     Setting("AWS_VPC_K8S_CNI_VETHPREFIX", "vethPrefix", "eni", _veth_prefix),
-    Setting("AWS_VPC_ENI_MTU", "eniMTU", 9001, _int(576, 9001)),
-    Setting("POD_MTU", "mtu", 9001, _int(576, 9001)),
-    Setting("AWS_VPC_K8S_PLUGIN_LOG_FILE", "pluginLogFile", "/var/log/aws-routed-eni/plugin.log", _path),
+    Setting("AWS_VPC_ENI_MTU", "eniMTU", MAX_MTU, _eni_mtu),
+    Setting("POD_MTU", "mtu", MAX_MTU, _pod_mtu),
+    Setting("AWS_VPC_K8S_PLUGIN_LOG_FILE", "pluginLogFile", DEFAULT_PLUGIN_LOG, _plugin_log_file),
     Setting("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "pluginLogLevel", "DEBUG", _log_level),
-    Setting("CLUSTER_NAME", "clusterName", "", _text(128)),
-    # Ours, beyond upstream:
-    Setting("AWS_VPC_CNI_DATA_DIR", "dataDir", "/var/run/aws-vpc-cni", _path),
+    Setting("AWS_VPC_K8S_CNI_LOG_FILE", "agentLogFile", DEFAULT_AGENT_LOG, _agent_log_file),
+    Setting("AWS_VPC_K8S_CNI_LOGLEVEL", "agentLogLevel", "DEBUG", _log_level),
+    Setting("CLUSTER_NAME", "clusterName", "", _cluster_name),
+    # Ours, beyond upstream. The log rotation defaults are lumberjack's figures in upstream's logger
+    # (MaxSize 100 MB, MaxBackups 5, MaxAge 30 days); 0 means as in lumberjack: 100 MB, keep every
+    # backup, keep backups of any age.
+    Setting("AWS_VPC_CNI_LOG_MAX_SIZE", "logMaxSize", 100, _log_rotation),
+    Setting("AWS_VPC_CNI_LOG_MAX_BACKUPS", "logMaxBackups", 5, _log_rotation),
+    Setting("AWS_VPC_CNI_LOG_MAX_AGE", "logMaxAge", 30, _log_rotation),
+    Setting("AWS_VPC_CNI_DATA_DIR", "dataDir", "/var/run/aws-vpc-cni", _data_dir),
     Setting("AWS_VPC_CNI_NETFILTER_MODE", "netfilterMode", "auto", _choice("auto", "nft", "legacy", "iptc")),
 )}
 
 
-def _parse(setting: Setting, value: Any, source: str) -> Any:
+def warn_to_stderr(msg: str) -> None:
+    sys.stderr.write(f"aws-vpc-cni: warning: {msg}\n")
+
+
+def _parse(setting: Setting, value: Any, source: str, warn) -> Any:
+    """`warn` None: strict (a conflist), where every warning is an error instead."""
+    def note(msg: str) -> None:
+        if warn is None:
+            raise SettingError(f"invalid {source}: {msg}")
+        warn(f"{source}: {msg}")
+
     try:
-        return setting.parse(value)
+        return setting.parse(value, note)
+    except _Default as exc:
+        if str(exc):
+            note(f"{value!r} {exc}; using the default {setting.default!r}" if warn else f"{value!r} {exc}")
+        return setting.default
     except (ValueError, TypeError) as exc:
         raise SettingError(f"invalid {source}: {value!r} {exc}") from None
 
 
-def from_env(environ, names=None) -> dict[str, Any]:
-    """Settings (by upstream name) from environment variables; unset or empty means the default."""
+def from_env(environ, names=None, warn=warn_to_stderr) -> dict[str, Any]:
+    """Settings (by upstream name) from environment variables. `warn` gets one message for each
+    value read as upstream reads it but not as written (a default used, a list entry skipped)."""
     out = {}
     for name in names or SETTINGS:
         setting = SETTINGS[name]
-        raw = environ.get(name, "")
-        out[name] = setting.default if raw == "" else _parse(setting, raw, name)
-    if "POD_MTU" in out and "AWS_VPC_ENI_MTU" in out and environ.get("POD_MTU", "") == "":
-        out["POD_MTU"] = out["AWS_VPC_ENI_MTU"]  # the pod MTU follows the ENI MTU unless set
+        out[name] = _parse(setting, environ[name], name, warn) if name in environ else setting.default
+    if "POD_MTU" in out and "POD_MTU" not in environ:
+        # Upstream renders POD_MTU, when unset, from AWS_VPC_ENI_MTU as written (cmd/aws-vpc-cni).
+        raw = environ.get("AWS_VPC_ENI_MTU", str(MAX_MTU))
+        out["POD_MTU"] = _parse(SETTINGS["POD_MTU"], raw, "POD_MTU (from AWS_VPC_ENI_MTU)", warn)
     return out
 
 
 def from_conf(conf: dict, names) -> dict[str, Any]:
-    """Settings (by upstream name) from a plugin's conflist entry; absent means the default."""
+    """Settings (by upstream name) from a plugin's conflist entry; absent means the default. Strict:
+    a value the agent would have rendered differently is refused (see the module's docstring)."""
     out = {}
     for name in names:
         setting = SETTINGS[name]
         raw = conf.get(setting.key)
-        out[name] = setting.default if raw is None else _parse(setting, raw, f"{setting.key} ({name})")
+        out[name] = setting.default if raw is None else _parse(setting, raw, f"{setting.key} ({name})", None)
     return out
 
 
