@@ -252,9 +252,104 @@ def test_configmap_names_known_settings_at_their_defaults():
     unknown = set(data) - set(settings.SETTINGS)
     assert not unknown, f"not settings known to cnicore/settings.py: {sorted(unknown)}"
     assert all(isinstance(v, str) for v in data.values())
-    # Every setting is shown, except the data folder, which the DaemonSet's hostPath mount fixes.
-    missing = set(settings.SETTINGS) - set(data) - {"AWS_VPC_CNI_DATA_DIR"}
+    # Every setting is shown, set or commented out, except the data folder, which the DaemonSet's
+    # hostPath mount fixes.
+    text = (DEPLOY / "aws-vpc-cni-config.yaml").read_text()
+    commented = set(re.findall(r"^\s*#\s*([A-Z][A-Z0-9_]+):", text, re.M))
+    assert commented <= set(settings.SETTINGS) and not commented & set(data)
+    missing = set(settings.SETTINGS) - set(data) - commented - {"AWS_VPC_CNI_DATA_DIR"}
     assert not missing, f"document these settings in deploy/aws-vpc-cni-config.yaml: {sorted(missing)}"
     assert "AWS_VPC_CNI_DATA_DIR" not in data
-    # As shipped the example changes nothing: every value parses to the default.
-    assert settings.from_env(data) == settings.from_env({})
+    # As shipped the example changes nothing: every value reads as the default, without a warning.
+    warnings = []
+    assert settings.from_env(data, warn=warnings.append) == settings.from_env({}) and not warnings
+
+
+# --- upstream's manifests (issue 15: applying ours over an upstream aws-node works in place) ------
+
+UPSTREAM = {  # tests/data/upstream/: each file's header names the commit it was taken from
+    "release-1.1": Path(__file__).parent / "data" / "upstream" / "aws-k8s-cni-release-1.1.yaml",
+    "master": Path(__file__).parent / "data" / "upstream" / "aws-k8s-cni-master.yaml",
+}
+# Upstream variables for features this project does not have (the agent ignores them; they are
+# listed so that a new upstream variable, or one we start reading, fails the diff below).
+NOT_HERE = {
+    "ADDITIONAL_ENI_TAGS": "extra ENI tags",
+    "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG": "custom networking (ENIConfig)",
+    "DISABLE_INTROSPECTION": "introspection endpoint switch",
+    "DISABLE_METRICS": "metrics switch",
+    "DISABLE_NETWORK_RESOURCE_PROVISIONING": "IMDS-only mode",
+    "DISABLE_TCP_EARLY_DEMUX": "init container sysctl for pod ENIs",
+    "ENABLE_IPv4": "IPv6 clusters", "ENABLE_IPv6": "IPv6 clusters",
+    "ENABLE_POD_ENI": "security groups for pods",
+    "ENABLE_PREFIX_DELEGATION": "prefix mode", "WARM_PREFIX_TARGET": "prefix mode",
+    "MY_NODE_NAME": "the Kubernetes API (the agent reads nothing from it)",
+    "MY_POD_NAME": "the Kubernetes API (the agent reads nothing from it)",
+}
+VERSION_LABEL = "app.kubernetes.io/version"
+
+
+def _upstream(which: str) -> list[dict]:
+    with open(UPSTREAM[which]) as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def _upstream_env(which: str) -> dict[str, str | None]:
+    (ds,) = [d for d in _upstream(which) if d["kind"] == "DaemonSet"]
+    pod = ds["spec"]["template"]["spec"]
+    return {e["name"]: e.get("value") for c in pod.get("initContainers", []) + pod["containers"] for e in c.get("env", [])}
+
+
+@pytest.mark.parametrize("which", UPSTREAM)
+def test_daemonset_selector_names_and_labels_are_upstreams(which, daemonset, pod):
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in _upstream(which)}
+    theirs = objects[("DaemonSet", "aws-node")]
+    assert daemonset["metadata"]["namespace"] == theirs["metadata"]["namespace"] == "kube-system"
+    assert daemonset["spec"]["selector"] == theirs["spec"]["selector"] == {"matchLabels": {"k8s-app": "aws-node"}}
+    ours_pod_labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    assert theirs["spec"]["template"]["metadata"]["labels"].items() <= ours_pod_labels.items()
+    assert pod["serviceAccountName"] == theirs["spec"]["template"]["spec"]["serviceAccountName"] == "aws-node"
+    assert "aws-node" in [c["name"] for c in pod["containers"]]  # upstream's container name (kubectl logs -c)
+    for (kind, name), obj in objects.items():
+        if kind == "ConfigMap":
+            continue  # upstream's amazon-vpc-cni holds chart switches; ours is the seed's aws-vpc-cni
+        mine = _one(kind, name)
+        assert mine["metadata"].get("namespace") == obj["metadata"].get("namespace"), (kind, name)
+        labels = obj["metadata"].get("labels", {})
+        assert set(labels) <= set(mine["metadata"]["labels"]), (kind, name)
+        assert {k: v for k, v in labels.items() if k != VERSION_LABEL}.items() <= mine["metadata"]["labels"].items()
+    sa = objects[("ServiceAccount", "aws-node")]["metadata"]
+    assert (sa["name"], sa["namespace"]) == ("aws-node", "kube-system")
+    binding = objects[("ClusterRoleBinding", "aws-node")]
+    assert _one("ClusterRoleBinding", "aws-node")["subjects"] == binding["subjects"]
+    assert _one("ClusterRoleBinding", "aws-node")["roleRef"] == binding["roleRef"]
+
+
+@pytest.mark.parametrize("which", UPSTREAM)
+def test_env_names_are_upstreams(which, pod):
+    theirs = _upstream_env(which)
+    unknown = set(theirs) - set(settings.SETTINGS) - set(NOT_HERE)
+    assert not unknown, f"upstream variables neither read here nor listed in NOT_HERE: {sorted(unknown)}"
+    # Every name the manifests give the agent is a setting it reads, spelt as upstream spells it.
+    data = _one("ConfigMap", CONFIGMAP[1])["data"]
+    ours = set(data) | {e["name"] for c in pod["initContainers"] + pod["containers"] for e in c.get("env", [])}
+    assert ours - {"CNI_BIN_DIR"} <= set(settings.SETTINGS)
+    assert set(theirs) & set(settings.SETTINGS) <= set(data), "upstream's settings are all in our ConfigMap"
+
+
+def test_not_here_lists_only_upstream_variables_we_do_not_read():
+    everywhere = set(_upstream_env("release-1.1")) | set(_upstream_env("master"))
+    assert set(NOT_HERE) <= everywhere and not set(NOT_HERE) & set(settings.SETTINGS)
+
+
+@pytest.mark.parametrize("which", UPSTREAM)
+def test_upstreams_manifest_values_mean_our_defaults(which):
+    """Upstream's DaemonSet env, moved into our ConfigMap as a user would, changes nothing but the
+    agent's log path (upstream writes it through the container's /host mount of the same host file)."""
+    theirs = {k: v for k, v in _upstream_env(which).items() if k in settings.SETTINGS and v is not None}
+    warnings = []
+    read = settings.from_env(theirs, warn=warnings.append)
+    default = settings.from_env({})
+    assert not warnings
+    assert {k: v for k, v in read.items() if read[k] != default[k]} == (
+        {"AWS_VPC_K8S_CNI_LOG_FILE": "/host/var/log/aws-routed-eni/ipamd.log"} if "AWS_VPC_K8S_CNI_LOG_FILE" in theirs else {})
