@@ -6,9 +6,10 @@
     aws-vpc-cni-agent write-conflist DIR  write it to DIR/10-aws-vpc.conflist (atomically)
 
 `run` reconciles the store with IMDS and EC2 first (rebuilding it, with the bad file kept aside, if
-it is corrupt), then loops: one `NodePool.tick` every `--interval` seconds or at once when a plugin
-nudges. It serves a read-only status on `<dataDir>/agent.sock` and Prometheus metrics on
-`--metrics-address` (default 127.0.0.1:61678, as upstream).
+it is corrupt), then loops: every `--interval` seconds, or at once when a plugin nudges, it heals the
+node (`Agent.heal`) and runs one `NodePool.tick`. It serves a read-only status on
+`<dataDir>/agent.sock` and Prometheus metrics on `--metrics-address` (default 127.0.0.1:61678, as
+upstream).
 """
 
 from __future__ import annotations
@@ -26,15 +27,21 @@ import time
 from cnicore import agentlink, settings
 from cnicore.fsutil import make_dirs
 from cnicore.log import Logger
-from cnicore.pool import Pool
-from cnicore.store import Store
+from cnicore.pool import ASSIGNED, Pool
+from cnicore.store import Store, StoreError
 
 DEFAULT_NETWORK = "aws-vpc"
-ADD_GRACE = 120.0  # s a reservation may exist without its host veth (an ADD in flight)
+ADD_GRACE = 120.0  # s a reservation may exist without its host veth when no live process owns it
 
 
-def _since(doc: dict, ip: str) -> float:
-    return next(eni["ips"][ip]["since"] for eni in doc["enis"].values() if ip in eni["ips"])
+def process_alive(owner) -> bool:
+    """Whether the process `owner` ([pid, start time], see cnicore.pool) still runs."""
+    try:
+        pid, started = owner
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19]) == started
+    except (OSError, IndexError, TypeError, ValueError):
+        return False
 
 
 class Agent:
@@ -51,36 +58,125 @@ class Agent:
         self.last_decision = None
         self.ticks = 0
         self.startup_error: str | None = None
+        self.releases: set[tuple[str, str, str, float]] = set()  # handed over by DELs: (cid, ifname, ip, when)
+        self.releases_lock = threading.Lock()
+        self.unclaimable: set[tuple[str, str, str]] = set()  # reported once each
 
-    # --- start-up -------------------------------------------------------------------------------
+    # --- the store against EC2 and the host -----------------------------------------------------
     def reconcile(self) -> None:
-        """Bring the store in line with EC2 and with the attachments that exist on the host.
+        """Bring the store in line with EC2 and with the attachments that exist on the host (at
+        start-up, and when the store has become unusable).
 
         An unusable store is rebuilt (the bad file kept aside): ENIs and IPs from EC2, assignments
-        from the host veths, which carry their attachment in their alias. A reservation with no
-        host veth is released once it is older than ADD_GRACE (an ADD may be between its IPAM and
-        its veth right now); the runtime's DEL would have done the same.
-        """
+        from the host veths, which carry their attachment in their alias (`converge_attachments`)."""
+        self.pool.reconcile(self.store)  # EC2 and IMDS without the store lock; a corrupt store rebuilt
+        self.converge_attachments()
+
+    def converge_attachments(self) -> None:
+        """Reservations against the attachments alive on the host: a pod on the host is recorded as
+        holding its IP; a reservation whose pod is gone is released, unless its ADD is in flight
+        (its owner process lives, or, with no owner known, it is younger than ADD_GRACE); a release
+        a DEL could not write is written now.
+
+        The host is listed without the store lock, between two reads of the store; an entry that a
+        DEL or ADD changed meanwhile is left to the next round, so the listing is never applied to
+        an IP it did not see (a DEL's released IP re-claimed for its gone pod, say)."""
         from cnicore import netlink
+        with self.store.locked(shared=True) as tx:
+            before = tx.read()
+        if before is None:
+            return
+        seen = {ip: dict(entry) for eni in before["enis"].values() for ip, entry in eni["ips"].items()}
         on_host = {}
         for veth in netlink.list_host_veths(self.cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
             att = veth.attachment
             if att is not None and att.network == self.store.network:
                 on_host[(att.container_id, att.ifname)] = veth.pod_ips
-        self.pool.reconcile(self.store)  # EC2 and IMDS without the store lock; a corrupt store rebuilt
+        with self.releases_lock:
+            handed = set(self.releases)
         with self.store.locked() as tx:
             doc = tx.read()
-            pool = Pool(doc, time.time(), self.cfg["IP_COOLDOWN_PERIOD"])
+            now = time.time()
+            pool = Pool(doc, now, self.cfg["IP_COOLDOWN_PERIOD"])
+            changed = False
             for (cid, ifname), ips in on_host.items():
                 for ip in ips:
-                    if not pool.claim(ip, cid, ifname):
+                    entry = pool.entry(ip)
+                    if entry is not None and (entry != seen.get(ip) or (entry["state"] == ASSIGNED and (
+                            entry["container_id"], entry["ifname"]) == (cid, ifname))):
+                        continue  # recorded, or changed since the host was listed (judged next round)
+                    if pool.claim(ip, cid, ifname):
+                        changed = True
+                        self.log.info("recorded a pod found on the host", container=cid, ip=ip)
+                    elif (cid, ifname, ip) not in self.unclaimable:
+                        self.unclaimable.add((cid, ifname, ip))
                         self.log.error("a pod on the host uses an IP the pool cannot give it",
                                        container=cid, ifname=ifname, ip=ip)
             for cid, ifname, ip in pool.attachments():
-                if (cid, ifname) not in on_host and time.time() - _since(doc, ip) > ADD_GRACE:
-                    pool.release(cid, ifname)
-                    self.log.info("released a reservation whose pod is gone", container=cid, ip=ip)
-            tx.write(doc)
+                entry = pool.entry(ip)
+                if (cid, ifname) in on_host or entry != seen.get(ip):
+                    continue  # alive, or assigned after the host was listed (an ADD in flight)
+                if any(h[:3] == (cid, ifname, ip) and h[3] >= entry["since"] for h in handed):
+                    why = "a DEL could not write it"
+                elif process_alive(entry.get("owner")) or (not entry.get("owner") and now - entry["since"] <= ADD_GRACE):
+                    continue
+                else:
+                    why = "its pod is gone"
+                pool.release(cid, ifname, ip)
+                changed = True
+                self.log.info(f"released a reservation: {why}", container=cid, ifname=ifname, ip=ip)
+            if changed:
+                tx.write(doc)
+        with self.releases_lock:  # written, or no longer held by that attachment
+            self.releases -= handed
+
+    def heal(self) -> None:
+        """One round of keeping the node as it must be: a store that became unusable rebuilt (no
+        restart), reservations against live attachments, the data path of live pods (ENI tables,
+        rules 512/1536) and the node's netfilter rules verified and repaired."""
+        try:
+            with self.store.locked(shared=True) as tx:
+                tx.read()
+        except StoreError as exc:
+            self.log.error(f"the state store is unusable; rebuilding it: {exc}")
+            self.reconcile()
+            return
+        self.converge_attachments()
+        self._repair_data_path()
+        self._converge_node_rules()
+
+    def _repair_data_path(self) -> None:
+        from cnicore import netlink
+        with self.store.locked(shared=True) as tx:
+            doc = tx.read()
+        if doc is None:
+            return
+        pods = []
+        held = {ip: (eni, entry) for eni in doc["enis"].values() for ip, entry in eni["ips"].items()
+                if entry["state"] == ASSIGNED}
+        for veth in netlink.list_host_veths(self.cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
+            att = veth.attachment
+            for ip in veth.pod_ips if att is not None and att.network == self.store.network else ():
+                eni, entry = held.get(ip, (None, None))
+                if entry is None or (entry["container_id"], entry["ifname"]) != (att.container_id, att.ifname):
+                    continue  # not this pod's in the store: not ours to route
+                pods.append((ip, None if eni["primary"] else netlink.SecondaryEni(
+                    mac=eni["mac"], device_number=eni["device_number"], subnet=eni["subnet_cidr"],
+                    mtu=self.cfg["AWS_VPC_ENI_MTU"], primary_ip=eni["primary_ip"])))
+        repaired = netlink.repair_node(pods)
+        if repaired:
+            self.log.info("repaired the data path of running pods", repaired=repaired)
+
+    def _converge_node_rules(self) -> None:
+        """aws-snat's node-wide rules, by aws-snat's own code and stamp (no iptables call while they
+        are as it left them), for the settings this agent renders into the conflist."""
+        from aws_snat import main as snat
+        from cnicore import skel
+        args = skel.CmdArgs("GC", "", "", "", [], b"", {"name": self.store.network}, "1.1.0")
+        want = snat.desired(self.cfg, *snat._node(args, self.cfg))
+        fixed = snat.converge(self.cfg, want, snat.stamp(self.cfg, want))
+        if fixed:
+            self.log.info("node rules converged", fixed=fixed)
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -95,6 +191,10 @@ class Agent:
                 self.wake.clear()
         self.startup_error = None
         while not self.stopping.is_set():
+            try:
+                self.heal()
+            except Exception as exc:  # the tick still runs; the next round heals again
+                self.log.error(f"healing the node failed: {type(exc).__name__}: {exc}")
             try:
                 self.last_decision = self.pool.tick(self.store)
                 self.ticks += 1
@@ -119,7 +219,11 @@ class Agent:
         path = os.path.join(self.data_dir, agentlink.NUDGE)
         sock = _bind_unix(path, socket.SOCK_DGRAM)
         while not self.stopping.is_set():
-            sock.recv(64)
+            release = agentlink.parse_release(sock.recv(agentlink.MAX_MESSAGE))
+            if release is not None and release[0] == self.store.network:
+                with self.releases_lock:
+                    self.releases.add((*release[1:], time.time()))
+                self.log.info("a DEL handed over its release", container=release[1], ifname=release[2], ip=release[3])
             self.wake.set()
 
     def serve_status(self) -> None:
@@ -291,7 +395,8 @@ def main(argv=None) -> int:
     log = Logger("aws-vpc-cni-agent", os.environ.get("AWS_VPC_CNI_AGENT_LOG_FILE", "stderr"),
                  cfg["AWS_VPC_K8S_PLUGIN_LOG_LEVEL"])
     try:
-        agentlink.hold_agent_lock(cfg["AWS_VPC_CNI_DATA_DIR"])
+        agentlink.hold_agent_lock(cfg["AWS_VPC_CNI_DATA_DIR"], on_wait=lambda: log.info(
+            "the agent lock is held shared (plugins probing for an agent); waiting for it"))
     except RuntimeError as exc:
         print(f"aws-vpc-cni-agent: {exc}", file=sys.stderr)
         return 1

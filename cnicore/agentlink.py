@@ -3,7 +3,8 @@
 The agent holds an exclusive flock on `<dataDir>/agent.lock` for as long as it runs, so a plugin can
 tell "an agent is alive" from a non-blocking lock attempt (a crashed agent releases the lock with its
 last breath). A plugin that finds the pool empty sends one datagram to `<dataDir>/agent.nudge` so the
-agent grows the pool now rather than at its next tick.
+agent grows the pool now rather than at its next tick; a DEL that could not write its release to the
+store sends the release, which the agent retries until it lands (a datagram needs no disk space).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from .fsutil import make_dirs
 LOCK = "agent.lock"
 NUDGE = "agent.nudge"
 STATUS = "agent.sock"
+RELEASE = "release"
+MAX_MESSAGE = 4096  # a nudge datagram: a release names a container ID (up to ~1 KiB here)
 
 
 def agent_running(data_dir: str) -> bool:
@@ -35,16 +38,36 @@ def agent_running(data_dir: str) -> bool:
     return False
 
 
-def hold_agent_lock(data_dir: str) -> int:
-    """Called by the agent: take the lock for the process's lifetime; fail if another agent has it."""
+def hold_agent_lock(data_dir: str, on_wait=None, patience: float = 30.0) -> int:
+    """Called by the agent: take the lock for the process's lifetime; fail if another agent has it.
+
+    Plugins probe the lock shared (`agent_running`) for an instant; the lock held only shared is
+    such a probe, not an agent, and is waited for (`on_wait` is called once, up to `patience` s of
+    probes back to back). Only an exclusive holder is another agent."""
+    import time
     make_dirs(data_dir)
     fd = os.open(os.path.join(data_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RuntimeError(f"another node agent is running on {data_dir}") from None
-    return fd
+    deadline = None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            pass
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted: every holder holds it shared
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"another node agent is running on {data_dir}") from None
+        if deadline is None:
+            deadline = time.monotonic() + patience
+            if on_wait is not None:
+                on_wait()
+        elif time.monotonic() > deadline:
+            os.close(fd)
+            raise RuntimeError(f"the node agent lock on {data_dir} stayed held shared for {patience:.0f} s")
+        time.sleep(0.01)
 
 
 def read_status(data_dir: str, timeout: float = 10.0) -> dict:
@@ -62,6 +85,20 @@ def read_status(data_dir: str, timeout: float = 10.0) -> dict:
     finally:
         sock.close()
     return json.loads(b"".join(chunks))
+
+
+def release_message(network: str, container_id: str, ifname: str, ip: str) -> bytes:
+    """The nudge of a DEL that could not write its release (the store unwritable): the agent
+    releases `ip` of that attachment itself, retrying until the store takes it."""
+    return "\0".join((RELEASE, network, container_id, ifname, ip)).encode()
+
+
+def parse_release(message: bytes) -> tuple[str, str, str, str] | None:
+    """(network, container ID, ifname, IP) of a `release_message`, None for any other message."""
+    parts = message.decode(errors="replace").split("\0")
+    if len(parts) != 5 or parts[0] != RELEASE or not all(parts[1:]):
+        return None
+    return parts[1], parts[2], parts[3], parts[4]
 
 
 def nudge(data_dir: str, message: bytes = b"grow") -> bool:

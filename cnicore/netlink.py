@@ -235,7 +235,7 @@ class PodNetwork(namedtuple("PodNetwork", "attachment netns host_veth pod_ip mtu
 VethPair = namedtuple("VethPair", "host_name host_mac pod_name pod_mac")
 VethPair.__doc__ = "The links ADD made, as the CNI result lists them."
 HostVeth = namedtuple("HostVeth", "name attachment pod_ips unfinished")
-HostVeth.__doc__ = """A host veth with our prefix, for GC: its attachment (None when the alias is not
+HostVeth.__doc__ = """A host veth of ours, for GC and the agent: its attachment (None when the alias is not
 ours), the pod IPs of the /32 routes through it in main, and whether it is unfinished (named as ADD
 names host veths, down, without alias or route: an ADD was killed right after creating it)."""
 
@@ -808,13 +808,15 @@ def _remove_unfinished_pair(host: _Netns, host_link: Link, path: str, ifname: st
 
 
 def list_host_veths(prefix: str) -> list[HostVeth]:
-    """Host veths whose name starts with `prefix`, with their attachment and routed pod IPs."""
+    """Host veths that carry an attachment's alias, whatever their name (a veth made under an earlier
+    vethPrefix is as much ours), and those whose name starts with `prefix`; with their attachment
+    and routed pod IPs."""
     with _host() as host:
         links = host.links("veth")
         routes = host.routes(MAIN_TABLE)
     found = []
     for link in links:
-        if link.kind != "veth" or not link.name.startswith(prefix):
+        if link.kind != "veth" or not (link.name.startswith(prefix) or Attachment.from_alias(link.alias)):
             continue
         ips = tuple(sorted(route.dst[:-3] for route in routes
                            if route.oif == link.index and route.dst.endswith("/32")))
@@ -842,6 +844,42 @@ def _is_veth_name(name: str, prefix: str) -> bool:
     """`name` is a host veth name as ADD makes them: the prefix and 11 hex digits."""
     digits = name[len(prefix):]
     return len(digits) == 11 and all(c in "0123456789abcdef" for c in digits)
+
+
+def repair_node(pods) -> list[str]:
+    """Put back what live pods need on the node and is gone (a secondary ENI that flapped lost its
+    table, a rule deleted by hand); return what was repaired, empty when all is in place.
+
+    `pods`: (pod IP, SecondaryEni or None) of the attachments that hold their veth. Each secondary ENI
+    is checked as CHECK checks it (up, its address, its table) and set up again as ADD does, without
+    the subnet route the kernel puts back into main when the link comes up; rules 512 and 1536 that
+    are missing are added (one dump of the rules for all pods)."""
+    repaired, failed = [], []
+    with _host() as host:
+        for eni in dict.fromkeys(eni for _, eni in pods if eni is not None):
+            problems = []
+            _check_eni(host, eni, problems)
+            if not problems:
+                continue
+            try:
+                link = _find_eni(host, eni)
+                _ensure_eni_table(host, eni)
+                subnet = str(ipaddress.IPv4Network(eni.subnet))
+                host.delete_route(f"delete the kernel's route {subnet} dev {link.name}",
+                                  Route(subnet, link.index, scope=RT_SCOPE_LINK), MAIN_TABLE, RTPROT_KERNEL,
+                                  tolerate=(errno.ESRCH,))
+                repaired += problems
+            except DataPathError as exc:  # this ENI (gone, say); the other ENIs and the rules still
+                failed.append(str(exc))
+        rules = set(host.rules())
+        for pod_ip, eni in pods:
+            for rule in _pod_rules(pod_ip, eni):
+                if rule not in rules:
+                    host.add_rule(rule)
+                    repaired.append(f"rule {_rule_text(rule)}: missing")
+    if failed:
+        raise DataPathError(f"repaired {repaired or 'nothing'}, but not: {'; '.join(failed)}")
+    return repaired
 
 
 def list_pod_rule_ips() -> set[str]:

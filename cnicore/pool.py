@@ -6,11 +6,13 @@ Document shape (schema 1; `schema` and `network` are added by the store):
      "enis": {"eni-...": {"mac", "device_number", "subnet_cidr", "primary_ip", "primary", "attached_at",
                           "ips": {"10.0.1.7": {"state": "free"}
                                               | {"state": "assigned", "container_id", "ifname",
-                                                 "pod_namespace", "pod_name", "since"}
+                                                 "pod_namespace", "pod_name", "since", "owner"?}
                                               | {"state": "cooling", "since"}}}},
      "agent": {...what the agent last did...}}
 
-Only secondary IPs are in `ips`: an ENI's primary IP is never handed out. A released IP cools down
+`owner` ([pid, start time in clock ticks since boot]) is the process that builds the attachment
+around the IP (the main plugin): while it lives, an assignment without its host veth is an ADD in
+flight, not a leftover. Only secondary IPs are in `ips`: an ENI's primary IP is never handed out. A released IP cools down
 for `cooldown` seconds before it can be handed out again (it still counts as available).
 """
 
@@ -20,11 +22,13 @@ FREE, ASSIGNED, COOLING = "free", "assigned", "cooling"
 
 
 class PoolExhausted(Exception):
-    """No IP can be handed out right now; `cooling` says how many are only cooling down."""
+    """No IP can be handed out right now; `cooling` says how many are only cooling down, `free_in`
+    in how many seconds the first of them can be handed out again."""
 
-    def __init__(self, cooling: int):
+    def __init__(self, cooling: int, free_in: float = 0.0):
         super().__init__("no free IP in the pool" + (f" ({cooling} cooling down)" if cooling else ""))
         self.cooling = cooling
+        self.free_in = free_in
 
 
 class Assignment:
@@ -119,9 +123,10 @@ class Pool:
                     return self._assignment(eni_id, ip)
         return None
 
-    def assign(self, container_id: str, ifname: str, pod_namespace: str = "", pod_name: str = "") -> Assignment:
+    def assign(self, container_id: str, ifname: str, pod_namespace: str = "", pod_name: str = "",
+               owner: list[int] | None = None) -> Assignment:
         """Hand out a free IP (lowest device number, then lowest address); raise PoolExhausted."""
-        cooling = 0
+        cooling, free_in = 0, None
         for eni_id, eni in sorted(self.enis.items(), key=lambda kv: kv[1]["device_number"]):
             if all(entry["state"] == ASSIGNED for entry in eni["ips"].values()):
                 continue  # a full ENI: not worth sorting (a node with 700 pods has 14 of them)
@@ -129,12 +134,16 @@ class Pool:
                 entry = eni["ips"][ip]
                 if entry["state"] == COOLING and not self._cooled(entry):
                     cooling += 1
+                    left = self.cooldown - (self.now - entry["since"])
+                    free_in = left if free_in is None else min(free_in, left)
                     continue
                 if entry["state"] in (FREE, COOLING):
                     eni["ips"][ip] = {"state": ASSIGNED, "container_id": container_id, "ifname": ifname,
                                       "pod_namespace": pod_namespace, "pod_name": pod_name, "since": self.now}
+                    if owner:
+                        eni["ips"][ip]["owner"] = owner
                     return self._assignment(eni_id, ip)
-        raise PoolExhausted(cooling)
+        raise PoolExhausted(cooling, free_in or 0.0)
 
     def claim(self, ip: str, container_id: str, ifname: str) -> bool:
         """Record that the attachment holds `ip` (found on the host after the store was rebuilt).
@@ -150,13 +159,21 @@ class Pool:
             return True
         return False
 
-    def release(self, container_id: str, ifname: str) -> str | None:
-        """Put the attachment's IP into cool-down; return it, or None if there was none."""
+    def release(self, container_id: str, ifname: str, ip: str | None = None) -> str | None:
+        """Put the attachment's IP (if `ip`: only that one) into cool-down; return it, or None if
+        there was none."""
         found = self.find(container_id, ifname)
-        if found is None:
+        if found is None or ip not in (None, found.ip):
             return None
         self.enis[found.eni_id]["ips"][found.ip] = {"state": COOLING, "since": self.now}
         return found.ip
+
+    def entry(self, ip: str) -> dict | None:
+        """The pool's entry of `ip` (free, assigned or cooling), None if the pool has no such IP."""
+        for eni in self.enis.values():
+            if ip in eni["ips"]:
+                return eni["ips"][ip]
+        return None
 
     def attachments(self) -> list[tuple[str, str, str]]:
         """(container_id, ifname, ip) of every assigned IP."""

@@ -15,7 +15,7 @@ IPs meanwhile says so (`blocked`: what EC2 answered, when the next attempt is).
 
 What the agent last did lives in the document's `agent` section, so a plugin can say why the pool
 is empty and a restarted agent keeps its pauses:
-    {"blocked": {"reason", "since"} | null, "insufficient_addresses_at", "last_release_at",
+    {"blocked": {"reason", "since", "limit"} | null, "insufficient_addresses_at", "last_release_at",
      "last_error": {"action", "code", "message", "kind", "at"} | null, "last_refresh", "last_tick",
      "adopted": {eni_id: attachment_id}, "backoff": {"delay", "until"} | null}
 
@@ -108,9 +108,30 @@ class NodePool:
         node = doc["node"]
         return instance_limits.InstanceLimits(node["instance_type"], node["max_enis"], node["ipv4_per_eni"])
 
-    def apply_ec2_view(self, doc: dict, enis) -> None:
-        """Make the document's ENIs and secondary IPs those EC2 reports attached to the instance.
-        Assignments are kept; an ENI that vanished while holding pods is kept and reported."""
+    def ec2_view(self, doc: dict, enis) -> tuple[list, dict[str, str]]:
+        """EC2's ENIs with the subnet CIDR of each, from the document or IMDS: called without the
+        store lock (IMDS may be slow), so that `apply_ec2_view` under the lock makes no call. An ENI
+        whose subnet IMDS cannot tell (yet) is left out of this view, and the rest merged."""
+        from .imds import IMDSError
+        known = doc.get("enis", {})
+        subnets = {}
+        for eni in enis:
+            if eni.subnet_id == doc["node"]["subnet_id"]:
+                subnets[eni.eni_id] = doc["node"]["subnet_cidr"]
+            elif known.get(eni.eni_id, {}).get("subnet_cidr"):
+                subnets[eni.eni_id] = known[eni.eni_id]["subnet_cidr"]
+            elif eni.device_index is not None:
+                try:
+                    subnets[eni.eni_id] = self.imds.eni(eni.mac).subnet_cidr
+                except IMDSError as exc:
+                    self.log.warn(f"ENI left out of this round: IMDS does not tell its subnet: {exc}", eni=eni.eni_id)
+        return enis, subnets
+
+    def apply_ec2_view(self, doc: dict, view) -> None:
+        """Make the document's ENIs and secondary IPs those EC2 reports attached to the instance
+        (`view`: from `ec2_view`). Assignments are kept; an ENI that vanished while holding pods is
+        kept and reported."""
+        enis, subnets = view
         pool = Pool(doc, self.clock())
         seen = set()
         for eni in enis:
@@ -118,11 +139,12 @@ class NodePool:
                 continue
             seen.add(eni.eni_id)
             known = pool.enis.get(eni.eni_id, {})
+            subnet_cidr = known.get("subnet_cidr") or subnets.get(eni.eni_id)
+            if subnet_cidr is None:
+                continue  # IMDS could not tell its subnet: next round (kept if the store has it)
             if (not known and eni.device_index != 0 and eni.attachment_id and eni.eni_id not in self._allocated
                     and eni.description.startswith(ENI_DESCRIPTION_PREFIX)):
                 doc.setdefault("agent", {}).setdefault("adopted", {})[eni.eni_id] = eni.attachment_id
-            subnet_cidr = (doc["node"]["subnet_cidr"] if eni.subnet_id == doc["node"]["subnet_id"]
-                           else known.get("subnet_cidr") or self.imds.eni(eni.mac).subnet_cidr)
             entry = pool.put_eni(eni.eni_id, mac=eni.mac, device_number=eni.device_index, subnet_cidr=subnet_cidr,
                                  primary_ip=eni.primary_ip, primary=eni.device_index == 0,
                                  attached_at=known.get("attached_at", self.clock()))
@@ -214,7 +236,7 @@ class NodePool:
         return None
 
     def refresh(self, doc: dict) -> None:
-        self.apply_ec2_view(doc, self.ec2(doc).instance_enis())
+        self.apply_ec2_view(doc, self.ec2_view(doc, self.ec2(doc).instance_enis()))
 
     # --- the users ----------------------------------------------------------------------------
     def reconcile(self, store: Store) -> dict:
@@ -232,7 +254,7 @@ class NodePool:
                 doc = None
         if doc is None:
             doc = self.new_document()
-        enis = self.ec2(doc).instance_enis()
+        enis = self.ec2_view(doc, self.ec2(doc).instance_enis())
         node = self._node_view(doc)
         with store.locked() as tx:
             fresh = tx.read() or doc
@@ -337,7 +359,8 @@ class NodePool:
         if reason is None:
             return None
         previous = doc["agent"].get("blocked") or {}
-        return {"reason": reason, "since": previous.get("since", self.clock())}
+        # `limit`: the instance (or MAX_ENI) allows no more IPs: a plugin must not say it is growing
+        return {"reason": reason, "since": previous.get("since", self.clock()), "limit": decision.limited}
 
     def _node_view(self, doc: dict) -> dict | None:
         """The node facts that change while the node runs: the VPC's CIDR blocks (one associated
@@ -353,10 +376,11 @@ class NodePool:
         return {"vpc_cidrs": list(cidrs)}
 
     def _ec2_view(self, doc: dict):
-        """The instance's ENIs as EC2 lists them, or None (error recorded) if EC2 does not say."""
+        """The instance's ENIs as EC2 lists them (see `ec2_view`), or None (error recorded) if EC2
+        does not say."""
         from .ec2 import EC2Error
         try:
-            return self.ec2(doc).instance_enis()
+            return self.ec2_view(doc, self.ec2(doc).instance_enis())
         except EC2Error as exc:
             self._record_error(doc, exc)
             return None
@@ -366,7 +390,8 @@ class NodePool:
         pool = Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"])
         taken: dict[str, list[str]] = {}
         for step in decision.release:
-            free = pool.free_ips(step.eni_id)[-step.count:]  # the highest addresses go back
+            free = pool.free_ips(step.eni_id)
+            free = free[len(free) - min(step.count, len(free)):]  # the highest addresses go back
             for ip in free:
                 del pool.enis[step.eni_id]["ips"][ip]
             if free:

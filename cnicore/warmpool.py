@@ -152,6 +152,7 @@ class Decision:
     release: tuple[ReleaseIPs, ...] = ()
     free_eni: str | None = None
     blocked: str | None = None  # why the pool is short yet cannot grow (fully) now
+    limited: bool = False       # blocked by the instance type's limits or MAX_ENI (not for a while)
 
 
 def max_enis(settings: PoolSettings, limits: InstanceLimits) -> int:
@@ -198,7 +199,7 @@ def decide(enis: Sequence[ENIState], settings: PoolSettings, limits: InstanceLim
         whole_enis = settings.mode == MODE_ENI_TARGET
         steps, missing = grow_plan(enis, figures.short, figures.ips_per_eni, figures.max_enis, whole_enis)
         blocked = _limit_reason(settings, limits, figures) if missing else None
-        return Decision(figures, grow=steps, blocked=blocked)
+        return Decision(figures, grow=steps, blocked=blocked, limited=bool(missing))
 
     free_eni = _eni_to_free(enis, settings, figures, now)
     release = ()

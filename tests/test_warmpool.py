@@ -271,3 +271,37 @@ def test_grow_plan_for_a_single_ip():
     """The no-agent ADD path asks for just one IP when the targets are met but nothing is free."""
     assert grow_plan([eni(0, 9, 9)], 1, 9, 3, whole_enis=False) == ((NewENI(1),), 0)
     assert grow_plan([eni(0, 9, 9), eni(1, 9, 9)], 1, 9, 2, whole_enis=False) == ((), 1)
+
+
+# --- NodePool taking the IPs it gives back out of the pool (under the store lock) ------------------
+
+def _node_pool_and_doc():
+    from cnicore.poolmgr import NodePool
+    from cnicore.warmpool import Decision
+    cfg = user_settings.from_env({"WARM_IP_TARGET": "1", "IP_COOLDOWN_PERIOD": "0"})
+    doc = new_document({"instance_type": "m5.large", "max_enis": 3, "ipv4_per_eni": 10})
+    pool = Pool(doc, NOW)
+    pool.put_eni("eni-a", mac="02:00:00:00:00:01", device_number=0, subnet_cidr="10.0.1.0/24",
+                 primary_ip="10.0.1.5", primary=True, attached_at=0)
+    pool.set_secondary_ips("eni-a", ["10.0.1.7", "10.0.1.8", "10.0.1.9"])
+    return NodePool(cfg, log=None, clock=lambda: NOW), doc, Decision
+
+
+@pytest.mark.parametrize("count,taken", [(0, []), (1, ["10.0.1.9"]), (2, ["10.0.1.8", "10.0.1.9"]),
+                                         (5, ["10.0.1.7", "10.0.1.8", "10.0.1.9"])])
+def test_take_releases_takes_exactly_the_count_asked_highest_first(count, taken):
+    """A release step of 0 IPs takes none (a slice [-0:] took every free IP of the ENI)."""
+    node_pool, doc, Decision = _node_pool_and_doc()
+    decision = Decision(measure([], S(warm_ip_target=1), M5), release=(ReleaseIPs("eni-a", count),))
+    assert node_pool._take_releases(doc, decision) == ({"eni-a": taken} if taken else {})
+    assert sorted(doc["enis"]["eni-a"]["ips"]) == sorted({"10.0.1.7", "10.0.1.8", "10.0.1.9"} - set(taken))
+
+
+def test_a_pool_short_at_the_instance_limit_is_told_apart_from_one_that_can_grow():
+    full = [eni(0, 9, 9), eni(1, 9, 9), eni(2, 9, 9)]
+    at_limit = decide(full, S(), M5, NOW)
+    assert at_limit.limited and at_limit.blocked and not at_limit.grow
+    growing = decide([eni(0, 9, 9)], S(), M5, NOW)
+    assert not growing.limited and growing.grow and growing.blocked is None
+    paused = decide([eni(0, 9, 9)], S(), M5, NOW, insufficient_addresses_at=NOW - 1)
+    assert not paused.limited and paused.blocked

@@ -9,6 +9,8 @@ from EC2, then allocate. The slow path never holds the store lock during an EC2 
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 from cnicore import agentlink, settings, skel
@@ -16,6 +18,7 @@ from cnicore.errors import ATTACHMENT_EXISTS, CHECK_FAILED, CNIError, INVALID_CO
 from cnicore.pool import Pool, PoolExhausted
 from cnicore.store import Store, StoreError
 
+GROWING = "the node agent was asked to grow the pool"
 POOL_SETTINGS = ("WARM_IP_TARGET", "MINIMUM_IP_TARGET", "WARM_ENI_TARGET", "MAX_ENI", "IP_COOLDOWN_PERIOD",
                  "CLUSTER_NAME", "AWS_VPC_CNI_DATA_DIR")
 
@@ -46,10 +49,8 @@ def cmd_add(args: skel.CmdArgs) -> dict:
     if got is None and agentlink.agent_running(cfg["AWS_VPC_CNI_DATA_DIR"]):
         agentlink.nudge(cfg["AWS_VPC_CNI_DATA_DIR"])
         if doc is None:  # the agent has not built the pool yet: ask it why
-            raise CNIError(TRY_AGAIN_LATER, _not_started_message(cfg["AWS_VPC_CNI_DATA_DIR"]),
-                           "the node agent was asked to grow the pool")
-        raise CNIError(TRY_AGAIN_LATER, _empty_pool_message(doc, exhausted),
-                       "the node agent was asked to grow the pool")
+            raise CNIError(TRY_AGAIN_LATER, _not_started_message(cfg["AWS_VPC_CNI_DATA_DIR"]), GROWING)
+        raise CNIError(TRY_AGAIN_LATER, *_empty_pool_message(doc, exhausted))
     if got is None:
         # No agent: grow now. EC2 is called without the store lock, so DELs and warm ADDs go on
         # meanwhile; one ADD grows at a time, and the next finds what it grew.
@@ -60,7 +61,7 @@ def cmd_add(args: skel.CmdArgs) -> dict:
                 poolmgr.grow_for_add(store, cfg, args.network, args.log, locked=True)
                 got, doc, exhausted = _assign(store, args, cfg)
         if got is None:
-            raise CNIError(TRY_AGAIN_LATER, _empty_pool_message(doc, exhausted))
+            raise CNIError(TRY_AGAIN_LATER, _empty_pool_message(doc, exhausted)[0])
         args.log.info("assigned after growing the pool", ip=got.ip, eni=got.eni_id)
     else:
         args.log.debug("assigned from the warm pool", ip=got.ip, eni=got.eni_id)
@@ -89,11 +90,22 @@ def _assign(store: Store, args: skel.CmdArgs, cfg: dict):
             raise CNIError(ATTACHMENT_EXISTS, f"container {args.container_id} interface {args.ifname} "
                                               f"already holds {held.ip}; DEL it first")
         try:
-            got = pool.assign(args.container_id, args.ifname, args.pod_namespace, args.pod_name)
+            got = pool.assign(args.container_id, args.ifname, args.pod_namespace, args.pod_name, _owner())
         except PoolExhausted as exc:
             return None, doc, exc
         tx.write(doc)
         return got, doc, None
+
+
+def _owner() -> list[int] | None:
+    """The process that builds the attachment around the IP (see cnicore.pool): the main plugin, which
+    runs this one in its own process or execs it; [pid, start time], None if /proc does not say."""
+    pid = os.getpid() if "aws_vpc_bridge.main" in sys.modules else os.getppid()
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return [pid, int(f.read().rsplit(b")", 1)[1].split()[19])]
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _not_started_message(data_dir: str) -> str:
@@ -107,15 +119,30 @@ def _not_started_message(data_dir: str) -> str:
     return f"no free IP on this node: the node agent has not built the pool yet ({why})"
 
 
-def _empty_pool_message(doc: dict | None, exhausted: PoolExhausted | None) -> str:
+def _empty_pool_message(doc: dict | None, exhausted: PoolExhausted | None) -> tuple[str, str]:
+    """(message, details) of an empty pool, saying which of these it is: the instance's limit is
+    reached (nothing can grow it: only a pod leaving frees an IP), EC2 refuses or fails (the agent
+    retries), released IPs only cool down (the pool is not short: nothing grows it), or it is
+    being grown."""
     blocked = (doc or {}).get("agent", {}).get("blocked")
-    why = blocked["reason"] if blocked else "the pool is being grown"
-    cooling = f"; {exhausted.cooling} released IPs are still cooling down" if exhausted and exhausted.cooling else ""
-    return f"no free IP on this node: {why}{cooling}"
+    cooling = exhausted.cooling if exhausted else 0
+    cooling_text = (f"{cooling} released IP{'s are' if cooling > 1 else ' is'} cooling down "
+                    f"(the first is free again in {exhausted.free_in:.0f} s)") if cooling else ""
+    if blocked and blocked.get("limit"):
+        why = f"{blocked['reason']}; the pool cannot grow"
+        details = "an IP comes free when a pod on this node is deleted"
+    elif blocked:
+        why, details = blocked["reason"], GROWING
+    elif cooling and not _below_warm_floor(doc):
+        why, details = "no IP is free to hand out", "the pool holds enough IPs; it is not grown for IPs cooling down"
+    else:
+        why, details = "the pool is being grown", GROWING
+    return f"no free IP on this node: {why}" + (f"; {cooling_text}" if cooling_text else ""), details
 
 
 def cmd_del(args: skel.CmdArgs) -> None:
     cfg = _settings(args)
+    ip = None
     try:
         with _store(args, cfg).locked() as tx:
             doc = tx.read()
@@ -126,8 +153,18 @@ def cmd_del(args: skel.CmdArgs) -> None:
                 tx.write(doc)
                 args.log.debug("released", ip=ip)
     except StoreError as exc:
-        # DEL must succeed: the agent's rebuild reclaims the IP from what is left on the host.
-        args.log.error(f"DEL could not update the state store: {exc}")
+        # DEL must succeed. A release that could not be written (the store full or read-only) is
+        # handed to the agent, which retries it until it lands; without an agent, or if the store
+        # could not even be read, the agent's comparison of reservations with the host's attachments
+        # releases it (the veth is gone).
+        handed = ip is not None and _hand_release_to_agent(cfg["AWS_VPC_CNI_DATA_DIR"], args, ip)
+        args.log.error(f"DEL could not update the state store: {exc}",
+                       release="handed to the node agent" if handed else "left to the node agent's comparison")
+
+
+def _hand_release_to_agent(data_dir: str, args: skel.CmdArgs, ip: str) -> bool:
+    message = agentlink.release_message(args.network, args.container_id, args.ifname, ip)
+    return len(message) <= agentlink.MAX_MESSAGE and agentlink.nudge(data_dir, message)
 
 
 def cmd_check(args: skel.CmdArgs) -> None:
@@ -165,7 +202,7 @@ def cmd_status(args: skel.CmdArgs) -> None:
     if doc is None:
         return  # nothing allocated yet: the first ADD grows the pool
     if Pool(doc, time.time(), cfg["IP_COOLDOWN_PERIOD"]).free_count() == 0:
-        raise CNIError(PLUGIN_NOT_AVAILABLE, _empty_pool_message(doc, None))
+        raise CNIError(PLUGIN_NOT_AVAILABLE, _empty_pool_message(doc, None)[0])
 
 
 HANDLERS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
