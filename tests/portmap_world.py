@@ -155,11 +155,14 @@ def veth(a: str, a_if: str, b: str, b_if: str) -> None:
 
 
 def cnitool(cnitool_path: str, ns: str, command: str, network: str, pod_ns: str, *, netconf_dir: str,
-            cni_path: str, cap_args: dict | None = None) -> dict | None:
-    """`cnitool <command> <network> /run/netns/<pod_ns>` run in namespace `ns` (the node)."""
+            cni_path: str, cap_args: dict | None = None, cni_args: str | None = None) -> dict | None:
+    """`cnitool <command> <network> /run/netns/<pod_ns>` run in namespace `ns` (the node); `cap_args`
+    and `cni_args` go to the plugins as runtimeConfig and CNI_ARGS."""
     env = {"PATH": SYSTEM_PATH, "NETCONFPATH": netconf_dir, "CNI_PATH": cni_path}
     if cap_args is not None:
         env["CAP_ARGS"] = json.dumps(cap_args)
+    if cni_args is not None:
+        env["CNI_ARGS"] = cni_args
     argv = ["ip", "netns", "exec", ns, "env", "-i", *(f"{k}={v}" for k, v in env.items()),
             cnitool_path, command, network, netns.path(pod_ns)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)

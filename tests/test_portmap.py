@@ -17,6 +17,7 @@ from portmap_compat.main import dnat_chain, old_snat_chain
 from portmap_world import (PLUGIN, REFERENCE, GO_PLUGINS, SYSTEM_PATH, cnitool_container_id, invoke, legacy_bin,
                            mark_mode, nat, rules, start_server, tcp_get, udp_ask, user_chains, veth)
 from portmap_world import cnitool as run_cnitool
+from runtime_input import CONTAINERD_CNI_ARGS, CONTAINERD_PORT_MAPPING
 from vpclab import netns
 
 VARIANTS = ("nft", "legacy")
@@ -121,6 +122,13 @@ COMPARED = {
                 {"version": "4", "address": "10.0.0.7/32", "interface": 1},
                 {"version": "4", "address": "10.0.0.8/32", "interface": 1},
                 {"version": "6", "address": "fd00:2::7/128"}]}),
+    # keys as Go's encoding/json matches them: containerd's capitalised go-cni PortMapping (HostIP ""), any
+    # case, long s for s, an unknown key, two spellings of one key (the last wins), a capitalised RuntimeConfig
+    "go-decoded-keys": conf([{"HostPort": 8080, "ContainerPort": 80, "Protocol": "tcp", "HostIP": ""},
+                             {"hostport": 8081, "CONTAINERPORT": 81, "PROTOCOL": "udp", "HostIp": "192.168.1.1",
+                                 "podPort": 7},
+                             {"hoſtPort": 9999, "HostPort": 8082, "containerPort": 82, "protocol": "sctp"}]),
+    "go-decoded-runtime-config": dict(conf(prev=PREV_V4), RuntimeConfig={"PortMappings": [tcp(8080), udp(8081)]}),
     # a comment over iptables' 255 characters is cut to 253 + "..." (leaving an unbalanced quote to escape)
     "long-container-id": conf([tcp(8080), udp(8081)], prev=PREV_V4),
 }
@@ -556,10 +564,9 @@ def cnitool_cache():
             pass
 
 
-def test_host_ports_reach_the_pod_from_another_host_the_node_and_the_pod(node, variant, make_netns, cnitool,
-                                                                        tmp_path, servers, cnitool_cache):
-    node_ns, client, pod, pod2 = node("node"), make_netns("client"), make_netns("pod"), make_netns("podtwo")
-    cnitool_cache += [pod, pod2]
+def wire_node_and_client(node_ns: str, client: str, tmp_path) -> dict:
+    """The node's eth0 (NODE_IP, NODE_IP2) wired to the client host's (CLIENT_IP), and a conflist of the Go
+    bridge + host-local and portmap-compat; cnitool's keyword arguments for that conflist."""
     veth(node_ns, "eth0", client, "eth0")
     netns.run(["ip", "addr", "add", f"{NODE_IP}/24", "dev", "eth0"], netns=node_ns)
     netns.run(["ip", "addr", "add", f"{NODE_IP2}/24", "dev", "eth0"], netns=node_ns)
@@ -573,7 +580,14 @@ def test_host_ports_reach_the_pod_from_another_host_the_node_and_the_pod(node, v
                       "dataDir": str(tmp_path / "ipam")}},
             {"type": "portmap-compat", "capabilities": {"portMappings": True},
              "pluginLogFile": str(tmp_path / "plugin.log")}]}))
-    tool = dict(netconf_dir=str(netconf), cni_path=f"{GO_PLUGINS}:{os.path.dirname(PLUGIN)}")
+    return dict(netconf_dir=str(netconf), cni_path=f"{GO_PLUGINS}:{os.path.dirname(PLUGIN)}")
+
+
+def test_host_ports_reach_the_pod_from_another_host_the_node_and_the_pod(node, variant, make_netns, cnitool,
+                                                                        tmp_path, servers, cnitool_cache):
+    node_ns, client, pod, pod2 = node("node"), make_netns("client"), make_netns("pod"), make_netns("podtwo")
+    cnitool_cache += [pod, pod2]
+    tool = wire_node_and_client(node_ns, client, tmp_path)
     mappings = [tcp(8080), udp(8081), tcp(9090, hostIP=NODE_IP)]
 
     result = run_cnitool(cnitool, node_ns, "add", NET, pod, cap_args={"portMappings": mappings}, **tool)
@@ -618,3 +632,27 @@ def test_host_ports_reach_the_pod_from_another_host_the_node_and_the_pod(node, v
     assert tcp_get(client, NODE_IP, 8080) == f"podtwo: tcp from {CLIENT_IP}"
     run_cnitool(cnitool, node_ns, "del", NET, pod2, **tool)  # no CAP_ARGS: our DEL needs no mappings
     assert not [c for c in nat(node_ns, variant) if c.startswith("CNI-DN-")]
+
+
+def test_containerd_port_mappings_and_cni_args_reach_the_pod(make_netns, cnitool, tmp_path, servers, cnitool_cache):
+    """What containerd's CRI sends (tests/runtime_input.py): go-cni's untagged PortMapping marshalled with
+    capitalised keys and HostIP "", and its CNI_ARGS; cnitool's CAP_ARGS are injected as given, as
+    containerd's are. The host port reaches the pod from another host; DEL removes the rules."""
+    node_ns, client, pod = make_netns("node"), make_netns("client"), make_netns("pod")
+    mark_mode(node_ns, "nft")
+    cnitool_cache.append(pod)
+    tool = wire_node_and_client(node_ns, client, tmp_path)
+    mapping = dict(CONTAINERD_PORT_MAPPING, ContainerPort=80)
+    result = run_cnitool(cnitool, node_ns, "add", NET, pod, cap_args={"portMappings": [mapping]},
+                         cni_args=CONTAINERD_CNI_ARGS[0], **tool)
+    pod_ip = result["ips"][0]["address"].split("/")[0]
+    servers.append(start_server(pod, "pod"))
+    assert f"--dport 18080 -j DNAT --to-destination {pod_ip}:80" in " ".join(rules(nat(node_ns, "nft")))
+    assert tcp_get(client, NODE_IP, mapping["HostPort"]) == f"pod: tcp from {CLIENT_IP}"
+    run_cnitool(cnitool, node_ns, "check", NET, pod, cap_args={"portMappings": [mapping]},
+                cni_args=CONTAINERD_CNI_ARGS[1], **tool)
+    run_cnitool(cnitool, node_ns, "del", NET, pod, cap_args={"portMappings": [mapping]},
+                cni_args=CONTAINERD_CNI_ARGS[1], **tool)
+    assert not [c for c in nat(node_ns, "nft") if c.startswith("CNI-DN-")]
+    with pytest.raises(ConnectionRefusedError):
+        tcp_get(client, NODE_IP, mapping["HostPort"])
