@@ -177,7 +177,9 @@ class Containerd:
         with open(self.config, "w") as f:
             f.write(self._config_toml())
         self._cgroup_dir(create=True)
-        os.makedirs("/var/lib/cni", exist_ok=True)   # mount points (a node has both; libcni makes the first)
+        # Mount points, as on a node with containerd; never removed: another test run's containerd may
+        # have its private mount on one (rmdir would detach it there).
+        os.makedirs("/var/lib/cni", exist_ok=True)
         os.makedirs("/run/containerd", exist_ok=True)
         # The holder: the mount namespace's first process, in the cgroup tree.
         self.holder = subprocess.Popen(
@@ -491,13 +493,9 @@ class CriNode(LabNode):
 
 @contextlib.contextmanager
 def cri_nodes(lab, workdir: str, prefix: str, names=("node1", "node2")):
-    """CriNodes with their containerd running, stopped on the way out whatever happened; the mount
-    points made for them (on a machine without a containerd of its own) are removed after."""
+    """CriNodes with their containerd running, stopped on the way out whatever happened."""
     sweep_orphans()
-    made = [d for d in ("/var/lib/cni", "/run/containerd") if not os.path.exists(d)]
     with contextlib.ExitStack() as stack:
-        for d in made:
-            stack.callback(_rmdir_quietly, d)
         nodes = {}
         for name in names:
             node = CriNode(lab, name, os.path.join(workdir, name), cgroup=f"{prefix}-cri-{name}")
@@ -513,8 +511,3 @@ def _assert_no_cached_result(containerd: Containerd) -> None:
     once every sandbox is gone: each was DELeted through the chain."""
     left = [entry for entry in containerd.cache_entries() if entry.startswith(f"{NETWORK}-")]
     assert left == [], f"libcni's cache of {containerd.node} keeps {left}"
-
-
-def _rmdir_quietly(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.rmdir(path)

@@ -8,34 +8,29 @@ inside their namespaces and from the other node, and at what the node holds afte
 """
 
 import json
-import os
 import sys
 import time
 
 import grpc
 import pytest
 
-from conftest import CLEAN_NODE, RUN_PREFIX
-from cri_world import cri_nodes
+from conftest import RUN_PREFIX, _reset as reset
+from cri_world import cri, cri_nodes
 from reliability_world import held
 
 pytestmark = pytest.mark.lab
 
 HOST_PORT, CONTAINER_PORT = 18080, 8080
 PLUGINS = ("aws-vpc-bridge", "aws-snat", "portmap-compat")  # the agent's chain
+# The reference bandwidth plugin taking the rates from the pod's annotations alone: rates in its own
+# entry (as conflists/20-aws-vpc-bandwidth-tuning.conflist has) win over the annotations.
 BANDWIDTH = {"type": "bandwidth", "capabilities": {"bandwidth": True}}
-
-
-def reset(lab):
-    """What the fresh_lab fixture does: EC2 and the nodes as the lab started."""
-    lab.reset()
-    for node in lab.status()["nodes"]:
-        lab.exec(node["name"], ["sh", "-c", CLEAN_NODE])
 
 
 @pytest.fixture(scope="module")
 def cluster(lab, tmp_path_factory):
-    """Both nodes with containerd running, shared by the module's tests (each removes its pods)."""
+    """Both nodes with containerd running, shared by the module's tests (each removes its pods); the
+    lab reset around them as fresh_lab does (a function-scoped fixture cannot serve a module's)."""
     reset(lab)
     try:
         with cri_nodes(lab, str(tmp_path_factory.mktemp("cri")), RUN_PREFIX) as nodes:
@@ -187,7 +182,7 @@ def test_pods_keep_their_network_across_a_containerd_restart(cluster, kube):
     node1.containerd.run_daemon()
 
     status, _ = node1.containerd.sandbox_status(a.id)
-    assert (status.state, status.network.ip) == (0, a.ip)  # SANDBOX_READY, same IP
+    assert (status.state, status.network.ip) == (cri.SANDBOX_READY, a.ip)
     assert ping(node1.containerd, a, b.ip) and ping(node2.containerd, b, a.ip)
     assert [c.command for c in bridge_calls(node1, a.id)] == ["ADD"]  # no CNI call on restart
 
@@ -219,6 +214,8 @@ def test_a_sandbox_failing_after_the_ipam_leaves_nothing(cluster, kube):
 
 
 def test_the_bandwidth_annotation_shapes_the_pod(cluster, kube, lab):
+    """The pod's kubernetes.io/*-bandwidth annotations reach the reference `bandwidth` plugin chained
+    after ours (containerd passes them as runtimeConfig.bandwidth), which shapes the pod's veth."""
     node = cluster["node1"]
     node.install_conflist([BANDWIDTH])
     node.containerd.wait_cni_config([*PLUGINS, "bandwidth"])
