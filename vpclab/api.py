@@ -4,7 +4,14 @@
     lab.exec("node1", ["ip", "-br", "addr"])
     lab.fault("AssignPrivateIpAddresses", error="RequestLimitExceeded", count=2)
     lab.ec2_calls(reset=True)             # {"AssignPrivateIpAddresses": 3, ...}
+    lab.set_ec2_timing(throttling=True, latency=True)   # EC2's token buckets and action latencies
+    lab.ec2_throttling()                  # {"buckets": {"AssignPrivateIpAddresses": {"spent": 3, ...}}, ...}
+    lab.fragment_subnet()                 # one address taken in every free /28: prefixes run out
     lab.down()
+
+EC2 as the lab serves it (beyond moto): ENI and address limits per instance type, subnet exhaustion,
+IPv4 prefixes (/28, Nitro types only, InsufficientCidrBlocks in a fragmented subnet: vpclab.ec2rules),
+request throttling (vpclab.throttling) and latency (vpclab.latency), both off unless asked for.
 
 This module stays light (no moto, no boto3): the daemon (vpclab.daemon) does the heavy work, and
 this side talks to it over its control socket.
@@ -46,11 +53,12 @@ class Lab:
     def up(cls, name: str | None = None, nodes: int = 2, instance_type: str = "m5.large",
            vpc_cidrs: list[str] | tuple[str, ...] = ("10.0.0.0/16",), subnet_prefix: int = 24, azs: int = 1,
            imds_staleness: float = 0.0, extra_hosts: list[str] | tuple[str, ...] = (),
-           owner_pid: int | None = None) -> "Lab":
+           owner_pid: int | None = None, ec2_throttling: bool = False, ec2_latency: bool = False) -> "Lab":
         """Start a lab and return when it is ready. With `owner_pid`, the lab removes itself when that
-        process ends (tests pass their own pid, so a killed test run leaves nothing behind)."""
+        process ends (tests pass their own pid, so a killed test run leaves nothing behind).
+        `ec2_throttling` and `ec2_latency` turn EC2's models on from the start (and after each reset)."""
         config = LabConfig(name or DEFAULT_NAME, nodes, instance_type, vpc_cidrs, subnet_prefix, azs,
-                           imds_staleness, extra_hosts, owner_pid).validate()
+                           imds_staleness, extra_hosts, owner_pid, ec2_throttling, ec2_latency).validate()
         _refuse_if_present(config.name)
         try:
             os.makedirs(config.state_dir, mode=0o700)
@@ -135,9 +143,10 @@ class Lab:
                          timeout=timeout)
 
     def reset(self) -> None:
-        """Back to the state `up` left: no faults, zero counts, the configured IMDS staleness, and only
-        the nodes' primary ENIs with only their primary addresses (the data plane follows before this
-        returns). What tests did inside the nodes' namespaces is theirs to undo."""
+        """Back to the state `up` left: no faults, zero counts, the configured IMDS staleness and EC2
+        throttling and latency (full buckets), and only the nodes' primary ENIs with only their primary
+        addresses and no prefixes (the data plane follows before this returns). What tests did inside
+        the nodes' namespaces is theirs to undo."""
         self._call("reset")
 
     # --- faults and counts -----------------------------------------------------------------------
@@ -163,6 +172,29 @@ class Lab:
     def set_imds_staleness(self, seconds: float) -> None:
         """IMDS answers reflect EC2 as of `seconds` ago from now on."""
         self._call("imds_staleness", seconds=seconds)
+
+    def set_ec2_timing(self, throttling: bool | None = None, latency: bool | None = None,
+                       figures: dict[str, list[float]] | None = None, seconds: dict[str, float] | None = None,
+                       time_scale: float | None = None) -> dict:
+        """Turn EC2's request throttling (per-API token buckets shared by all nodes, RequestLimitExceeded
+        when empty) and per-action latency on or off; `figures` replaces bucket figures per action
+        ({"AttachNetworkInterface": [capacity, refill per second]}, "DescribeNetworkInterfaces
+        (unfiltered)" for the small bucket), `seconds` latencies per action; `time_scale` runs both
+        that many times faster than the wall clock (compressed time). What is not given stays; a
+        change to the throttling model refills every bucket. Returns the settings now."""
+        return self._call("ec2_timing", throttling=throttling, latency=latency, figures=figures, seconds=seconds,
+                          time_scale=time_scale)
+
+    def ec2_throttling(self, reset: bool = False) -> dict:
+        """Per bucket (an action, or an action's unfiltered bucket) since the last reset: tokens
+        spent, requests throttled, tokens left, its capacity and refill per second; and the settings."""
+        return self._call("ec2_throttling", reset=reset)
+
+    def fragment_subnet(self, subnet_id: str | None = None, keep: int = 0) -> dict:
+        """Take one address in each aligned /28 of a subnet (default: the first) that could still be
+        delegated as a prefix, but for the lowest `keep`, with detached ENIs made through EC2's rules.
+        Returns {"subnet_id", "addresses", "enis"}; `reset` removes those ENIs."""
+        return self._call("fragment_subnet", subnet_id=subnet_id, keep=keep)
 
     def ec2(self, action: str, **params) -> dict[str, Any]:
         """Make an EC2 call as the lab (through the front's rules, not counted, no faults), e.g.

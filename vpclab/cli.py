@@ -1,4 +1,4 @@
-"""The `vpclab` command: up, status, exec, fault, calls, down (see `vpclab --help`)."""
+"""The `vpclab` command: up, status, exec, fault, calls, timing, fragment, down (see `vpclab --help`)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _up(a) -> None:
     from .api import Lab
 
     lab = Lab.up(a.name, a.nodes, a.instance_type, a.vpc_cidr or ["10.0.0.0/16"], a.subnet_prefix, a.azs,
-                 a.imds_staleness, a.extra_host or [])
+                 a.imds_staleness, a.extra_host or [], ec2_throttling=a.ec2_throttling, ec2_latency=a.ec2_latency)
     _print_status(lab.status())
 
 
@@ -55,12 +55,45 @@ def _fault(a) -> None:
 
 def _calls(a) -> None:
     lab = _lab(a)
-    counts = lab.imds_calls(a.reset) if a.imds else lab.ec2_calls(a.reset)
+    if a.imds:
+        counts = lab.imds_calls(a.reset)
+    elif a.json:
+        counts = lab.ec2_throttling(a.reset) if a.throttling else lab.ec2_calls(a.reset)
+    else:
+        _print_calls(lab.ec2_calls(a.reset), lab.ec2_throttling(a.reset))
+        return
     if a.json:
         print(json.dumps(counts, indent=2, sort_keys=True))
     else:
         for key, n in sorted(counts.items()):
             print(f"{n:6d}  {key}")
+
+
+def _print_calls(calls: dict[str, int], throttling: dict) -> None:
+    """One row per action and per bucket: calls, tokens spent, requests throttled, tokens left."""
+    buckets = throttling["buckets"]
+    state = "on" if throttling["enabled"] else "off"
+    print(f"{'calls':>6} {'spent':>6} {'throttled':>9} {'tokens':>8}  action (EC2 throttling {state})")
+    for key in sorted(set(calls) | set(buckets)):
+        b = buckets.get(key)
+        figures = (f"{b['spent']:6d} {b['throttled']:9d} {b['tokens']:8.1f}" if b else f"{'-':>6} {'-':>9} {'-':>8}")
+        print(f"{calls[key] if key in calls else '':>6} {figures}  {key}")
+
+
+def _timing(a) -> None:
+    lab = _lab(a)
+    settings = lab.set_ec2_timing(_on_off(a.throttling), _on_off(a.latency), time_scale=a.time_scale)
+    print(json.dumps(settings, indent=2, sort_keys=True))
+
+
+def _on_off(value: str | None) -> bool | None:
+    return None if value is None else value == "on"
+
+
+def _fragment(a) -> None:
+    out = _lab(a).fragment_subnet(a.subnet, a.keep)
+    print(f"subnet {out['subnet_id']}: took {len(out['addresses'])} address(es), one per free /28, "
+          f"with {len(out['enis'])} ENI(s): {' '.join(out['enis'])}")
 
 
 def _down(a) -> None:
@@ -103,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--azs", type=int, default=1, help="subnets (one per AZ), nodes spread over them")
     p.add_argument("--imds-staleness", type=float, default=0.0, help="IMDS answers lag EC2 by this many seconds")
     p.add_argument("--extra-host", action="append", help="CIDR of one more external host with an echo (repeat)")
+    p.add_argument("--ec2-throttling", action="store_true", help="EC2's per-API token buckets from the start")
+    p.add_argument("--ec2-latency", action="store_true", help="EC2's per-action latency from the start")
     p.set_defaults(run=_up)
 
     p = sub.add_parser("status", parents=[named], help="show a lab")
@@ -124,11 +159,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clear", action="store_true", help="remove every fault")
     p.set_defaults(run=_fault)
 
-    p = sub.add_parser("calls", parents=[named], help="EC2 calls per action that reached the front")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("calls", parents=[named], help="EC2 calls per action that reached the front, tokens "
+                       "spent and requests throttled per API")
+    p.add_argument("--json", action="store_true", help="calls per action as JSON (with --throttling: the buckets)")
+    p.add_argument("--throttling", action="store_true", help="with --json: tokens spent, throttled, left per bucket")
     p.add_argument("--reset", action="store_true", help="set the counts back to zero (after printing them)")
     p.add_argument("--imds", action="store_true", help="IMDS requests per node instead")
     p.set_defaults(run=_calls)
+
+    p = sub.add_parser("timing", parents=[named], help="EC2's throttling and latency models: show or set")
+    p.add_argument("--throttling", choices=["on", "off"])
+    p.add_argument("--latency", choices=["on", "off"])
+    p.add_argument("--time-scale", type=float, help="simulated seconds per second (compressed time)")
+    p.set_defaults(run=_timing)
+
+    p = sub.add_parser("fragment", parents=[named], help="take one address in every free /28 of a subnet")
+    p.add_argument("--subnet", help="subnet id (default: the lab's first)")
+    p.add_argument("--keep", type=int, default=0, help="leave the lowest KEEP free /28s untouched")
+    p.set_defaults(run=_fragment)
 
     p = sub.add_parser("down", parents=[named], help="stop a lab and remove everything it made")
     p.set_defaults(run=_down)

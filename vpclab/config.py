@@ -78,6 +78,11 @@ class LabConfig:
     imds_staleness: float = 0.0
     extra_hosts: tuple[str, ...] = ()
     owner_pid: int | None = None  # the lab removes itself when this process ends
+    # EC2's request throttling (vpclab.throttling) and action latency (vpclab.latency): both off by
+    # default, so the suite's exact call counts and injected faults never meet a bucket another test
+    # drained, and it runs at moto's speed; the scale scenarios turn them on
+    ec2_throttling: bool = False
+    ec2_latency: bool = False
 
     def __post_init__(self):
         # accept lists from callers and JSON; keep the dataclass hashable and immutable
@@ -98,6 +103,9 @@ class LabConfig:
         check_staleness(self.imds_staleness)
         if self.owner_pid is not None:
             _int_in("owner_pid", self.owner_pid, 1, 2**22)
+        for field in ("ec2_throttling", "ec2_latency"):
+            if not isinstance(getattr(self, field), bool):
+                raise LabError(f"{field}: {getattr(self, field)!r} must be true or false")
         vpcs = self._check_vpc_cidrs()
         self._check_subnets(vpcs[0])
         self._check_extra_hosts(vpcs)

@@ -58,7 +58,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 raise LabError(f"unknown lab operation {op!r}")
             reply = {"result": handler(**args)}
         except Ec2Error as e:
-            reply = {"error": {"message": str(e), "code": e.code, "status": e.status}}
+            reply = {"error": {"message": e.message, "code": e.code, "status": e.status}}
         except LabError as e:
             reply = {"error": {"message": str(e)}}
         except (ValueError, KeyError, TypeError) as e:

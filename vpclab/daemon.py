@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -33,8 +34,10 @@ from .errors import Ec2Error, LabError
 from .faults import ANY_ACTION, IMDS, Fault, FaultBook
 from .imds import ImdsHandler, ImdsService
 from .instance_types import limits
+from .latency import Latency
 from .servers import HttpServer, serve_in
 from .state import StateCache, fetch
+from .throttling import Throttling
 
 log = logging.getLogger("vpclab.daemon")
 
@@ -90,7 +93,8 @@ class LabDaemon:
         instances = built["instances"]
         self._cache = StateCache(functools.partial(fetch, self._moto), self.config.imds_staleness)
         self.front = Ec2Front(("127.0.0.1", MOTO_PORT), self._cache, self.faults, self.config.instance_type,
-                              self._kicked.set, _complete_moto)
+                              self._kicked.set, MotoBackend(), Throttling(self.config.ec2_throttling),
+                              Latency(self.config.ec2_latency))
         self._serve(instances)
         nodes = {instances[n.name]: n for n in self.config.node_plans()}
         self._wiring = dataplane.Wiring(self.config.router_netns, nodes)
@@ -166,6 +170,9 @@ class LabDaemon:
             "ec2_calls": lambda reset=False: self.front.calls.read(reset),
             "imds_calls": lambda reset=False: self.imds_calls.read(reset),
             "ec2": self._op_ec2,
+            "ec2_timing": self._op_ec2_timing,
+            "ec2_throttling": lambda reset=False: self.front.throttling.report(reset),
+            "fragment_subnet": self._op_fragment_subnet,
             "imds_staleness": self._op_staleness,
             "reset": self._op_reset,
             "shutdown": self._stop.set,
@@ -173,7 +180,55 @@ class LabDaemon:
 
     def _op_status(self) -> dict:
         return {**self._status, "pid": os.getpid(), "imds_staleness": self._cache.staleness,
-                "faults": self.faults.listed()}
+                "faults": self.faults.listed(), "ec2_timing": self._timing()}
+
+    def _timing(self) -> dict:
+        latency = self.front.latency.describe()
+        return {"throttling": self.front.throttling.enabled, "latency": latency["enabled"],
+                "time_scale": latency["time_scale"], "throttling_figures": self.front.throttling.figures,
+                "latency_seconds": latency["seconds"]}
+
+    def _op_ec2_timing(self, throttling: bool | None = None, latency: bool | None = None,
+                       figures: dict | None = None, seconds: dict | None = None,
+                       time_scale: float | None = None) -> dict:
+        """Turn EC2's throttling and latency models on or off, or change their figures; what is not
+        given stays. Changing anything of the throttling model starts it over with full buckets."""
+        throttle, delay = self.front.throttling, self.front.latency
+        for name, value in (("throttling", throttling), ("latency", latency)):
+            if value is not None and not isinstance(value, bool):
+                raise LabError(f"{name}: {value!r} must be true or false")
+        scale = delay.time_scale if time_scale is None else time_scale
+        if (throttling, figures, time_scale) != (None, None, None):
+            throttle.configure(throttle.enabled if throttling is None else throttling,
+                               throttle.figures if figures is None else figures, scale)
+        delay.configure(delay.enabled if latency is None else latency, delay.seconds if seconds is None else seconds,
+                        scale)
+        return self._timing()
+
+    def _op_fragment_subnet(self, subnet_id: str | None = None, keep: int = 0) -> dict:
+        """Take one address in every aligned /28 of a subnet that EC2 could still delegate as a prefix,
+        but for the lowest `keep` of them, with ENIs created through EC2's rules as another user of
+        the subnet would: prefixes then fail with InsufficientCidrBlocks while single addresses are
+        left. The ENIs are detached and untagged; `reset` removes them."""
+        snap = self._cache.live()
+        subnet_id = subnet_id or self._status["subnets"][0]["id"]
+        if subnet_id not in snap.subnets:
+            raise LabError(f"fragment_subnet: no subnet {subnet_id!r}; the lab's are "
+                           f"{', '.join(s['id'] for s in self._status['subnets'])}")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise LabError(f"fragment_subnet keep: {keep!r} must be a whole number >= 0")
+        blocks = snap.free_prefixes(subnet_id)[keep:]
+        free = set(snap.free_ips(subnet_id))
+        taken = [next(str(a) for a in ipaddress.ip_network(b) if str(a) in free) for b in blocks]
+        per_eni = limits(self.config.instance_type).ipv4_per_eni
+        enis = []
+        for i in range(0, len(taken), per_eni):
+            group = taken[i:i + per_eni]
+            addresses = [{"PrivateIpAddress": ip, "Primary": n == 0} for n, ip in enumerate(group)]
+            reply = self._op_ec2("CreateNetworkInterface", {"SubnetId": subnet_id, "PrivateIpAddresses": addresses,
+                                                            "Description": "vpclab: fragments the subnet"})
+            enis.append(reply["NetworkInterface"]["NetworkInterfaceId"])
+        return {"subnet_id": subnet_id, "addresses": taken, "enis": enis}
 
     def _op_fault(self, action: str, error: str | None = None, count: int | None = None,
                   duration: float | None = None, latency: float = 0.0, node: str | None = None) -> None:
@@ -209,12 +264,14 @@ class LabDaemon:
         return _client(f"http://127.0.0.1:{INTERNAL_FRONT_PORT}")
 
     def _op_reset(self) -> None:
-        """Back to the state after start: no faults, zero counts, the configured IMDS staleness, and in
-        EC2 only the nodes' primary ENIs holding only their primary addresses; the data plane follows
-        before this returns."""
+        """Back to the state after start: no faults, zero counts, the configured IMDS staleness and EC2
+        timing models (full buckets), and in EC2 only the nodes' primary ENIs holding only their
+        primary addresses (no prefixes); the data plane follows before this returns."""
         self.faults.clear()
         self.front.calls.read(reset=True)
         self.imds_calls.read(reset=True)
+        self.front.throttling.configure(self.config.ec2_throttling)
+        self.front.latency.configure(self.config.ec2_latency)
         self._cache.staleness = self.config.imds_staleness
         c = self._moto
         with self.front.mutating:
@@ -222,6 +279,8 @@ class LabDaemon:
                 if eni.device_index == 0:
                     if len(eni.ips) > 1:
                         c.unassign_private_ip_addresses(NetworkInterfaceId=eni.id, PrivateIpAddresses=list(eni.ips[1:]))
+                    if eni.prefixes:
+                        self.front.backend.set_prefixes(eni.id, ())
                     continue
                 if eni.attachment_id:
                     c.detach_network_interface(AttachmentId=eni.attachment_id, Force=True)
@@ -252,23 +311,36 @@ class LabDaemon:
             "subnets": [{"id": built["subnets"][s.cidr], "cidr": s.cidr, "az": s.az, "gateway": s.gateway}
                         for s in c.subnets()],
             "security_group_id": built["group_id"],
-            "limits": {"instance_type": lim.instance_type, "max_enis": lim.max_enis, "ipv4_per_eni": lim.ipv4_per_eni},
+            "limits": {"instance_type": lim.instance_type, "max_enis": lim.max_enis, "ipv4_per_eni": lim.ipv4_per_eni,
+                       "hypervisor": lim.hypervisor, "prefixes_supported": lim.prefixes_supported},
             "nodes": nodes, "internet": hosts[0], "extra_hosts": hosts[1:],
             "endpoints": {"imds": f"http://{cfg.IMDS_ADDRESS}", "ec2": f"http://{cfg.EC2_ADDRESS}:{cfg.EC2_PORT}"},
             "router": {"netns": c.router_netns}, "ctl": {"netns": c.ctl_netns, "moto": f"http://127.0.0.1:{MOTO_PORT}"},
         }
 
 
-def _complete_moto(action: str, params: dict[str, str]) -> None:
-    """Apply what moto 5.2.5 accepts and ignores: ModifyNetworkInterfaceAttribute's
-    Attachment.DeleteOnTermination (the ENI pool sets it after each attach). moto runs in this process."""
-    if action != "ModifyNetworkInterfaceAttribute" or "Attachment.DeleteOnTermination" not in params:
-        return
-    from moto.core import DEFAULT_ACCOUNT_ID
-    from moto.ec2.models import ec2_backends
+class MotoBackend:
+    """moto's EC2 backend, in this process (ec2front.Backend): what moto 5.2.5 accepts and ignores.
+    A prefix list set here is an attribute of moto's ENI, so every answer that shows the ENI
+    (DescribeNetworkInterfaces, DescribeInstances) carries its ipv4PrefixSet, and it goes with the ENI."""
 
-    eni = ec2_backends[DEFAULT_ACCOUNT_ID][cfg.REGION].get_network_interface(params["NetworkInterfaceId"])
-    eni.delete_on_termination = params["Attachment.DeleteOnTermination"].lower() == "true"
+    def complete(self, action: str, params: dict[str, str]) -> None:
+        """ModifyNetworkInterfaceAttribute's Attachment.DeleteOnTermination (the ENI pool sets it after
+        each attach)."""
+        if action != "ModifyNetworkInterfaceAttribute" or "Attachment.DeleteOnTermination" not in params:
+            return
+        eni = self._eni(params["NetworkInterfaceId"])
+        eni.delete_on_termination = params["Attachment.DeleteOnTermination"].lower() == "true"
+
+    def set_prefixes(self, eni_id: str, prefixes: tuple[str, ...]) -> None:
+        self._eni(eni_id).ipv4_prefixes = [{"Ipv4Prefix": p} for p in prefixes]
+
+    @staticmethod
+    def _eni(eni_id: str):
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.ec2.models import ec2_backends
+
+        return ec2_backends[DEFAULT_ACCOUNT_ID][cfg.REGION].get_network_interface(eni_id)
 
 
 def _http(address, handler, **attributes) -> HttpServer:

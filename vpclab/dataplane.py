@@ -4,12 +4,13 @@
   the node, carrying the ENI's MAC (Amazon Linux names ENIs ethN by device index the same way). The
   node's eth0 gets the primary IP, the subnet prefix, MTU 9001 and a default route via the subnet
   gateway (base + 1), as DHCP does on EC2; later ENIs arrive down and unconfigured.
-- Delivery: a /32 route per address EC2 says an ENI holds (primary and secondary), with a permanent
-  neighbour entry for the ENI's MAC: the VPC delivers to the ENI, it does not ARP for addresses. The
-  rest of each VPC CIDR, and every unknown destination, is a blackhole.
+- Delivery: a /32 route per address EC2 says an ENI holds (primary, secondary, and each of the 16
+  addresses of each IPv4 prefix delegated to it), with a permanent neighbour entry for the ENI's MAC:
+  the VPC delivers to the ENI, it does not ARP for addresses. The rest of each VPC CIDR, and every
+  unknown destination, is a blackhole.
 - Source/dest check: strict reverse-path filtering (rp_filter=1) on the router. A packet that enters
   from an ENI's veth is dropped unless the route back to its source leaves by that veth, that is,
-  unless that very ENI holds the source address.
+  unless that very ENI holds the source address (itself or inside one of its prefixes).
 - ARP: the gateway addresses live on the router's lo (answered on every veth); proxy_arp answers for
   addresses routed out of another veth, so nodes of one subnet reach each other through the router.
 - External hosts (the internet host, extra hosts) hang off the router on veths `to-<host>`.
@@ -57,7 +58,7 @@ class Port:
     mac: str
     netns: str
     device: int
-    ips: tuple[str, ...]
+    ips: tuple[str, ...]  # every address delivered to it, the ENI's primary first
     subnet_cidr: str
 
     @property
@@ -75,7 +76,7 @@ def desired_ports(snap: Snapshot, nodes: dict[str, NodePlan]) -> dict[str, Port]
         if node is None or subnet is None:
             continue
         name = f"n{node.name.removeprefix('node')}d{eni.device_index}"
-        ports[name] = Port(name, eni.id, eni.mac, node.netns, eni.device_index, eni.ips, subnet.cidr)
+        ports[name] = Port(name, eni.id, eni.mac, node.netns, eni.device_index, eni.addresses(), subnet.cidr)
     return ports
 
 

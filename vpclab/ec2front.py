@@ -1,8 +1,12 @@
-"""The EC2 endpoint the nodes talk to: it counts every call, injects faults, enforces what moto does not
-(ec2rules), forwards the rest to moto, and then has `completes` apply what moto accepted but ignored.
+"""The EC2 endpoint the nodes talk to: it counts every call, injects faults, throttles (throttling) and
+delays (latency) as EC2 does when those models are on, enforces what moto does not (ec2rules),
+forwards the rest to moto, and then has `backend` apply what moto accepted but ignored (IPv4
+prefixes, DeleteOnTermination).
 
-Calls that change state are serialized, checked against a snapshot that reflects every earlier
-change, and followed by `changed()` so the data plane and IMDS catch up at once.
+A node's request goes: count, injected fault, token bucket, latency, then the call itself. Calls that
+change state are serialized, checked against a snapshot that reflects every earlier change, and
+followed by `changed()` so the data plane and IMDS catch up at once. The lab's own calls (`counted`
+False) skip counts, faults, buckets and latency.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ import http.client
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
-from typing import Callable
+from typing import Callable, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .counting import CallCounter
-from .ec2rules import Params, Plan, Rejection, error_xml, vet
+from .ec2rules import Params, Plan, Rejection, created_eni_id, error_xml, vet, with_prefix_set
 from .faults import EC2_ERRORS, FaultBook
+from .latency import Latency
 from .state import StateCache
+from .throttling import EXCEEDED, Throttling
 
 READ_ONLY = ("Describe", "Get", "List")
 HOP_BY_HOP = {"connection", "keep-alive", "content-length", "transfer-encoding", "expect", "proxy-connection",
@@ -27,17 +33,29 @@ MOTO_TIMEOUT = 60
 Response = tuple[int, list[tuple[str, str]], bytes]
 
 
+class Backend(Protocol):
+    """What the front needs of moto beyond its API (moto runs in the lab daemon's process)."""
+
+    def complete(self, action: str, params: dict[str, str]) -> None:
+        """Apply what moto accepted in a successful call but ignored."""
+
+    def set_prefixes(self, eni_id: str, prefixes: tuple[str, ...]) -> None:
+        """Make `prefixes` the ENI's IPv4 prefixes, as moto's answers then show them."""
+
+
 class Ec2Front:
     def __init__(self, moto: tuple[str, int], cache: StateCache, faults: FaultBook, default_type: str,
-                 changed: Callable[[], None], completes: Callable[[str, dict[str, str]], None]):
+                 changed: Callable[[], None], backend: Backend, throttling: Throttling, latency: Latency):
         self.calls = CallCounter()
         self.mutating = threading.Lock()  # held while a change is checked and made
+        self.throttling = throttling
+        self.latency = latency
         self._moto = moto
         self._cache = cache
         self._faults = faults
         self._default_type = default_type
         self._changed = changed
-        self._completes = completes
+        self.backend = backend
 
     def handle(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes, counted: bool) -> Response:
         """One EC2 Query API request; `counted` is False for the lab's own calls (no count, no faults)."""
@@ -52,6 +70,9 @@ class Ec2Front:
                 if fault.error:
                     status, message = EC2_ERRORS[fault.error]
                     return _error(status, fault.error, message)
+            if not self.throttling.admit(action, dict(params)):
+                return _error(*EXCEEDED)
+            time.sleep(self.latency.delay(action))
         if action.startswith(READ_ONLY):
             return self._forward(headers, params)
         with self.mutating:
@@ -62,11 +83,24 @@ class Ec2Front:
             try:
                 response = self._forward_plan(headers, params, plan)
                 if response[0] == 200:
-                    self._completes(action, dict(params))
+                    response = self._complete(action, dict(params), plan, response)
             finally:
                 self._cache.mark_dirty()
         self._changed()
         return response
+
+    def _complete(self, action: str, params: dict[str, str], plan: Plan, response: Response) -> Response:
+        """Apply what moto ignored; a created ENI's prefixes also go into the answer (moto's has none)."""
+        self.backend.complete(action, params)
+        if plan.prefixes is None:
+            return response
+        eni_id = params.get("NetworkInterfaceId")
+        status, headers, body = response
+        if eni_id is None:  # the call created the ENI
+            eni_id = created_eni_id(body)
+            body = with_prefix_set(body, plan.prefixes)
+        self.backend.set_prefixes(eni_id, plan.prefixes)
+        return status, headers, body
 
     def _forward_plan(self, headers: list[tuple[str, str]], params: Params, plan: Plan) -> Response:
         version = dict(params).get("Version", "2016-11-15")

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 # EC2 keeps five addresses of every subnet: network, router (+1), DNS (+2), future use (+3), broadcast.
 RESERVED_LOW = 4
+PREFIX_LEN = 28  # EC2 delegates IPv4 prefixes of this length only, aligned on their size
+PREFIX_SIZE = 2 ** (32 - PREFIX_LEN)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,15 @@ class Eni:
     instance_id: str | None = None
     device_index: int | None = None
     attachment_id: str | None = None
+    prefixes: tuple[str, ...] = ()  # delegated IPv4 /28 prefixes, each in one of the ENI's IPv4 slots
+
+    @property
+    def slots_used(self) -> int:
+        return len(self.ips) + len(self.prefixes)
+
+    def addresses(self) -> tuple[str, ...]:
+        """Every address the VPC delivers to this ENI: its own (primary first), then its prefixes' (all 16)."""
+        return self.ips + tuple(str(a) for p in self.prefixes for a in ipaddress.ip_network(p))
 
 
 @dataclass(frozen=True)
@@ -75,15 +86,37 @@ class Snapshot:
         return next((e for e in self.enis.values() if e.attachment_id == attachment_id), None)
 
     def holder(self, ip: str) -> Eni | None:
+        """The ENI that holds `ip` as one of its own addresses (not through a prefix)."""
         return next((e for e in self.enis.values() if ip in e.ips), None)
 
+    def prefix_holder(self, ip: str) -> Eni | None:
+        """The ENI with a delegated prefix that contains `ip`."""
+        address = ipaddress.ip_address(ip)
+        return next((e for e in self.enis.values() for p in e.prefixes if address in ipaddress.ip_network(p)), None)
+
     def free_ips(self, subnet_id: str) -> list[str]:
-        """Addresses of a subnet that no ENI holds and EC2 does not keep, lowest first."""
+        """Addresses of a subnet that no ENI holds, no prefix covers and EC2 does not keep, lowest first."""
         net = ipaddress.ip_network(self.subnets[subnet_id].cidr)
-        used = {int(ipaddress.ip_address(ip)) for e in self.enis.values() if e.subnet_id == subnet_id
-                for ip in e.ips}
+        used = self._taken(subnet_id)
         low, high = int(net.network_address) + RESERVED_LOW, int(net.broadcast_address)
         return [str(ipaddress.IPv4Address(n)) for n in range(low, high) if n not in used]
+
+    def free_prefixes(self, subnet_id: str) -> list[str]:
+        """The aligned /28 blocks of a subnet holding no reserved address, no ENI's address and no
+        part of another prefix, lowest first: what EC2 can still delegate."""
+        net = ipaddress.ip_network(self.subnets[subnet_id].cidr)
+        used = self._taken(subnet_id)
+        low, high = int(net.network_address) + RESERVED_LOW, int(net.broadcast_address)
+        free = []
+        for block in net.subnets(new_prefix=PREFIX_LEN) if net.prefixlen <= PREFIX_LEN else ():
+            first = int(block.network_address)
+            if first >= low and first + PREFIX_SIZE - 1 < high and not used.intersection(range(first, first + PREFIX_SIZE)):
+                free.append(str(block))
+        return free
+
+    def _taken(self, subnet_id: str) -> set[int]:
+        return {int(ipaddress.ip_address(ip)) for e in self.enis.values() if e.subnet_id == subnet_id
+                for ip in e.addresses()}
 
     @classmethod
     def from_describe(cls, taken_at: float, vpcs: list[dict], subnets: list[dict],
@@ -126,4 +159,5 @@ def _eni(e: dict) -> Eni:
         attachment.get("InstanceId") if attached else None,
         int(attachment["DeviceIndex"]) if attached else None,
         attachment.get("AttachmentId") if attached else None,
+        tuple(p["Ipv4Prefix"] for p in e.get("Ipv4Prefixes", [])),
     )

@@ -4,20 +4,37 @@
 counts (SecondaryPrivateIpAddressCount, a missing primary address) are replaced by addresses the lab
 picks from the subnet's free ones: moto draws random addresses from the whole CIDR, so it hands out the
 subnet's reserved addresses and addresses other ENIs hold, and loops forever once a subnet is full.
+
+IPv4 prefixes (prefix delegation): moto 5.2.5 ignores Ipv4Prefix* parameters, so the lab keeps them.
+AssignPrivateIpAddresses takes Ipv4PrefixCount or Ipv4Prefix.N, UnassignPrivateIpAddresses
+Ipv4Prefix.N, CreateNetworkInterface Ipv4PrefixCount or Ipv4Prefix.N.Ipv4Prefix. A prefix is an aligned
+/28 of the ENI's subnet; it fills one of the ENI's IPv4 slots (Ipv4AddressesPerInterface, shared with
+its addresses); it never overlaps an address an ENI holds, another prefix, or the subnet's reserved
+addresses (first four, last), and no address inside a prefix is handed out on its own. A count that
+finds no aligned free /28 is InsufficientCidrBlocks, even when single addresses are left. Only ENIs of
+Nitro (or bare metal) instance types take prefixes. The Plan carries the ENI's prefixes after the
+call (`prefixes`), which the front applies once moto accepted the call.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import random
+import re
 import uuid
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
 
 from . import instance_types
-from .ec2model import Eni, Snapshot, Subnet
+from .ec2model import PREFIX_LEN, Eni, Snapshot, Subnet
 
 Params = list[tuple[str, str]]
+
+ADDRESS_WAYS = "PrivateIpAddresses, SecondaryPrivateIpAddressCount, Ipv4Prefixes or Ipv4PrefixCount"
+# EC2's own text (as EKS's best-practices guide quotes the node event); InsufficientFreeAddressesInSubnet's
+# is EC2's too
+INSUFFICIENT_CIDR_BLOCKS = "The specified subnet does not have enough free cidr blocks to satisfy the request."
+INSUFFICIENT_ADDRESSES = "The specified subnet does not have enough free addresses to satisfy the request."
 
 
 class Rejection(Exception):
@@ -30,11 +47,13 @@ class Rejection(Exception):
 
 @dataclass
 class Plan:
-    """The call to forward, calls to make before it (an address taken from another ENI), and the body
-    to answer with instead of moto's when moto accepts the call."""
+    """The call to forward, calls to make before it (an address taken from another ENI), the body to
+    answer with instead of moto's when moto accepts the call, and the ENI's IPv4 prefixes once the call
+    succeeded (None: unchanged; the ENI is the call's NetworkInterfaceId, or the one it creates)."""
     params: Params
     before: list[tuple[str, Params]] = field(default_factory=list)
     reply: bytes | None = None
+    prefixes: tuple[str, ...] | None = None
 
 
 def error_xml(code: str, message: str) -> bytes:
@@ -44,14 +63,29 @@ def error_xml(code: str, message: str) -> bytes:
             f'<RequestID>{uuid.uuid4()}</RequestID></Response>').encode()
 
 
-def assigned_xml(eni_id: str, addresses: list[str]) -> bytes:
-    """AssignPrivateIpAddresses' answer as EC2 gives it: only the addresses this call assigned
-    (moto lists all of the ENI's, primary included, which a pool would take for new ones)."""
+def assigned_xml(eni_id: str, addresses: list[str], prefixes: list[str] = ()) -> bytes:
+    """AssignPrivateIpAddresses' answer as EC2 gives it: only the addresses and prefixes this call
+    assigned (moto lists all of the ENI's, primary included, which a pool would take for new ones)."""
     items = "".join(f"<item><privateIpAddress>{ip}</privateIpAddress></item>" for ip in addresses)
+    delegated = "".join(f"<item><ipv4Prefix>{p}</ipv4Prefix></item>" for p in prefixes)
     return (f'<?xml version="1.0" encoding="UTF-8"?>\n<AssignPrivateIpAddressesResponse '
             f'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>{uuid.uuid4()}</requestId>'
             f'<networkInterfaceId>{eni_id}</networkInterfaceId><assignedPrivateIpAddressesSet>{items}'
-            f'</assignedPrivateIpAddressesSet><assignedIpv4PrefixSet/></AssignPrivateIpAddressesResponse>').encode()
+            f'</assignedPrivateIpAddressesSet><assignedIpv4PrefixSet>{delegated}</assignedIpv4PrefixSet>'
+            f'</AssignPrivateIpAddressesResponse>').encode()
+
+
+def created_eni_id(body: bytes) -> str | None:
+    """The ENI id in CreateNetworkInterface's answer."""
+    found = re.search(rb"<networkInterfaceId>(eni-[0-9a-f]+)</networkInterfaceId>", body)
+    return found.group(1).decode() if found else None
+
+
+def with_prefix_set(body: bytes, prefixes: tuple[str, ...]) -> bytes:
+    """CreateNetworkInterface's answer with the new ENI's ipv4PrefixSet (moto's has none)."""
+    items = "".join(f"<item><ipv4Prefix>{p}</ipv4Prefix></item>" for p in prefixes).encode()
+    head, tail = body.rsplit(b"</networkInterface>", 1)
+    return head + b"<ipv4PrefixSet>" + items + b"</ipv4PrefixSet></networkInterface>" + tail
 
 
 def vet(action: str, params: Params, snap: Snapshot, default_type: str,
@@ -71,16 +105,22 @@ def _assign(params: Params, snap: Snapshot, default_type: str, rng: random.Rando
         return Plan(params)  # moto answers InvalidNetworkInterfaceID.NotFound
     explicit = _indexed(params, "PrivateIpAddress")
     count = _count(params, "SecondaryPrivateIpAddressCount")
-    if explicit and count is not None:
-        raise Rejection("InvalidParameterCombination",
-                        "Specify either PrivateIpAddresses or SecondaryPrivateIpAddressCount, not both.")
-    if not explicit and count is None:
-        raise Rejection("MissingParameter",
-                        "The request must contain PrivateIpAddresses or SecondaryPrivateIpAddressCount.")
-    limit = _limits(snap, eni, default_type).ipv4_per_eni
+    prefixes = _indexed(params, "Ipv4Prefix")
+    prefix_count = _count(params, "Ipv4PrefixCount")
+    ways = sum(1 for way in (explicit, count, prefixes, prefix_count) if way)
+    if ways > 1:
+        raise Rejection("InvalidParameterCombination", f"Specify only one of {ADDRESS_WAYS}.")
+    if ways == 0:
+        raise Rejection("MissingParameter", f"The request must contain {ADDRESS_WAYS}.")
+    limits = _limits(snap, eni, default_type)
     subnet = snap.subnets[eni.subnet_id]
+    if prefixes or prefix_count:
+        _check_prefixes_supported(limits)
+        chosen = _delegate(snap, eni, subnet, limits, prefixes, prefix_count or 0, rng)
+        return Plan(_without(params, "Ipv4Prefix", "Ipv4PrefixCount"), reply=assigned_xml(eni.id, [], chosen),
+                    prefixes=eni.prefixes + tuple(chosen))
     if count is not None:
-        _check_limit(len(eni.ips) + count, limit)
+        _check_limit(eni.slots_used + count, limits.ipv4_per_eni)
         chosen = _pick(snap, subnet, count, rng)
         numbered = [(f"PrivateIpAddress.{i}", ip) for i, ip in enumerate(chosen, 1)]
         return Plan(_without(params, "SecondaryPrivateIpAddressCount") + numbered, reply=assigned_xml(eni.id, chosen))
@@ -89,13 +129,14 @@ def _assign(params: Params, snap: Snapshot, default_type: str, rng: random.Rando
     before = []
     for ip in new:
         _check_address(subnet, ip)
+        _check_not_delegated(snap, ip)
         holder = snap.holder(ip)
         if holder is not None:
             if not reassign or ip == holder.ips[0]:
                 raise Rejection("InvalidIPAddress.InUse", "The specified address is already in use.")
             before.append(("UnassignPrivateIpAddresses",
                            [("NetworkInterfaceId", holder.id), ("PrivateIpAddress.1", ip)]))
-    _check_limit(len(eni.ips) + len(new), limit)
+    _check_limit(eni.slots_used + len(new), limits.ipv4_per_eni)
     return Plan(params, before, assigned_xml(eni.id, new))
 
 
@@ -104,8 +145,9 @@ def _unassign(params: Params, snap: Snapshot, default_type: str, rng: random.Ran
     if eni is None:
         return Plan(params)
     ips = _indexed(params, "PrivateIpAddress")
-    if not ips:
-        raise Rejection("MissingParameter", "The request must contain the parameter PrivateIpAddresses.")
+    prefixes = _indexed(params, "Ipv4Prefix")
+    if not ips and not prefixes:
+        raise Rejection("MissingParameter", "The request must contain the parameter PrivateIpAddresses or Ipv4Prefixes.")
     for ip in ips:
         if ip not in eni.ips:
             raise Rejection("InvalidParameterValue",
@@ -113,7 +155,12 @@ def _unassign(params: Params, snap: Snapshot, default_type: str, rng: random.Ran
         if ip == eni.ips[0]:
             raise Rejection("InvalidParameterValue",
                             f"The primary private IP address {ip} of interface {eni.id} cannot be unassigned.")
-    return Plan(params)
+    for prefix in prefixes:
+        if prefix not in eni.prefixes:
+            raise Rejection("InvalidParameterValue",
+                            f"Some of the specified prefixes are not assigned to interface {eni.id}")
+    kept = tuple(p for p in eni.prefixes if p not in prefixes)
+    return Plan(_without(params, "Ipv4Prefix"), prefixes=kept if prefixes else None)
 
 
 def _create(params: Params, snap: Snapshot, default_type: str, rng: random.Random) -> Plan:
@@ -132,20 +179,32 @@ def _create(params: Params, snap: Snapshot, default_type: str, rng: random.Rando
     explicit = ([primary] if primary else []) + others
     for ip in explicit:
         _check_address(subnet, ip)
+        _check_not_delegated(snap, ip)
         if snap.holder(ip) is not None:
             raise Rejection("InvalidIPAddress.InUse", "The specified address is already in use.")
     count = _count(params, "SecondaryPrivateIpAddressCount") or 0
+    prefixes = _listed_prefixes(params)
+    prefix_count = _count(params, "Ipv4PrefixCount")
+    if prefixes and prefix_count:
+        raise Rejection("InvalidParameterCombination", "Specify either Ipv4Prefixes or Ipv4PrefixCount, not both.")
     wanted = len(explicit) + count + (0 if primary else 1)
-    _check_limit(wanted, instance_types.limits(default_type).ipv4_per_eni)
+    limits = instance_types.limits(default_type)
+    _check_limit(wanted + len(prefixes) + (prefix_count or 0), limits.ipv4_per_eni)
     picked = _pick(snap, subnet, wanted - len(explicit), rng, exclude=set(explicit))
     if primary is None:
         primary = picked.pop(0)
-    rewritten = _without(params, "PrivateIpAddress", "PrivateIpAddresses", "SecondaryPrivateIpAddressCount")
+    delegated = None
+    if prefixes or prefix_count:
+        # the new ENI's addresses are not in `snap`: a prefix must not take them either
+        holding = _with_eni(snap, subnet, [primary] + others + picked)
+        delegated = tuple(_delegate(holding, holding.enis[NEW_ENI], subnet, limits, prefixes, prefix_count or 0, rng))
+    rewritten = _without(params, "PrivateIpAddress", "PrivateIpAddresses", "SecondaryPrivateIpAddressCount",
+                         "Ipv4Prefix", "Ipv4PrefixCount")
     rewritten.append(("PrivateIpAddress", primary))
     for i, ip in enumerate([primary] + others + picked, 1):
         rewritten += [(f"PrivateIpAddresses.{i}.PrivateIpAddress", ip),
                       (f"PrivateIpAddresses.{i}.Primary", "true" if i == 1 else "false")]
-    return Plan(rewritten)
+    return Plan(rewritten, prefixes=delegated)
 
 
 def _attach(params: Params, snap: Snapshot, default_type: str, rng: random.Random) -> Plan:
@@ -172,7 +231,9 @@ def _attach(params: Params, snap: Snapshot, default_type: str, rng: random.Rando
     if device >= limits.max_enis:
         raise Rejection("AttachmentLimitExceeded",
                         f"Device index {device} exceeds the limit of {limits.max_enis} interfaces for {instance.type}")
-    _check_limit(len(eni.ips), limits.ipv4_per_eni)
+    _check_limit(eni.slots_used, limits.ipv4_per_eni)
+    if eni.prefixes:
+        _check_prefixes_supported(limits)
     return Plan(params)
 
 
@@ -217,6 +278,63 @@ def _limits(snap: Snapshot, eni: Eni, default_type: str) -> instance_types.Limit
     return instance_types.limits(instance.type if instance else default_type)
 
 
+NEW_ENI = "eni-being-created"
+
+
+def _delegate(snap: Snapshot, eni: Eni, subnet: Subnet, limits: instance_types.Limits, explicit: list[str],
+              count: int, rng: random.Random) -> list[str]:
+    """The prefixes to add to `eni`: `explicit` ones checked, or `count` aligned free /28s at random."""
+    new = list(dict.fromkeys(explicit))
+    _check_limit(eni.slots_used + (len(new) or count), limits.ipv4_per_eni)
+    if not new:
+        free = snap.free_prefixes(subnet.id)
+        if count > len(free):
+            raise Rejection("InsufficientCidrBlocks", INSUFFICIENT_CIDR_BLOCKS)
+        return sorted(rng.sample(free, count), key=lambda p: ipaddress.ip_network(p).network_address)
+    free = set(snap.free_prefixes(subnet.id))
+    for prefix in new:
+        net = _prefix(prefix)
+        if not net.subnet_of(ipaddress.ip_network(subnet.cidr)):
+            raise Rejection("InvalidParameterValue", f"Prefix {prefix} does not fall within the subnet's address range")
+        if str(net) not in free:
+            if any(subnet.reserved(str(a)) for a in (net.network_address, net.broadcast_address)):
+                raise Rejection("InvalidParameterValue", f"Prefix {prefix} is in subnet's reserved address range")
+            raise Rejection("InvalidIPAddress.InUse", f"The specified prefix {prefix} is already in use.")
+    return new
+
+
+def _prefix(text: str) -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.IPv4Network(text)
+    except ValueError:
+        net = None
+    if net is None or net.prefixlen != PREFIX_LEN:
+        raise Rejection("InvalidParameterValue",
+                        f"Invalid value '{text}' for Ipv4Prefix: give an aligned /{PREFIX_LEN} IPv4 CIDR block")
+    return net
+
+
+def _check_prefixes_supported(limits: instance_types.Limits) -> None:
+    # EC2's exact wording for a Xen type was not found in its documentation; code and gist as EC2's
+    # parameter refusals give them
+    if not limits.prefixes_supported:
+        raise Rejection("InvalidParameterValue", f"IPv4 prefix delegation is not supported for instance type "
+                        f"{limits.instance_type} (hypervisor {limits.hypervisor or 'none'}): Nitro instances only.")
+
+
+def _check_not_delegated(snap: Snapshot, ip: str) -> None:
+    """An address inside a delegated prefix is that prefix's: never assigned on its own, not even
+    with AllowReassignment."""
+    if snap.prefix_holder(ip) is not None:
+        raise Rejection("InvalidIPAddress.InUse", "The specified address is already in use.")
+
+
+def _with_eni(snap: Snapshot, subnet: Subnet, ips: list[str]) -> Snapshot:
+    """`snap` plus a detached ENI holding `ips` in `subnet`, standing for one being created."""
+    eni = Eni(NEW_ENI, "", subnet.id, subnet.vpc_id, subnet.az, "", tuple(ips), (), "available")
+    return Snapshot(snap.taken_at, snap.vpcs, snap.subnets, snap.instances, {**snap.enis, NEW_ENI: eni})
+
+
 def _check_limit(total: int, limit: int) -> None:
     if total > limit:
         raise Rejection("PrivateIpAddressLimitExceeded", "Number of private addresses will exceed limit.")
@@ -237,8 +355,7 @@ def _pick(snap: Snapshot, subnet: Subnet, n: int, rng: random.Random, exclude: s
     """n free addresses of the subnet, at random as EC2 hands them out."""
     free = [ip for ip in snap.free_ips(subnet.id) if ip not in exclude]
     if n > len(free):
-        raise Rejection("InsufficientFreeAddressesInSubnet",
-                        "The specified subnet does not have enough free addresses to satisfy the request.")
+        raise Rejection("InsufficientFreeAddressesInSubnet", INSUFFICIENT_ADDRESSES)
     return rng.sample(free, n)
 
 
@@ -278,6 +395,16 @@ def _listed_addresses(params: Params) -> list[tuple[str, bool]]:
             entries.setdefault(int(parts[1]), {})[parts[2]] = v
     return [(e["PrivateIpAddress"], e.get("Primary", "false").lower() == "true")
             for _, e in sorted(entries.items()) if "PrivateIpAddress" in e]
+
+
+def _listed_prefixes(params: Params) -> list[str]:
+    """CreateNetworkInterface's Ipv4Prefix.N.Ipv4Prefix values, in index order."""
+    found = []
+    for k, v in params:
+        parts = k.split(".")
+        if len(parts) == 3 and parts[0] == "Ipv4Prefix" and parts[1].isdigit() and parts[2] == "Ipv4Prefix":
+            found.append((int(parts[1]), v))
+    return [v for _, v in sorted(found)]
 
 
 def _without(params: Params, *keys: str) -> Params:

@@ -61,9 +61,9 @@ class Fault:
                 raise LabError(f"fault error {error!r}: known EC2 errors are {', '.join(sorted(EC2_ERRORS))}")
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
             raise LabError(f"fault count {count!r}: must be a positive integer")
-        if duration is not None and (not _number(duration) or duration <= 0):
+        if duration is not None and (not is_number(duration) or duration <= 0):
             raise LabError(f"fault duration {duration!r}: must be positive seconds")
-        if not _number(latency) or not 0 <= latency <= MAX_LATENCY:
+        if not is_number(latency) or not 0 <= latency <= MAX_LATENCY:
             raise LabError(f"fault latency {latency!r}: must be seconds in [0, {MAX_LATENCY:g}]")
         if error is None and not latency:
             raise LabError("fault: give an error, a latency, or both")
@@ -115,5 +115,5 @@ class FaultBook:
             return [f.describe() for f in self._faults if f.until is None or f.until > now]
 
 
-def _number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)

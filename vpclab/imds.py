@@ -51,11 +51,15 @@ def metadata_tree(snap: Snapshot, instance_id: str, region: str) -> dict | None:
 
 
 def _interface(snap: Snapshot, eni: Eni, hostname: str) -> dict:
+    """One ENI's directory. ipv4-prefix lists its delegated prefixes one per line and, as on EC2 (where
+    upstream's GetIPv4Prefixes takes a 404 for none), is absent while it has none."""
     subnet = snap.subnets.get(eni.subnet_id)
     vpc = snap.vpcs.get(eni.vpc_id)
+    prefixes = {"ipv4-prefix": "\n".join(eni.prefixes)} if eni.prefixes else {}
     return {
         "device-number": str(eni.device_index),
         "interface-id": eni.id,
+        **prefixes,
         "local-hostname": hostname,
         "local-ipv4s": "\n".join(eni.ips),
         "mac": eni.mac,

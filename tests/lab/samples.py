@@ -7,11 +7,16 @@ from vpclab.ec2model import Eni, Instance, Snapshot, Subnet, Vpc
 SUBNET = Subnet("subnet-1", "vpc-1", "10.0.0.0/28", "us-west-2a")
 
 
-def eni(eni_id, ips, instance=None, device=None, subnet=SUBNET):
+# a /24 in the first AZ, where /28 prefixes fit (SUBNET, a /28, holds none)
+WIDE = Subnet("subnet-w", "vpc-1", "10.0.1.0/24", "us-west-2a")
+
+
+def eni(eni_id, ips, instance=None, device=None, subnet=SUBNET, prefixes=()):
     status = "in-use" if instance else "available"
     mac = "02:00:00:" + ":".join(f"{b:02x}" for b in hashlib.sha1(eni_id.encode()).digest()[:3])
     return Eni(eni_id, mac, subnet.id, "vpc-1", subnet.az, "123456789012",
-               tuple(ips), (("sg-1", "nodes"),), status, instance, device, f"attach-{eni_id}" if instance else None)
+               tuple(ips), (("sg-1", "nodes"),), status, instance, device, f"attach-{eni_id}" if instance else None,
+               tuple(prefixes))
 
 
 def snapshot(*enis, instance_type="m5.large", subnets=(SUBNET,)):

@@ -35,6 +35,8 @@ from vpclab.errors import LabError
     ({"extra_hosts": ["198.51.100.0/24", "198.51.100.0/25"]}, "198.51.100.0/25 overlaps 198.51.100.0/24"),
     ({"extra_hosts": ["nonsense"]}, "extra_hosts: 'nonsense' is not an IPv4 CIDR"),
     ({"owner_pid": 0}, "owner_pid: 0"),
+    ({"ec2_throttling": "on"}, "ec2_throttling: 'on' must be true or false"),
+    ({"ec2_latency": 1}, "ec2_latency: 1 must be true or false"),
 ])
 def test_bad_settings_are_refused_by_name(settings, message):
     with pytest.raises(LabError) as e:

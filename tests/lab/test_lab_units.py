@@ -152,3 +152,23 @@ def test_stale_imds_sees_the_state_of_staleness_ago():
     cache.staleness = 0
     cache.mark_dirty()
     assert cache.for_imds().vpcs == {"n": 3}
+
+
+# --- IPv4 prefixes in IMDS and the data plane ------------------------------------------------------
+
+def test_metadata_tree_lists_prefixes_one_per_line_and_only_when_there_are_some():
+    delegated = eni("eni-s", ["10.0.0.7"], "i-1", 1, prefixes=["10.0.1.32/28", "10.0.1.64/28"])
+    tree = metadata_tree(snapshot(PRIMARY, delegated), "i-1", "us-west-2")
+    macs = "meta-data/network/interfaces/macs/"
+    assert lookup(tree, f"{macs}{delegated.mac}/ipv4-prefix") == "10.0.1.32/28\n10.0.1.64/28"
+    assert "ipv4-prefix" in lookup(tree, f"{macs}{delegated.mac}/").split("\n")
+    assert lookup(tree, f"{macs}{PRIMARY.mac}/ipv4-prefix") is None
+    assert "ipv4-prefix" not in lookup(tree, f"{macs}{PRIMARY.mac}/").split("\n")
+
+
+def test_a_prefix_is_wired_as_its_sixteen_addresses():
+    delegated = eni("eni-p", ["10.0.0.10"], "i-1", 0, prefixes=["10.0.1.32/28"])
+    (port,) = ports_of(delegated).values()
+    assert port.ips == ("10.0.0.10",) + tuple(f"10.0.1.{n}" for n in range(32, 48))
+    router, _ = plan_commands({"n1d0": port}, {}, {}, {})
+    assert "route replace 10.0.1.47/32 dev n1d0 proto static scope link" in router
