@@ -14,4 +14,11 @@ A lab called NAME ('avc' + up to 12 of [a-z0-9]; default 'avclab') is a set of n
 Nothing has a link into the root namespace. State lives in /run/vpclab/NAME/ (config, daemon pid,
 control socket, log). Entry points: vpclab.api.Lab (Python), `vpclab` (vpclab.cli), and the probes
 in vpclab.probe (ping, echo, UDP, IMDS) to run inside namespaces.
+
+EC2 as the nodes see it is moto behind the lab's front (vpclab.ec2front), which adds what EC2 does and
+moto does not: per-instance-type ENI and IPv4-slot limits, subnet exhaustion, IPv4 prefixes (aligned
+/28s, Nitro types only, InsufficientCidrBlocks in a fragmented subnet: vpclab.ec2rules), request
+throttling with EC2's token buckets (vpclab.throttling) and per-action latency (vpclab.latency), the
+last two off unless asked for (Lab.up(ec2_throttling=, ec2_latency=), Lab.set_ec2_timing, `vpclab
+timing`). IMDS (vpclab.imds) and the data plane (vpclab.dataplane) follow EC2's state, prefixes included.
 """

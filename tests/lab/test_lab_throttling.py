@@ -166,6 +166,20 @@ def test_an_empty_bucket_answers_request_limit_exceeded_to_every_node(fresh_lab)
     assert fresh_lab.status()["ec2_timing"]["throttling"] is False
 
 
+def test_cli_sets_the_models_and_fragments_a_subnet(fresh_lab):
+    vpclab = [sys.executable, "-m", "vpclab.cli"]
+
+    def run(*args):
+        return subprocess.run(vpclab + list(args) + ["--name", fresh_lab.name], capture_output=True, text=True,
+                              check=True, timeout=60).stdout
+
+    settings = json.loads(run("timing", "--latency", "on", "--time-scale", "10"))
+    assert (settings["throttling"], settings["latency"], settings["time_scale"]) == (False, True, 10.0)
+    assert json.loads(run("timing"))["latency"] is True  # nothing given: shown, unchanged
+    assert "took 14 address(es), one per free /28" in run("fragment")
+    assert fresh_lab.fragment_subnet()["addresses"] == []  # nothing left to fragment
+
+
 def test_latency_holds_each_call_as_long_as_set(fresh_lab):
     script = ("import json, time, boto3\nec2 = boto3.client('ec2')\nstart = time.monotonic()\n"
               "ec2.describe_vpcs()\nprint(json.dumps(time.monotonic() - start))")
