@@ -33,7 +33,7 @@ from . import result as cniresult
 from . import settings as cnisettings
 from .errors import (CNIError, DECODING_FAILURE, INCOMPATIBLE_VERSION, INTERNAL, INVALID_CONFIG,
                      INVALID_ENVIRONMENT, IO_FAILURE, UNKNOWN_CONTAINER)
-from .log import Logger
+from .log import Logger, rotation
 
 COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 # Which CNI_* variables each command requires (as the reference skel does; DEL needs no netns).
@@ -311,10 +311,13 @@ def _version_info(stdin: bytes) -> dict:
     return {"cniVersion": version, "supportedVersions": list(cniresult.SUPPORTED_VERSIONS)}
 
 
-def _log_settings(conf: dict) -> tuple[str, str]:
-    """The log file and level, validated like every setting (a bad one is code 7, logged to stderr)."""
-    cfg = cnisettings.from_conf(conf, ("AWS_VPC_K8S_PLUGIN_LOG_FILE", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL"))
-    return cfg["AWS_VPC_K8S_PLUGIN_LOG_FILE"], cfg["AWS_VPC_K8S_PLUGIN_LOG_LEVEL"]
+def _logger(plugin: str, conf: dict) -> Logger:
+    """The plugin's log: file, level and rotation, validated like every setting (a bad one is code 7,
+    logged to stderr)."""
+    cfg = cnisettings.from_conf(conf, ("AWS_VPC_K8S_PLUGIN_LOG_FILE", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL",
+                                       "AWS_VPC_CNI_LOG_MAX_SIZE", "AWS_VPC_CNI_LOG_MAX_BACKUPS",
+                                       "AWS_VPC_CNI_LOG_MAX_AGE"))
+    return Logger(plugin, cfg["AWS_VPC_K8S_PLUGIN_LOG_FILE"], cfg["AWS_VPC_K8S_PLUGIN_LOG_LEVEL"], **rotation(cfg))
 
 
 def run(plugin: str, handlers: dict[str, Handler], *, about: str = "", reads_cni_args: bool = True,
@@ -348,7 +351,7 @@ def run(plugin: str, handlers: dict[str, Handler], *, about: str = "", reads_cni
         conf = _load_conf(stdin)
         if conf.get("cniVersion") in cniresult.SUPPORTED_VERSIONS:
             version = conf["cniVersion"]  # errors from here on answer in the config's version
-        log = Logger(plugin, *_log_settings(conf))
+        log = _logger(plugin, conf)
         conf_version = _conf_version(conf)
         args = CmdArgs(command=command, container_id=environ.get("CNI_CONTAINERID", ""),
                        netns=environ.get("CNI_NETNS", ""), ifname=environ.get("CNI_IFNAME", ""),

@@ -71,12 +71,12 @@ sysctl -qw net.ipv4.conf.eth0.rp_filter=1
 def fresh_lab(lab):
     """The session lab back to its initial state around the test: EC2 (no extra ENIs or IPs, no faults)
     and the nodes (CLEAN_NODE), so no test sees another's SNAT or hostPort rules."""
-    _reset(lab)
+    reset_lab(lab)
     yield lab
-    _reset(lab)
+    reset_lab(lab)
 
 
-def _reset(lab) -> None:
+def reset_lab(lab) -> None:
     lab.reset()
     for node in lab.status()["nodes"]:
         lab.exec(node["name"], ["sh", "-c", CLEAN_NODE])

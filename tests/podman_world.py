@@ -28,7 +28,6 @@ import time
 
 from images import busybox_archive
 from labnode import NETWORK, REFERENCE_PLUGINS, ROOT, LabNode
-from reliability_world import ChainNode, NodeView
 
 from vpclab import netns
 
@@ -138,14 +137,6 @@ class PodmanNode(LabNode):
 
     def exec(self, name: str, *argv) -> str:
         return self.podman("exec", name, *argv).stdout
-
-    # --- what the node holds --------------------------------------------------------------------
-    def view(self) -> NodeView:
-        """The node's links, routes, rules and both iptables variants (as the reliability tests see them)."""
-        return ChainNode.view(self)
-
-    def store(self) -> dict | None:
-        return ChainNode.store(self)
 
     @staticmethod
     def cache_entries(cid: str) -> list[str]:

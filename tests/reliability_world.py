@@ -22,12 +22,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from labnode import BIN, CNITOOL, NETWORK, REFERENCE_PLUGINS, LabNode
+from labnode import BIN, CNITOOL, NETWORK, PREFIX, REFERENCE_PLUGINS, LabNode, NodeView
 
 from cnicore import netlink
 
 UP, DOWN, DIRTY = "up", "down", "dirty"
-PREFIX = "eni"
 FULL_CHAIN = ("aws-vpc-bridge", "aws-snat", "portmap-compat")
 BRIDGE_ONLY = ("aws-vpc-bridge",)
 
@@ -195,21 +194,8 @@ class ChainNode(LabNode):
             assert rc == 0 and answer is None, f"{plugin['type']} GC: {answer}"
 
     # --- what the node holds ------------------------------------------------------------------
-    def store(self) -> dict | None:
-        try:
-            with open(os.path.join(self.data_dir, f"{NETWORK}.json")) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-
     def store_bytes(self) -> int:
         return os.path.getsize(os.path.join(self.data_dir, f"{NETWORK}.json"))
-
-    def view(self) -> "NodeView":
-        # whole saves: `iptables-legacy-save -t nat` would create the legacy nat table in the node
-        script = ("ip -j -d link show; echo @@; ip -j -4 route show table all; echo @@; ip -j -4 rule show; "
-                  "echo @@; iptables-nft-save 2>/dev/null; echo @@; iptables-legacy-save 2>/dev/null; true")
-        return NodeView.parse(self.lab.exec(self.node, ["sh", "-c", script]).stdout)
 
     def pod_links(self, pod: Pod) -> list[str]:
         """Interface names in the pod's netns ([] if the netns is gone)."""
@@ -226,65 +212,6 @@ def _suppress():
 
 # --------------------------------------------------------------------------------------------------
 # The node's state
-
-
-@dataclass
-class NodeView:
-    veths: dict[str, str | None]           # our-prefix veth name -> alias
-    links: int
-    routes: dict[str, str]                  # pod IP -> dev, /32 routes in main through our veths
-    route_count: int
-    rules_to: set[str]                      # rule 512 to <ip>
-    rules_from: dict[str, str]              # rule 1536 from <ip> -> table
-    rule_count: int
-    dnat_chains: set[str]                   # CNI-DN-* chains
-    dnat_entries: dict[str, str]            # container ID -> chain, from the entry rules' comments
-    nat_rules: list[str]
-    rule_lines: int                         # '-A' lines in every table, nft + legacy
-
-    @classmethod
-    def parse(cls, text: str) -> "NodeView":
-        links, routes, rules, nft, legacy = (text.split("@@\n") + [""] * 5)[:5]
-        links, routes, rules = json.loads(links), json.loads(routes), json.loads(rules)
-        veths = {link["ifname"]: link.get("ifalias") for link in links
-                 if link["ifname"].startswith(PREFIX) and link.get("linkinfo", {}).get("info_kind") == "veth"}
-        pod_routes = {r["dst"]: r["dev"] for r in routes
-                      if r.get("table", "main") == "main" and r.get("dev", "").startswith(PREFIX)
-                      and "/" not in r["dst"] and r["dst"] != "default"}
-        rules_to = {r["dst"] for r in rules if r["priority"] == 512 and "dst" in r}
-        rules_from = {r["src"]: str(r["table"]) for r in rules if r["priority"] == 1536 and r.get("src") != "all"}
-        nat_text = _table(nft, "nat") + _table(legacy, "nat")
-        nat = [line for line in nat_text if line.startswith("-A ")]
-        chains = {line.split()[0][1:] for line in nat_text if line.startswith(":CNI-DN-")}
-        entries = {}
-        for line in nat:
-            if line.startswith("-A CNI-HOSTPORT-DNAT ") and f'dnat name: \\"{NETWORK}\\" id: \\"' in line:
-                cid = line.split('id: \\"')[1].split('\\"')[0]
-                entries[cid] = line.split(" -j ")[-1].strip()
-        lines = sum(1 for line in (nft + legacy).splitlines() if line.startswith("-A "))
-        return cls(veths, len(links), pod_routes, len(routes), rules_to, rules_from, len(rules), chains, entries,
-                   nat, lines)
-
-    def pod_leftovers(self) -> list[str]:
-        """Everything per pod that is on the node."""
-        found = [f"veth {name} (alias {alias!r})" for name, alias in self.veths.items()]
-        found += [f"route {ip} dev {dev}" for ip, dev in self.routes.items()]
-        found += [f"rule 512 to {ip}" for ip in self.rules_to]
-        found += [f"rule 1536 from {ip} table {t}" for ip, t in self.rules_from.items()]
-        found += [f"chain {c}" for c in self.dnat_chains]
-        found += [f"DNAT entry for {cid}" for cid in self.dnat_entries]
-        return found
-
-
-def _table(saved: str, table: str) -> list[str]:
-    """The lines of one table in iptables-save output."""
-    out, inside = [], False
-    for line in saved.splitlines():
-        if line.startswith("*"):
-            inside = line[1:] == table
-        elif inside and line != "COMMIT":
-            out.append(line)
-    return out
 
 
 def dnat_chain(cid: str) -> str:

@@ -38,12 +38,16 @@ def test_status_as_table_and_json_and_prometheus_metrics(fresh_lab, tmp_path):
 
 def test_bad_settings_are_refused_by_name_before_anything_starts(fresh_lab, tmp_path):
     node = LabNode(fresh_lab, "node1", tmp_path)
-    for env, name in [({"WARM_IP_TARGET": "-1"}, "WARM_IP_TARGET"), ({"MAX_ENI": "zero"}, "MAX_ENI"),
+    for env, name in [({"IP_COOLDOWN_PERIOD": "-5"}, "IP_COOLDOWN_PERIOD"),
                       ({"AWS_VPC_K8S_CNI_VETHPREFIX": "eth"}, "AWS_VPC_K8S_CNI_VETHPREFIX")]:
         for command in ("run", "render-conflist"):
             proc = agent_cli(node, command, env=env)
             assert proc.returncode == 2 and name in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(os.path.join(node.data_dir, f"{NETWORK}.json"))
+    # what upstream reads as unset is rendered as unset, with a warning naming the variable
+    for env, name in [({"WARM_IP_TARGET": "-1"}, "WARM_IP_TARGET"), ({"MAX_ENI": "zero"}, "MAX_ENI")]:
+        proc = agent_cli(node, "render-conflist", env=env)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc
 
 
 def test_write_conflist_renders_the_environment(fresh_lab, tmp_path):

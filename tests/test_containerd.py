@@ -14,7 +14,7 @@ import time
 import grpc
 import pytest
 
-from conftest import RUN_PREFIX, _reset as reset
+from conftest import RUN_PREFIX, reset_lab as reset
 from cri_world import cri, cri_nodes
 from reliability_world import held
 

@@ -348,9 +348,9 @@ def test_log_file_and_level_are_validated(world, plugin):
     """pluginLogFile must be an absolute path without '..' (code 7, logged to stderr, no file made)."""
     tag = uuid.uuid4().hex[:12]
     files = [f"../../hz-{tag}.log", f"hz-{tag}.log", f"./hz-{tag}.log", f"/tmp/../tmp/hz-{tag}.log",
-             f"{world.tmp}/x/../hz-{tag}.log", f"/tmp/hz-{tag}\x00.log", 5, ["/tmp/x"], {"path": "/tmp/x"}, "",
-             True, f"$(touch /tmp/hz-{tag})", f"~/hz-{tag}.log"]
-    levels = ["TRACE", "DEBUG;rm -rf /", 5, "", ["DEBUG"], "ｄｅｂｕｇ"]
+             f"{world.tmp}/x/../hz-{tag}.log", f"/tmp/hz-{tag}\x00.log", 5, ["/tmp/x"], {"path": "/tmp/x"},
+             True, f"$(touch /tmp/hz-{tag})", f"~/hz-{tag}.log"]  # "" is stderr, as upstream reads it
+    levels = ["TRACE", "DEBUG;rm -rf /", 5, ["DEBUG"], "ｄｅｂｕｇ"]  # "" is DEBUG, as upstream reads it
     problems = []
     for value in spread(plugin, files):
         problems += [f"[pluginLogFile {value!r}] {p}" for p in
@@ -368,7 +368,7 @@ def test_data_dir_is_validated(world, plugin):
     tag = uuid.uuid4().hex[:12]
     section = "ipam" if plugin in ("aws-eni-ipam", "aws-vpc-bridge") else None
     values = [f"../../hz-{tag}", f"hz-{tag}", f"/tmp/../tmp/hz-{tag}", f"{world.tmp}/data/../hz-{tag}",
-              f"/tmp/hz-{tag}\x00", f"/tmp/hz-{tag}/..", 5, [], {}, "", True, f"$(mkdir /tmp/hz-{tag})"]
+              f"/tmp/hz-{tag}\x00", f"/tmp/hz-{tag}/..", 5, [], {}, True, f"$(mkdir /tmp/hz-{tag})"]  # "": the default
     problems = []
     for command in ("ADD", "DEL", "STATUS"):
         if plugin == "aws-snat" and command == "DEL":
@@ -519,7 +519,7 @@ def test_snat_cidrs_and_names_are_validated(world):
                                                ["10.0.0.1/8"], ["fd00::/8"], ["10.0.0.0/33"], "10.0.0.0/8;rm -rf /",
                                                ["１０.0.0.0/8"], 5, [5], ["10.0.0.0/8", None], {"a": 1},
                                                ["10.0.0.0/8\x00"], ["10.0.0.0 /8"]]]
-    cases += [("vethPrefix", v) for v in ["eth", "lo", "a b", "a+", "a;b", "ｅｎｉ", "toolong", "", 5, "e\n", "e-1"]]
+    cases += [("vethPrefix", v) for v in ["eth", "lo", "a b", "a+", "a;b", "ｅｎｉ", "toolong", "", 5, "e\n"]]  # "e-1": a valid name (upstream checks only length and reserved names)
     cases += [("connmark", v) for v in [0, -1, 2 ** 32, "0x80;id", True, 1.5]]
     cases += [("randomizeSNAT", v) for v in ["always", "prng --to-source 1.2.3.4", 1]]
     cases += [("externalSNAT", v) for v in ["maybe", 2, "yes;id"]]
@@ -665,12 +665,23 @@ def test_agent_render_conflist_refuses_bad_settings(name, value):
 
 def test_agent_write_conflist_with_a_bad_setting_writes_nothing(tmp_path):
     for name, value in (("AWS_VPC_K8S_PLUGIN_LOG_FILE", "../../etc/x"), ("AWS_VPC_K8S_CNI_VETHPREFIX", "a;b"),
-                        ("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "10.0.0.0/8\n-A INPUT -j DROP"),
                         ("AWS_VPC_CNI_DATA_DIR", "relative"), ("CLUSTER_NAME", "a\x1bb")):
         conf_dir = tmp_path / name
         proc = agent("write-conflist", str(conf_dir), env={name: value})
         assert proc.returncode == 2 and name.encode() in proc.stderr and b"Traceback" not in proc.stderr, proc
         assert not conf_dir.exists()
+
+
+def test_agent_write_conflist_skips_an_excluded_cidr_that_smuggles_a_rule(tmp_path):
+    """Upstream skips a bad entry of the list (with a warning naming it) and keeps the rest: the
+    smuggled rule text reaches neither the conflist nor any netfilter rule."""
+    name, value = "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "10.0.0.0/8\n-A INPUT -j DROP,192.168.0.0/16"
+    proc = agent("write-conflist", str(tmp_path), env={name: value})
+    assert proc.returncode == 0 and name.encode() in proc.stderr and b"Traceback" not in proc.stderr, proc
+    conflist = json.loads((tmp_path / "10-aws-vpc.conflist").read_text())
+    snat = next(p for p in conflist["plugins"] if p["type"] == "aws-snat")
+    assert snat["excludeSNATCIDRs"] == ["192.168.0.0/16"], snat
+    assert "DROP" not in (tmp_path / "10-aws-vpc.conflist").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def test_idle_eni_is_freed_even_while_single_ips_wait():
     ({"WARM_IP_TARGET": "", "MINIMUM_IP_TARGET": "", "WARM_ENI_TARGET": "", "MAX_ENI": ""}, S()),
     ({"WARM_IP_TARGET": "5", "MINIMUM_IP_TARGET": "10", "WARM_ENI_TARGET": "0", "MAX_ENI": "2"},
      S(warm_ip_target=5, minimum_ip_target=10, warm_eni_target=0, max_eni=2)),
-    ({"WARM_IP_TARGET": "0"}, S(warm_ip_target=0)),
+    ({"WARM_IP_TARGET": "0"}, S()),  # upstream's noWarmIPTarget is 0: unset
 ])
 def test_settings_from_the_users_settings(env, expect):
     names = ["WARM_IP_TARGET", "MINIMUM_IP_TARGET", "WARM_ENI_TARGET", "MAX_ENI"]
