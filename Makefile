@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: setup test demo bench build install clean
+.PHONY: setup test demo bench scale image build install clean
 
 setup:
 	@bash build/setup.sh
@@ -17,6 +17,12 @@ demo: build
 
 bench: build
 	$(PY) -m tests.bench.run
+
+scale: build
+	$(PY) -m tests.scale.run
+
+image: build
+	@bash build/image.sh
 
 build: setup
 	@bash build/build.sh
