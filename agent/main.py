@@ -26,7 +26,7 @@ import time
 
 from cnicore import agentlink, settings
 from cnicore.fsutil import make_dirs
-from cnicore.log import Logger
+from cnicore.log import Logger, agent_logger
 from cnicore.pool import ASSIGNED, Pool
 from cnicore.store import Store, StoreError
 
@@ -171,9 +171,7 @@ class Agent:
         """aws-snat's node-wide rules, by aws-snat's own code and stamp (no iptables call while they
         are as it left them), for the settings this agent renders into the conflist."""
         from aws_snat import main as snat
-        from cnicore import skel
-        args = skel.CmdArgs("GC", "", "", "", [], b"", {"name": self.store.network}, "1.1.0")
-        want = snat.desired(self.cfg, *snat._node(args, self.cfg))
+        want = snat.node_desired(self.cfg, self.store.network)
         fixed = snat.converge(self.cfg, want, snat.stamp(self.cfg, want))
         if fixed:
             self.log.info("node rules converged", fixed=fixed)
@@ -325,7 +323,8 @@ def _bind_unix(path: str, kind: int) -> socket.socket:
 def render_conflist(cfg: dict, network: str = DEFAULT_NETWORK, cni_version: str = "1.0.0") -> dict:
     """The default chain (ARCHITECTURE §1) with the settings rendered into each plugin's entry."""
     pick = lambda *names: settings.to_conf({n: cfg[n] for n in names})  # noqa: E731
-    logging = pick("AWS_VPC_K8S_PLUGIN_LOG_FILE", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL")
+    logging = pick("AWS_VPC_K8S_PLUGIN_LOG_FILE", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "AWS_VPC_CNI_LOG_MAX_SIZE",
+                   "AWS_VPC_CNI_LOG_MAX_BACKUPS", "AWS_VPC_CNI_LOG_MAX_AGE")
     ipam = {"type": "aws-eni-ipam", **pick("AWS_VPC_CNI_DATA_DIR", "WARM_IP_TARGET", "MINIMUM_IP_TARGET",
                                             "WARM_ENI_TARGET", "MAX_ENI", "IP_COOLDOWN_PERIOD", "CLUSTER_NAME")}
     bridge = {"type": "aws-vpc-bridge", **pick("AWS_VPC_K8S_CNI_VETHPREFIX", "POD_MTU", "AWS_VPC_ENI_MTU"),
@@ -371,11 +370,15 @@ def main(argv=None) -> int:
     write.add_argument("conf_dir", help="e.g. /etc/cni/net.d")
     args = parser.parse_args(argv)
 
+    warnings = []
     try:
-        cfg = settings.from_env(os.environ)
+        cfg = settings.from_env(os.environ, warn=warnings.append)
     except settings.SettingError as exc:
         print(f"aws-vpc-cni-agent: {exc.msg}", file=sys.stderr)
         return 2
+    if args.command in ("render-conflist", "write-conflist"):
+        for warning in warnings:
+            print(f"aws-vpc-cni-agent: warning: {warning}", file=sys.stderr)
     if args.command == "render-conflist":
         print(json.dumps(render_conflist(cfg, args.network), indent=2))
         return 0
@@ -392,8 +395,9 @@ def main(argv=None) -> int:
         print(json.dumps(status, indent=2, default=str) if args.json else status_table(status))
         return 0
 
-    log = Logger("aws-vpc-cni-agent", os.environ.get("AWS_VPC_CNI_AGENT_LOG_FILE", "stderr"),
-                 cfg["AWS_VPC_K8S_PLUGIN_LOG_LEVEL"])
+    log = agent_logger(cfg)
+    for warning in warnings:
+        log.warn(warning)
     try:
         agentlink.hold_agent_lock(cfg["AWS_VPC_CNI_DATA_DIR"], on_wait=lambda: log.info(
             "the agent lock is held shared (plugins probing for an agent); waiting for it"))

@@ -103,7 +103,7 @@ class LabNode:
     def start_agent(self, interval=0.3, metrics="", **env):
         """The agent in the node, settings from its environment as the DaemonSet passes them."""
         environ = self.lab.exec_env(self.node, {"AWS_VPC_CNI_DATA_DIR": self.data_dir, "IP_COOLDOWN_PERIOD": "0",
-                                                "AWS_VPC_CNI_AGENT_LOG_FILE": self.log_file + ".agent", **env})
+                                                "AWS_VPC_K8S_CNI_LOG_FILE": self.log_file + ".agent", **env})
         proc = subprocess.Popen(self.lab.exec_argv(self.node, [os.path.join(self.bin_dir, "aws-vpc-cni-agent"), "run",
                                                                "--interval", str(interval), "--metrics-address", metrics]),
                                 env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -328,7 +328,7 @@ class AgentProcess:
 
     def __init__(self, node: LabNode, interval: float = 0.3, exe: str | None = None, **env):
         environ = node.lab.exec_env(node.node, {"AWS_VPC_CNI_DATA_DIR": node.data_dir, "IP_COOLDOWN_PERIOD": "0",
-                                                "AWS_VPC_CNI_AGENT_LOG_FILE": node.log_file + ".agent",
+                                                "AWS_VPC_K8S_CNI_LOG_FILE": node.log_file + ".agent",
                                                 **{k: str(v) for k, v in env.items()}})
         argv = node.lab.exec_argv(node.node, [exe or os.path.join(BIN, "aws-vpc-cni-agent"), "run", "--interval",
                                               str(interval), "--metrics-address", ""])

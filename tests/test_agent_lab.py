@@ -48,6 +48,7 @@ def test_bad_settings_are_refused_by_name_before_anything_starts(fresh_lab, tmp_
     for env, name in [({"WARM_IP_TARGET": "-1"}, "WARM_IP_TARGET"), ({"MAX_ENI": "zero"}, "MAX_ENI")]:
         proc = agent_cli(node, "render-conflist", env=env)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc
+        assert f"aws-vpc-cni-agent: warning: {name}" in proc.stderr, proc.stderr
 
 
 def test_write_conflist_renders_the_environment(fresh_lab, tmp_path):

@@ -24,6 +24,21 @@ def test_shipped_conflists_are_what_the_agent_renders(name, env):
     assert load(name) == render_conflist(settings.from_env(env))
 
 
+def test_the_bandwidth_tuning_variant_starts_with_the_default_chain():
+    default = render_conflist(settings.from_env({}))
+    variant = load("20-aws-vpc-bandwidth-tuning.conflist")
+    assert variant["cniVersion"] == default["cniVersion"]
+    assert variant["plugins"][:len(default["plugins"])] == default["plugins"]
+
+
+def test_plugins_get_the_log_settings_of_the_environment():
+    env = {"AWS_VPC_K8S_PLUGIN_LOG_FILE": "stderr", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL": "warn",
+           "AWS_VPC_CNI_LOG_MAX_SIZE": "7", "AWS_VPC_CNI_LOG_MAX_BACKUPS": "2", "AWS_VPC_CNI_LOG_MAX_AGE": "3"}
+    cfg = settings.from_env(env)
+    for plugin in render_conflist(cfg)["plugins"]:
+        assert settings.from_conf(plugin, env) == {name: cfg[name] for name in env}, plugin["type"]
+
+
 @pytest.mark.parametrize("name", sorted(n for n in os.listdir(CONFLISTS) if n.endswith(".conflist")))
 def test_every_plugin_of_every_conflist_exists(name):
     for plugin in load(name)["plugins"]:

@@ -810,7 +810,7 @@ def test_no_credential_or_imds_token_is_logged(fresh_lab, tmp_path):
     assert failed.returncode != 0 and strict_json(failed.stdout)["code"] == 101, failed
 
     agent_dir, agent_log = str(tmp_path / "agent-data"), str(tmp_path / "agent" / "agent.log")
-    env = fresh_lab.exec_env("node2", {"AWS_VPC_CNI_DATA_DIR": agent_dir, "AWS_VPC_CNI_AGENT_LOG_FILE": agent_log,
+    env = fresh_lab.exec_env("node2", {"AWS_VPC_CNI_DATA_DIR": agent_dir, "AWS_VPC_K8S_CNI_LOG_FILE": agent_log,
                                        "AWS_VPC_K8S_PLUGIN_LOG_LEVEL": "DEBUG", "IP_COOLDOWN_PERIOD": "0", **creds})
     proc = subprocess.Popen(fresh_lab.exec_argv("node2", [os.path.join(BIN, "aws-vpc-cni-agent"), "run", "--interval",
                                                           "0.3", "--metrics-address", ""]),

@@ -58,8 +58,8 @@ class DemoNode:
         self.lab.exec(self.name, [self.program("aws-vpc-cni-agent"), "write-conflist", self.conf_dir],
                       env=self.settings(**extra))
 
-    def start_agent(self) -> None:
-        env = self.lab.exec_env(self.name, self.settings(AWS_VPC_CNI_AGENT_LOG_FILE=self.log + ".agent"))
+    def start_agent(self, **extra) -> None:
+        env = self.lab.exec_env(self.name, self.settings(AWS_VPC_K8S_CNI_LOG_FILE=self.log + ".agent", **extra))
         self.agent = subprocess.Popen(self.lab.exec_argv(self.name, [self.program("aws-vpc-cni-agent"), "run",
                                                                      "--interval", "1", "--metrics-address", ""]),
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -69,6 +69,18 @@ class DemoNode:
                 return
             time.sleep(0.3)
         raise RuntimeError(f"the agent on {self.name} did not fill its warm pool")
+
+    def restart_agent(self, **extra) -> None:
+        """As the DaemonSet's roll does after a ConfigMap change: the agent converges the node's rules
+        from its own environment every round."""
+        self.stop_agent()
+        self.start_agent(**extra)
+
+    def stop_agent(self) -> None:
+        if self.agent is not None:
+            self.agent.terminate()
+            self.agent.wait(10)
+            self.agent = None
 
     def status(self, table: bool = False, quiet: bool = False):
         argv = [self.program("aws-vpc-cni-agent"), "status"] + ([] if table else ["--json"])
@@ -113,9 +125,7 @@ class DemoNode:
                 self.del_pod(pod)
             except RuntimeError as exc:
                 print(f"    (cleanup) {exc}")
-        if self.agent is not None:
-            self.agent.terminate()
-            self.agent.wait(10)
+        self.stop_agent()
 
 
 def probe(host_netns: str, *argv: str) -> dict:
@@ -198,13 +208,16 @@ def main() -> int:
             source = seen_source(node1.pods[pod][0], internet)
             print(f"    {pod} ({node1.pods[pod][1]}) -> seen as {source}")
             checks[f"SNAT {pod}"] = source == node1_ip
-        say("external SNAT (AWS_VPC_K8S_CNI_EXTERNALSNAT=true): the conflist is re-rendered, the next pod converges the rules")
+        say("external SNAT (AWS_VPC_K8S_CNI_EXTERNALSNAT=true): the conflist is re-rendered and the agent restarted "
+            "with it (the DaemonSet's roll); the agent and the next pod converge the rules")
         node1.write_conflist(AWS_VPC_K8S_CNI_EXTERNALSNAT="true")
+        node1.restart_agent(AWS_VPC_K8S_CNI_EXTERNALSNAT="true")
         ip = node1.add_pod("node1-ext", f"{prefix}-1ext")
         source = seen_source(node1.pods["node1-ext"][0], internet)
         print(f"    node1-ext ({ip}) -> seen as {source} (the pod's own VPC IP; a NAT gateway would translate it)")
         checks["external SNAT"] = source == ip
         node1.write_conflist()
+        node1.restart_agent()
 
         say("hostPort: pod on node1 maps host port 8080 -> container port 80; node2 connects to node1:8080")
         ip = node1.add_pod("node1-web", f"{prefix}-1web",

@@ -106,7 +106,7 @@ def cmd_add(args: skel.CmdArgs) -> dict:
         raise CNIError(INVALID_CONFIG, "must be called as chained plugin",
                        "aws-snat needs the prevResult of the plugins before it in the conflist")
     cfg = _settings(args)
-    want = desired(cfg, *_node(args, cfg))
+    want = node_desired(cfg, args.network)
     fixed = converge(cfg, want, stamp(cfg, want))
     if fixed:
         args.log.info("node rules converged", fixed=fixed)
@@ -122,7 +122,7 @@ def cmd_check(args: skel.CmdArgs) -> None:
     if args.prev_result is None:
         raise CNIError(INVALID_CONFIG, "required prevResult missing")
     cfg = _settings(args)
-    want = desired(cfg, *_node(args, cfg))
+    want = node_desired(cfg, args.network)
     found = differences(cfg, want, stamp(cfg, want))
     if found:
         raise CNIError(CHECK_FAILED, f"node SNAT rules are not as ADD leaves them: {'; '.join(found)}")
@@ -131,7 +131,7 @@ def cmd_check(args: skel.CmdArgs) -> None:
 def cmd_gc(args: skel.CmdArgs) -> None:
     cfg = _settings(args)  # a bad setting is an error; anything else is logged and GC carries on
     try:
-        want = desired(cfg, *_node(args, cfg))
+        want = node_desired(cfg, args.network)
         fixed = converge(cfg, want, stamp(cfg, want), trust_stamp=False)  # GC verifies in full
     except CNIError as exc:
         args.log.error(f"GC could not converge the node rules: {exc}")
@@ -162,9 +162,15 @@ def _netfilter(cfg: dict) -> Netfilter:
     return Netfilter(cfg["AWS_VPC_CNI_NETFILTER_MODE"], lock_dir=cfg["AWS_VPC_CNI_DATA_DIR"])
 
 
-def _node(args: skel.CmdArgs, cfg: dict) -> tuple[Node, str | None]:
+def node_desired(cfg: dict, network: str) -> Desired:
+    """The node's desired netfilter state for these settings and the node facts of `network` (what
+    ADD and GC converge to, and the agent every round)."""
+    return desired(cfg, *_node(network, cfg))
+
+
+def _node(network: str, cfg: dict) -> tuple[Node, str | None]:
     """(node facts, primary interface name or None when no rule needs it)."""
-    node = node_facts(args.network, cfg["AWS_VPC_CNI_DATA_DIR"])
+    node = node_facts(network, cfg["AWS_VPC_CNI_DATA_DIR"])
     needs_interface = cfg["AWS_VPC_CNI_NODE_PORT_SUPPORT"] or not cfg["AWS_VPC_K8S_CNI_EXTERNALSNAT"]
     if not needs_interface:
         return node, None
