@@ -21,6 +21,8 @@ _SEPARATORS = re.compile(r"(?:^|\n|;|&&|\|\||\||\$\(|`|\bthen\b|\bdo\b|\belse\b|
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9_.+-]*")
 # Words that start strings of ours without being commands there (prose, not a command line).
 PROSE = {"file", "node", "write"}
+# Commands that run the command named after their options.
+WRAPPERS = {"nsenter", "unshare", "timeout", "env", "setsid", "chroot", "strace"}
 # What runs setup.sh itself: the README's `make test`.
 PREREQUISITES = {"make"}
 
@@ -102,6 +104,9 @@ def _python_words(source: str) -> set[str]:
         for node in ast.iter_child_nodes(parent):
             if _is_argv(node, parent):
                 words.update(_command_words(node.elts[0].value))  # ["ip", "-n", ...]
+                if node.elts[0].value in WRAPPERS:                # ["nsenter", "--net=...", "podman", ...]
+                    words.update(e.value for e in node.elts[1:] if isinstance(e, ast.Constant)
+                                 and isinstance(e.value, str) and _WORD.fullmatch(e.value))
             elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip \
                     and " " in node.value.strip():
                 words.update(_command_words(node.value))         # "iptables -w -t nat -F; ..."
@@ -146,12 +151,13 @@ def test_setup_lists_the_packages_of_every_command_the_project_runs():
                for word, path in paths.items() if path in owner and owner[path] not in installed}
     assert not missing, f"build/setup.sh does not install: {sorted(missing)}"
     # the check sees the commands it is about
-    assert {"ip", "iptables-nft", "nft", "strace", "git"} <= set(paths), \
+    assert {"ip", "iptables-nft", "nft", "strace", "git", "containerd", "ctr", "podman"} <= set(paths), \
         sorted(set(paths))
 
 
 def test_the_check_finds_a_command_in_each_kind_of_source():
     assert _python_words('run(["nft", "list", "ruleset"])') >= {"nft"}
+    assert _python_words('run(["nsenter", "--net=/run/netns/x", "podman", "ps"])') >= {"nsenter", "podman"}
     assert _python_words('sh(ns, "iptables-nft -w -t nat -N A; nft add table inet x")') >= {"iptables-nft", "nft"}
     assert _command_words("set -e\nfor v in a b; do conntrack -F; done\nx=$(git rev-parse HEAD)") >= \
         {"set", "conntrack", "git"}
