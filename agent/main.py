@@ -8,13 +8,15 @@
 `run` reconciles the store with IMDS and EC2 first (rebuilding it, with the bad file kept aside, if
 it is corrupt), then loops: every `--interval` seconds, or at once when a plugin nudges, it heals the
 node (`Agent.heal`) and runs one `NodePool.tick`. It serves a read-only status on
-`<dataDir>/agent.sock` and Prometheus metrics on `--metrics-address` (default 127.0.0.1:61678, as
-upstream).
+`<dataDir>/agent.sock`, Prometheus metrics on `--metrics-address` (default 0.0.0.0:61678, as
+upstream; `metrics.py`) and upstream's introspection paths on `--introspection-address` (default
+127.0.0.1:61679; `introspect.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -31,6 +33,8 @@ from cnicore.pool import ASSIGNED, Pool
 from cnicore.store import Store, StoreError
 
 DEFAULT_NETWORK = "aws-vpc"
+METRICS_ADDRESS = "0.0.0.0:61678"  # upstream's metrics port, on all addresses as upstream
+INTROSPECTION_ADDRESS = "127.0.0.1:61679"  # upstream's INTROSPECTION_BIND_ADDRESS default
 ADD_GRACE = 120.0  # s a reservation may exist without its host veth when no live process owns it
 
 
@@ -61,6 +65,20 @@ class Agent:
         self.releases: set[tuple[str, str, str, float]] = set()  # handed over by DELs: (cid, ifname, ip, when)
         self.releases_lock = threading.Lock()
         self.unclaimable: set[tuple[str, str, str]] = set()  # reported once each
+        self.in_progress: collections.Counter[str] = collections.Counter()  # action -> running now (metrics)
+        self.errors: collections.Counter[str] = collections.Counter()  # action -> failures (metrics)
+
+    @contextlib.contextmanager
+    def action(self, name: str):
+        """Count `name` as in progress while it runs, and as an error if it raises (for the metrics)."""
+        self.in_progress[name] += 1
+        try:
+            yield
+        except Exception:
+            self.errors[name] += 1
+            raise
+        finally:
+            self.in_progress[name] -= 1
 
     # --- the store against EC2 and the host -----------------------------------------------------
     def reconcile(self) -> None:
@@ -180,7 +198,8 @@ class Agent:
     def run(self) -> None:
         while not self.stopping.is_set():  # until IMDS and EC2 answer; the status says why not
             try:
-                self.reconcile()
+                with self.action("nodeInit"):
+                    self.reconcile()
                 break
             except Exception as exc:
                 self.startup_error = f"{type(exc).__name__}: {exc}"
@@ -190,11 +209,13 @@ class Agent:
         self.startup_error = None
         while not self.stopping.is_set():
             try:
-                self.heal()
+                with self.action("nodeHeal"):
+                    self.heal()
             except Exception as exc:  # the tick still runs; the next round heals again
                 self.log.error(f"healing the node failed: {type(exc).__name__}: {exc}")
             try:
-                self.last_decision = self.pool.tick(self.store)
+                with self.action("nodeIPPoolTick"):
+                    self.last_decision = self.pool.tick(self.store)
                 self.ticks += 1
             except Exception as exc:  # keep serving; the status shows the error
                 self.log.error(f"tick failed: {type(exc).__name__}: {exc}")
@@ -202,15 +223,19 @@ class Agent:
             self.wake.clear()
 
     def status(self) -> dict:
-        with self.store.locked(shared=True) as tx:
-            doc = tx.read() or {}
+        doc = self.read_doc() or {}
         pool = Pool(doc, time.time(), self.cfg["IP_COOLDOWN_PERIOD"])
         figures = self.last_decision.figures.__dict__ if self.last_decision else None
         agent = doc.get("agent", {})
         calls = self.pool.ec2_calls()
         return {"node": doc.get("node", {}), "enis": pool.eni_stats() if doc else [], "figures": figures,
                 "blocked": agent.get("blocked"), "last_error": agent.get("last_error"),
-                "ec2_calls": calls, "ticks": self.ticks, "startup_error": self.startup_error}
+                "ec2_calls": calls, "ticks": self.ticks, "startup_error": self.startup_error,
+                "in_progress": dict(self.in_progress), "errors": dict(self.errors)}
+
+    def read_doc(self) -> dict | None:
+        with self.store.locked(shared=True) as tx:
+            return tx.read()
 
     # --- local servers --------------------------------------------------------------------------
     def serve_nudges(self) -> None:
@@ -234,57 +259,6 @@ class Agent:
                     conn.sendall(json.dumps(self.status(), default=str).encode())
                 except Exception as exc:
                     self.log.error(f"status request failed: {exc}")
-
-    def serve_metrics(self, address: str) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        agent = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.path != "/metrics":
-                    self.send_error(404)
-                    return
-                body = prometheus_text(agent.status()).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        host, _, port = address.rpartition(":")
-        ThreadingHTTPServer((host, int(port)), Handler).serve_forever()
-
-
-def prometheus_text(status: dict) -> str:
-    """The status as Prometheus metrics (names after upstream's awscni_* metrics)."""
-    lines = []
-
-    def metric(name: str, kind: str, help_text: str, samples) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-            lines.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
-
-    enis = status["enis"]
-    metric("awscni_eni_allocated", "gauge", "ENIs attached to the node", [({}, len(enis))])
-    for field in ("total", "assigned", "cooling", "free"):
-        metric(f"awscni_ip_{field}", "gauge", f"secondary IPs per ENI: {field}",
-               [({"eni": e["eni_id"]}, e[field]) for e in enis])
-    figures = status.get("figures") or {}
-    if figures:
-        metric("awscni_eni_max", "gauge", "ENIs this node may attach", [({}, figures["max_enis"])])
-        metric("awscni_ip_max", "gauge", "pod IPs this node may hold", [({}, figures["max_enis"] * figures["ips_per_eni"])])
-        metric("awscni_pool_short", "gauge", "IPs the pool lacks to meet its target", [({}, figures["short"])])
-        metric("awscni_pool_over", "gauge", "IPs the pool holds beyond its target", [({}, figures["over"])])
-    metric("awscni_pool_blocked", "gauge", "1 while the pool is short and cannot grow",
-           [({}, 1 if status.get("blocked") else 0)])
-    metric("awscni_ec2api_req_count", "counter", "EC2 API requests by action",
-           [({"fn": action}, n) for action, n in sorted(status.get("ec2_calls", {}).items())])
-    return "\n".join(lines) + "\n"
 
 
 def status_table(status: dict) -> str:
@@ -356,13 +330,23 @@ def write_conflist(conflist: dict, conf_dir: str, filename: str = "10-aws-vpc.co
     return path
 
 
+def host_port(address: str) -> tuple[str, int]:
+    """'HOST:PORT' ('[v6]:PORT' too) as (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not HOST:PORT: {address!r}")
+    return host.strip("[]"), int(port)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="aws-vpc-cni-agent", description=__doc__.split("\n")[0])
     parser.add_argument("--network", default=DEFAULT_NETWORK, help="CNI network name (the conflist's name)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="keep the warm pool at target")
     run.add_argument("--interval", type=float, default=5.0, help="seconds between pool checks")
-    run.add_argument("--metrics-address", default="127.0.0.1:61678", help="HOST:PORT for /metrics ('' = off)")
+    run.add_argument("--metrics-address", default=METRICS_ADDRESS, help="HOST:PORT for /metrics ('' = off)")
+    run.add_argument("--introspection-address", default=INTROSPECTION_ADDRESS,
+                     help="HOST:PORT for /v1/enis, /v1/pods, /v1/*-env-settings ('' = off)")
     status = sub.add_parser("status", help="show the pool per ENI")
     status.add_argument("--json", action="store_true")
     sub.add_parser("render-conflist", help="print the conflist for the settings in the environment")
@@ -405,11 +389,18 @@ def main(argv=None) -> int:
         print(f"aws-vpc-cni-agent: {exc}", file=sys.stderr)
         return 1
     agent = Agent(cfg, args.network, log, args.interval)
-    servers = [agent.serve_nudges, agent.serve_status]
-    if args.metrics_address:
-        servers.append(lambda: agent.serve_metrics(args.metrics_address))
-    for serve in servers:
+    for serve in (agent.serve_nudges, agent.serve_status):
         threading.Thread(target=serve, daemon=True).start()
+    try:
+        if args.metrics_address:
+            from aws_vpc_cni_agent import metrics
+            metrics.serve(agent.status, *host_port(args.metrics_address))
+        if args.introspection_address:
+            from aws_vpc_cni_agent import introspect
+            introspect.serve(cfg, agent.read_doc, *host_port(args.introspection_address), log)
+    except (OSError, ValueError) as exc:
+        print(f"aws-vpc-cni-agent: cannot serve metrics or introspection: {exc}", file=sys.stderr)
+        return 1
     signal.signal(signal.SIGTERM, lambda *_: (agent.stopping.set(), agent.wake.set()))
     log.info("agent started", pid=os.getpid(), network=args.network)
     agent.run()

@@ -100,12 +100,15 @@ class LabNode:
     def ipam(self, command, cid="c1", **conf_extra):
         return self.plugin("aws-eni-ipam", command, self.ipam_conf(**conf_extra), cid=cid)
 
-    def start_agent(self, interval=0.3, metrics="", **env):
-        """The agent in the node, settings from its environment as the DaemonSet passes them."""
+    def start_agent(self, interval=0.3, metrics="", introspection="", **env):
+        """The agent in the node, settings from its environment as the DaemonSet passes them.
+        `metrics`, `introspection`: HOST:PORT, '' for off, None for the agent's default."""
         environ = self.lab.exec_env(self.node, {"AWS_VPC_CNI_DATA_DIR": self.data_dir, "IP_COOLDOWN_PERIOD": "0",
                                                 "AWS_VPC_K8S_CNI_LOG_FILE": self.log_file + ".agent", **env})
+        addresses = [arg for flag, value in (("--metrics-address", metrics), ("--introspection-address", introspection))
+                     if value is not None for arg in (flag, value)]
         proc = subprocess.Popen(self.lab.exec_argv(self.node, [os.path.join(self.bin_dir, "aws-vpc-cni-agent"), "run",
-                                                               "--interval", str(interval), "--metrics-address", metrics]),
+                                                               "--interval", str(interval), *addresses]),
                                 env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.agents.append(proc)
         deadline = time.time() + 30
@@ -119,6 +122,11 @@ class LabNode:
                 pass
             time.sleep(0.2)
         raise AssertionError("agent did not complete a tick in 30 s")
+
+    def http_get(self, url):
+        """GET `url` from inside the node's network namespace (the completed process; its stdout the body)."""
+        return self.lab.exec(self.node, [sys.executable, "-c", "import sys, urllib.request; sys.stdout.write("
+                                         f"urllib.request.urlopen({url!r}, timeout=5).read().decode())"], check=False)
 
     def agent_status(self):
         proc = self.lab.exec(self.node, [os.path.join(self.bin_dir, "aws-vpc-cni-agent"), "status", "--json"],

@@ -3,8 +3,9 @@
 import json
 import os
 import subprocess
-import sys
 import time
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from labnode import BIN, LabNode, NETWORK
 
@@ -14,9 +15,17 @@ def agent_cli(node, *argv, env=None):
                          env={"AWS_VPC_CNI_DATA_DIR": node.data_dir, **(env or {})})
 
 
-def test_status_as_table_and_json_and_prometheus_metrics(fresh_lab, tmp_path):
+def scrape(node, url):
+    """The metrics at `url`, parsed by prometheus_client's own parser: {family: (type, {labels: value})}."""
+    text = node.http_get(url)
+    assert text.returncode == 0, text.stderr
+    return {family.name: (family.type, {tuple(sorted(s.labels.items())): s.value for s in family.samples})
+            for family in text_string_to_metric_families(text.stdout)}
+
+
+def test_status_metrics_and_introspection_as_upstream(fresh_lab, tmp_path):
     node = LabNode(fresh_lab, "node1", tmp_path)
-    node.start_agent(metrics="127.0.0.1:61678")
+    node.start_agent(metrics=None, introspection=None)  # the defaults: metrics on all addresses, introspection local
     try:
         node.wait_for(lambda: node.agent_status()["figures"]["short"] == 0, what="a warm pool")
         assert node.ipam("ADD", cid="pod0")[0] == 0  # 8 free < 9: the agent attaches a second ENI
@@ -27,11 +36,41 @@ def test_status_as_table_and_json_and_prometheus_metrics(fresh_lab, tmp_path):
         table = agent_cli(node, "status").stdout
         assert "(primary)" in table and "assigned" in table
         assert [line.split()[-4:] for line in table.splitlines() if line.startswith("all")] == [["18", "1", "0", "17"]]
-        metrics = fresh_lab.exec("node1", [sys.executable, "-c", "import urllib.request; print(urllib.request."
-                                           "urlopen('http://127.0.0.1:61678/metrics', timeout=5).read().decode())"]).stdout
-        assert "awscni_eni_allocated 2" in metrics
-        assert "awscni_ip_max 27" in metrics
-        assert any(line.startswith("awscni_ip_assigned{") and line.endswith(" 1") for line in metrics.splitlines())
+        primary_ip = status["node"]["primary_ip"]
+        metrics = scrape(node, f"http://{primary_ip}:61678/metrics")  # 0.0.0.0: the node's address answers
+        # upstream's names, types and labels (utils/prometheusmetrics/prometheusmetrics.go)
+        assert metrics["awscni_eni_allocated"] == ("gauge", {(): 2})
+        assert metrics["awscni_eni_max"] == ("gauge", {(): 3})
+        assert metrics["awscni_ip_max"] == ("gauge", {(): 27})
+        assert metrics["awscni_total_ip_addresses"] == ("gauge", {(): 18})
+        assert metrics["awscni_assigned_ip_addresses"] == ("gauge", {(): 1})
+        assert metrics["awscni_total_ipv4_prefixes"] == ("gauge", {(): 0})
+        per_eni = {e["eni_id"]: e["assigned"] for e in status["enis"]}
+        assert metrics["awscni_assigned_ip_per_eni"] == ("gauge", {(("eni", k),): v for k, v in per_eni.items()})
+        kind, requests = metrics["awscni_ec2api_req_count"]
+        assert kind == "counter" and requests[(("fn", "AttachNetworkInterface"),)] >= 1
+        assert metrics["awscni_ipamd_action_inprogress"][0] == "gauge"
+        assert metrics["awscni_ipamd_error_count"][0] == "counter"
+        assert metrics["aws_vpc_cni_py_pool_short"] == ("gauge", {(): 0})
+        assert metrics["aws_vpc_cni_py_eni_free_ip_addresses"][1] == {(("eni", e["eni_id"]),): e["free"]
+                                                                      for e in status["enis"]}
+        # introspection: upstream's paths and shapes, on 127.0.0.1 only
+        assert node.http_get(f"http://{primary_ip}:61679/v1/enis").returncode != 0
+        enis = json.loads(node.http_get("http://127.0.0.1:61679/v1/enis").stdout)
+        assert (enis["TotalIPs"], enis["AssignedIPs"]) == (18, 1)
+        assert {eni: (pool["IsPrimary"], pool["DeviceNumber"], pool["AssignedIPv4Addresses"], len(pool["IPv4Addresses"]))
+                for eni, pool in enis["ENIIPPools"].items()} == {
+            e["eni_id"]: (e["primary"], e["device_number"], e["assigned"], e["total"]) for e in status["enis"]}
+        pods = json.loads(node.http_get("http://127.0.0.1:61679/v1/pods").stdout)
+        assert list(pods) == ["web_default_pod0"]
+        ip, device = pods["web_default_pod0"]["IP"], pods["web_default_pod0"]["DeviceNumber"]
+        assert device == 0 and enis["ENIIPPools"][status["enis"][0]["eni_id"]]["IPv4Addresses"][ip] == {"Assigned": True}
+        ipamd = json.loads(node.http_get("http://127.0.0.1:61679/v1/ipamd-env-settings").stdout)
+        assert ipamd["WARM_ENI_TARGET"] == 1 and ipamd["WARM_IP_TARGET"] == 0 and ipamd["MAX_ENI"] == -1
+        network = json.loads(node.http_get("http://127.0.0.1:61679/v1/networkutils-env-settings").stdout)
+        assert network["AWS_VPC_K8S_CNI_EXTERNALSNAT"] is False and network["AWS_VPC_K8S_CNI_CONNMARK"] == 128
+        assert json.loads(node.http_get("http://127.0.0.1:61679/").stdout)["AvailableCommands"] == sorted(
+            ["/v1/enis", "/v1/pods", "/v1/networkutils-env-settings", "/v1/ipamd-env-settings"])
     finally:
         node.stop_agents()
 

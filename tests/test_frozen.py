@@ -74,6 +74,21 @@ def test_frozen_agent_renders_the_conflist(frozen):
         assert json.loads(out) == json.load(f)
 
 
+def test_the_frozen_agent_serves_its_metrics_and_introspection(frozen, fresh_lab, tmp_path):
+    """prometheus_client and the agent's lazily imported endpoints are in the bundle."""
+    from prometheus_client.parser import text_string_to_metric_families
+    node = LabNode(fresh_lab, "node1", tmp_path, bin_dir=frozen)
+    node.start_agent(metrics=None, introspection=None)
+    try:
+        metrics = node.http_get("http://127.0.0.1:61678/metrics")
+        assert metrics.returncode == 0, metrics.stderr
+        assert "awscni_total_ip_addresses" in {f.name for f in text_string_to_metric_families(metrics.stdout)}
+        enis = node.http_get("http://127.0.0.1:61679/v1/enis")
+        assert enis.returncode == 0 and json.loads(enis.stdout)["TotalIPs"] > 0, enis.stderr
+    finally:
+        node.stop_agents()
+
+
 def test_unknown_program_name_is_refused(frozen, tmp_path):
     link = tmp_path / "not-a-plugin"
     link.symlink_to(os.path.join(BUNDLE, "aws-vpc-cni"))
