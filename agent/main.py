@@ -1,7 +1,9 @@
 """aws-vpc-cni-agent: the DaemonSet's long-running process on every node.
 
-    aws-vpc-cni-agent run              keep the warm pool at target (the DaemonSet's main process)
-    aws-vpc-cni-agent status [--json]  the pool per ENI, from the running agent
+    aws-vpc-cni-agent run [--conf-dir DIR]  keep the warm pool at target (the DaemonSet's main process);
+                                       write DIR/10-aws-vpc.conflist once the pool can serve
+    aws-vpc-cni-agent status [--json] [--ready]  the pool per ENI, from the running agent; --ready:
+                                       exit 1 until the pool can serve (the readiness probe)
     aws-vpc-cni-agent render-conflist  print the conflist for the settings in the environment
     aws-vpc-cni-agent write-conflist DIR  write it to DIR/10-aws-vpc.conflist (atomically)
 
@@ -33,6 +35,7 @@ from cnicore.pool import ASSIGNED, Pool
 from cnicore.store import Store, StoreError
 
 DEFAULT_NETWORK = "aws-vpc"
+CONFLIST_NAME = "10-aws-vpc.conflist"  # sorts before the usual 10-aws.conflist, 10-calico..., 20-...
 METRICS_ADDRESS = "0.0.0.0:61678"  # upstream's metrics port, on all addresses as upstream
 INTROSPECTION_ADDRESS = "127.0.0.1:61679"  # upstream's INTROSPECTION_BIND_ADDRESS default
 ADD_GRACE = 120.0  # s a reservation may exist without its host veth when no live process owns it
@@ -49,9 +52,11 @@ def process_alive(owner) -> bool:
 
 
 class Agent:
-    def __init__(self, cfg: dict, network: str, log: Logger, interval: float):
+    def __init__(self, cfg: dict, network: str, log: Logger, interval: float, conf_dir: str | None = None):
         from cnicore.poolmgr import NodePool
         self.cfg = cfg
+        self.conf_dir = conf_dir  # where the conflist goes once the pool can serve (None: not written)
+        self.ready = False
         self.log = log
         self.interval = interval
         self.data_dir = cfg["AWS_VPC_CNI_DATA_DIR"]
@@ -219,8 +224,29 @@ class Agent:
                 self.ticks += 1
             except Exception as exc:  # keep serving; the status shows the error
                 self.log.error(f"tick failed: {type(exc).__name__}: {exc}")
+            try:
+                self.publish()
+            except OSError as exc:
+                self.log.error(f"cannot write the conflist: {exc}")
             self.wake.wait(self.interval)
             self.wake.clear()
+
+    def publish(self) -> None:
+        """Once the pool can serve (it has a free IP, or pods already), write the conflist into
+        conf_dir and keep it as rendered. Until then there is none of ours: kubelet keeps the node
+        NotReady (or the runtime keeps using the chain whose conflist is there, which is left alone)."""
+        figures = self.last_decision.figures if self.last_decision else None
+        if not self.ready and figures is not None and (figures.free or figures.assigned):
+            self.ready = True
+            self.log.info("the pool can serve", free=figures.free, assigned=figures.assigned)
+        if not (self.ready and self.conf_dir):
+            return
+        conflist = render_conflist(self.cfg, self.store.network)
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(self.conf_dir, CONFLIST_NAME)) as f:
+                if json.load(f) == conflist:
+                    return
+        self.log.info("wrote the conflist", path=write_conflist(conflist, self.conf_dir))
 
     def status(self) -> dict:
         doc = self.read_doc() or {}
@@ -231,7 +257,7 @@ class Agent:
         return {"node": doc.get("node", {}), "enis": pool.eni_stats() if doc else [], "figures": figures,
                 "blocked": agent.get("blocked"), "last_error": agent.get("last_error"),
                 "ec2_calls": calls, "ticks": self.ticks, "startup_error": self.startup_error,
-                "in_progress": dict(self.in_progress), "errors": dict(self.errors)}
+                "in_progress": dict(self.in_progress), "errors": dict(self.errors), "ready": self.ready}
 
     def read_doc(self) -> dict | None:
         with self.store.locked(shared=True) as tx:
@@ -270,6 +296,8 @@ def status_table(status: dict) -> str:
         rows.append(f"{name:<24}{e['device_number']:>7}{e['total']:>7}{e['assigned']:>10}{e['cooling']:>9}{e['free']:>6}")
     totals = {k: sum(e[k] for e in status["enis"]) for k in ("total", "assigned", "cooling", "free")}
     rows.append(f"{'all':<24}{'':>7}{totals['total']:>7}{totals['assigned']:>10}{totals['cooling']:>9}{totals['free']:>6}")
+    if not status.get("ready"):
+        rows.append("not ready: the pool has no IP to hand out yet (no conflist written)")
     if status.get("startup_error"):
         rows.append(f"not started yet: {status['startup_error']}")
     if status.get("blocked"):
@@ -312,7 +340,7 @@ def render_conflist(cfg: dict, network: str = DEFAULT_NETWORK, cni_version: str 
     return {"cniVersion": cni_version, "name": network, "plugins": [bridge, snat, portmap]}
 
 
-def write_conflist(conflist: dict, conf_dir: str, filename: str = "10-aws-vpc.conflist") -> str:
+def write_conflist(conflist: dict, conf_dir: str, filename: str = CONFLIST_NAME) -> str:
     """Write atomically, so a runtime never reads half a file."""
     make_dirs(conf_dir, 0o755)
     path = os.path.join(conf_dir, filename)
@@ -344,11 +372,14 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="keep the warm pool at target")
     run.add_argument("--interval", type=float, default=5.0, help="seconds between pool checks")
+    run.add_argument("--conf-dir", help="write the conflist here once the pool can serve (e.g. /etc/cni/net.d)")
     run.add_argument("--metrics-address", default=METRICS_ADDRESS, help="HOST:PORT for /metrics ('' = off)")
     run.add_argument("--introspection-address", default=INTROSPECTION_ADDRESS,
                      help="HOST:PORT for /v1/enis, /v1/pods, /v1/*-env-settings ('' = off)")
     status = sub.add_parser("status", help="show the pool per ENI")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--ready", action="store_true",
+                        help="exit 0 only once the pool can serve and the conflist is written (a readiness probe)")
     sub.add_parser("render-conflist", help="print the conflist for the settings in the environment")
     write = sub.add_parser("write-conflist", help="write the conflist into a CNI config directory")
     write.add_argument("conf_dir", help="e.g. /etc/cni/net.d")
@@ -377,7 +408,7 @@ def main(argv=None) -> int:
             print(f"aws-vpc-cni-agent: no agent answers on {cfg['AWS_VPC_CNI_DATA_DIR']}: {exc}", file=sys.stderr)
             return 1
         print(json.dumps(status, indent=2, default=str) if args.json else status_table(status))
-        return 0
+        return 0 if status.get("ready") or not args.ready else 1
 
     log = agent_logger(cfg)
     for warning in warnings:
@@ -388,7 +419,7 @@ def main(argv=None) -> int:
     except RuntimeError as exc:
         print(f"aws-vpc-cni-agent: {exc}", file=sys.stderr)
         return 1
-    agent = Agent(cfg, args.network, log, args.interval)
+    agent = Agent(cfg, args.network, log, args.interval, args.conf_dir)
     for serve in (agent.serve_nudges, agent.serve_status):
         threading.Thread(target=serve, daemon=True).start()
     try:

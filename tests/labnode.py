@@ -100,15 +100,17 @@ class LabNode:
     def ipam(self, command, cid="c1", **conf_extra):
         return self.plugin("aws-eni-ipam", command, self.ipam_conf(**conf_extra), cid=cid)
 
-    def start_agent(self, interval=0.3, metrics="", introspection="", **env):
+    def start_agent(self, interval=0.3, metrics="", introspection="", conf_dir=None, **env):
         """The agent in the node, settings from its environment as the DaemonSet passes them.
-        `metrics`, `introspection`: HOST:PORT, '' for off, None for the agent's default."""
+        `metrics`, `introspection`: HOST:PORT, '' for off, None for the agent's default; `conf_dir`:
+        where it writes the conflist once its pool can serve (None: nowhere)."""
         environ = self.lab.exec_env(self.node, {"AWS_VPC_CNI_DATA_DIR": self.data_dir, "IP_COOLDOWN_PERIOD": "0",
                                                 "AWS_VPC_K8S_CNI_LOG_FILE": self.log_file + ".agent", **env})
-        addresses = [arg for flag, value in (("--metrics-address", metrics), ("--introspection-address", introspection))
-                     if value is not None for arg in (flag, value)]
+        options = [arg for flag, value in (("--metrics-address", metrics), ("--introspection-address", introspection),
+                                           ("--conf-dir", conf_dir))
+                   if value is not None for arg in (flag, value)]
         proc = subprocess.Popen(self.lab.exec_argv(self.node, [os.path.join(self.bin_dir, "aws-vpc-cni-agent"), "run",
-                                                               "--interval", str(interval), *addresses]),
+                                                               "--interval", str(interval), *options]),
                                 env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.agents.append(proc)
         deadline = time.time() + 30

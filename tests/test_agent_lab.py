@@ -101,6 +101,39 @@ def test_write_conflist_renders_the_environment(fresh_lab, tmp_path):
     assert [n for n in os.listdir(conf_dir)] == ["10-aws-vpc.conflist"]  # no temp file left
 
 
+def test_the_agent_writes_the_conflist_only_once_its_pool_can_serve(fresh_lab, tmp_path):
+    """Kubelet keeps the node NotReady while no conflist is there (and a runtime keeps using the chain
+    whose conflist is there): ours appears once the pool has a free IP, the other one is left alone."""
+    node = LabNode(fresh_lab, "node1", tmp_path)
+    conf_dir = tmp_path / "net.d"
+    conf_dir.mkdir()
+    previous = conf_dir / "10-aws.conflist"  # the chain the node ran before (upstream's file name)
+    previous.write_text('{"cniVersion": "0.4.0", "name": "aws-cni", "plugins": [{"type": "aws-cni"}]}\n')
+    for action in ("AssignPrivateIpAddresses", "CreateNetworkInterface"):  # the pool cannot get an IP
+        fresh_lab.fault(action, error="UnauthorizedOperation")
+    node.start_agent(conf_dir=str(conf_dir))
+    try:
+        node.wait_for(lambda: (lambda s: s["ticks"] >= 3 and s["last_error"])(node.agent_status()),
+                      what="three ticks that could not grow the pool")
+        status = node.agent_status()
+        assert sum(e["free"] for e in status["enis"]) == 0 and status["ready"] is False
+        assert sorted(os.listdir(conf_dir)) == ["10-aws.conflist"]
+        assert agent_cli(node, "status", "--ready").returncode == 1
+        fresh_lab.clear_faults()
+        node.wait_for(lambda: (conf_dir / "10-aws-vpc.conflist").exists(), what="the conflist")
+        status = node.agent_status()
+        assert status["ready"] is True and sum(e["free"] for e in status["enis"]) > 0
+        assert agent_cli(node, "status", "--ready").returncode == 0
+        rendered = json.loads(agent_cli(node, "render-conflist", env={"IP_COOLDOWN_PERIOD": "0"}).stdout)  # as the agent's
+        assert json.loads((conf_dir / "10-aws-vpc.conflist").read_text()) == rendered
+        assert sorted(os.listdir(conf_dir)) == ["10-aws-vpc.conflist", "10-aws.conflist"]  # ours sorts first
+        assert previous.read_text().startswith('{"cniVersion": "0.4.0"')
+        (conf_dir / "10-aws-vpc.conflist").unlink()  # removed by hand: written again
+        node.wait_for(lambda: (conf_dir / "10-aws-vpc.conflist").exists(), what="the conflist written again")
+    finally:
+        node.stop_agents()
+
+
 def test_corrupt_store_is_rebuilt_from_ec2_and_the_host_keeping_the_bad_file(fresh_lab, tmp_path, make_netns):
     node = LabNode(fresh_lab, "node1", tmp_path)
     node.write_conflist()

@@ -137,23 +137,24 @@ def test_settings_come_from_the_configmap(pod):
         assert {e["name"] for e in c.get("env", [])} <= {"CNI_BIN_DIR"}, c["name"]
 
 
-def test_init_step_installs_the_bundle_then_the_conflist(pod):
+def test_init_step_installs_only_the_bundle(pod):
     (init,) = pod["initContainers"]
     env = {e["name"]: e.get("value") for e in init.get("env", [])}
     assert env["CNI_BIN_DIR"] == _mount_for(pod, init, "/opt/cni/bin")
-    script = " ".join(init["command"] + init.get("args", []))
-    install = script.find("/app/build/install.sh")
-    conflist = script.find(f"aws-vpc-cni-agent write-conflist {_mount_for(pod, init, '/etc/cni/net.d')}")
-    assert install >= 0 and conflist >= 0, script
-    assert install < conflist, "binaries must be in place before the runtime can see the conflist"
+    assert init["command"] + init.get("args", []) == ["/app/build/install.sh"]
     assert init["image"] == _container(pod, "aws-node")["image"]
+    # the conflist is the agent's to write, once its pool can serve: the init step cannot even see the folder
+    volumes = {v["name"]: v.get("hostPath", {}).get("path") for v in pod["volumes"]}
+    assert "/etc/cni/net.d" not in {volumes.get(m["name"]) for m in init.get("volumeMounts", [])}
 
 
-def test_agent_runs_and_is_probed(pod):
+def test_agent_runs_writes_the_conflist_once_ready_and_is_probed(pod):
     main = _container(pod, "aws-node")
-    assert main["command"] == ["aws-vpc-cni-agent", "run"]
+    assert main["command"] == ["aws-vpc-cni-agent", "run", "--conf-dir", _mount_for(pod, main, "/etc/cni/net.d")]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert main[probe]["exec"]["command"][:2] == ["aws-vpc-cni-agent", "status"], probe
+    assert main["readinessProbe"]["exec"]["command"] == ["aws-vpc-cni-agent", "status", "--ready"]
+    assert {"containerPort": 61678, "name": "metrics"} in main["ports"]  # as upstream's master manifest
     # The plugins find the agent and the store at the data folder the conflist names: the container
     # must see it at the same path as the host.
     data_dir = settings.SETTINGS["AWS_VPC_CNI_DATA_DIR"].default
