@@ -72,6 +72,10 @@ class ENINotFound(EC2Error):
     pass
 
 
+class PrefixesUnsupported(EC2Error):
+    """EC2 refused IPv4 prefixes (InvalidParameterValue): the instance type is not a Nitro one."""
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with full jitter: before retry n (1-based), sleep a uniform time in
@@ -102,6 +106,7 @@ class ENI:
     attachment_id: str | None = None
     instance_id: str | None = None
     tags: dict = field(default_factory=dict)
+    prefixes: tuple[str, ...] = ()  # IPv4 /28 prefixes delegated to the ENI
 
 
 class EC2:
@@ -145,6 +150,31 @@ class EC2:
             raise ValueError(f"number of IPs to assign must be a positive integer, got {count!r}")
         self._call("AssignPrivateIpAddresses", NetworkInterfaceId=eni_id, SecondaryPrivateIpAddressCount=count)
         return self.describe_eni(eni_id)
+
+    def assign_prefixes(self, eni_id: str, count: int) -> None:
+        """Assign `count` new IPv4 /28 prefixes (AssignPrivateIpAddresses with Ipv4PrefixCount).
+        EC2's InvalidParameterValue (a type that is not Nitro) is raised as PrefixesUnsupported."""
+        _check_id("eni", eni_id)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"number of prefixes to assign must be a positive integer, got {count!r}")
+        try:
+            self._call("AssignPrivateIpAddresses", NetworkInterfaceId=eni_id, Ipv4PrefixCount=count)
+        except EC2Error as exc:
+            if exc.code == "InvalidParameterValue":
+                raise PrefixesUnsupported(exc.action, exc.code, exc.message) from None
+            raise
+
+    def unassign_prefixes(self, eni_id: str, prefixes) -> None:
+        _check_id("eni", eni_id)
+        prefixes = list(prefixes)
+        if not prefixes:
+            raise ValueError("no prefixes given to unassign")
+        for prefix in prefixes:
+            try:
+                ipaddress.IPv4Network(prefix)
+            except ValueError:
+                raise ValueError(f"not an IPv4 prefix: {prefix!r}") from None
+        self._call("UnassignPrivateIpAddresses", NetworkInterfaceId=eni_id, Ipv4Prefixes=prefixes)
 
     def unassign_ips(self, eni_id: str, ips) -> None:
         _check_id("eni", eni_id)
@@ -379,6 +409,7 @@ def _eni_from(d: dict) -> ENI:
         attachment_id=attachment.get("AttachmentId"),
         instance_id=attachment.get("InstanceId"),
         tags={t["Key"]: t.get("Value", "") for t in d.get("TagSet") or []},
+        prefixes=tuple(p["Ipv4Prefix"] for p in d.get("Ipv4Prefixes") or [] if p.get("Ipv4Prefix")),
     )
 
 

@@ -1,9 +1,10 @@
 """The node's IP pool as kept in the state store document.
 
-Document shape (schema 1; `schema` and `network` are added by the store):
+Document shape (schema 2; `schema` and `network` are added by the store):
 
     {"node": {"instance_id", "instance_type", "primary_eni", ...},
      "enis": {"eni-...": {"mac", "device_number", "subnet_cidr", "primary_ip", "primary", "attached_at",
+                          "prefixes": ["10.0.1.16/28", ...],
                           "ips": {"10.0.1.7": {"state": "free"}
                                               | {"state": "assigned", "container_id", "ifname",
                                                  "pod_namespace", "pod_name", "since", "owner"?}
@@ -14,11 +15,20 @@ Document shape (schema 1; `schema` and `network` are added by the store):
 around the IP (the main plugin): while it lives, an assignment without its host veth is an ADD in
 flight, not a leftover. Only secondary IPs are in `ips`: an ENI's primary IP is never handed out. A released IP cools down
 for `cooldown` seconds before it can be handed out again (it still counts as available).
+
+Prefix delegation (schema 2): `prefixes` lists the /28 IPv4 prefixes EC2 assigned to the ENI, and
+each of their 16 addresses is an entry of `ips` like a secondary IP, so handing out, releasing and
+cooling work alike for both kinds; an address belongs to a prefix when its /28 is listed. A prefix
+is free (may be given back) only when none of its addresses is assigned or cooling. A schema-1
+document is a schema-2 one without prefixes (the store reads both).
 """
 
 from __future__ import annotations
 
 FREE, ASSIGNED, COOLING = "free", "assigned", "cooling"
+PREFIX_LENGTH = 28
+PREFIX_SIZE = 16  # addresses in an IPv4 /28 prefix
+_PREFIX_MASK = 0xFFFFFFFF ^ (PREFIX_SIZE - 1)
 
 
 class PoolExhausted(Exception):
@@ -95,13 +105,18 @@ class Pool:
                    primary_ip=primary_ip, primary=primary, attached_at=attached_at)
         return eni
 
-    def set_secondary_ips(self, eni_id: str, ips: list[str]) -> list[str]:
-        """Make the ENI's secondary IPs those EC2 reports: new ones are free, vanished free or cooling
-        ones are dropped. An assigned IP that EC2 no longer reports is kept and returned, so the
-        caller can surface it rather than silently break a running pod."""
-        held = self.enis[eni_id]["ips"]
+    def set_secondary_ips(self, eni_id: str, ips: list[str], prefixes: list[str] = ()) -> list[str]:
+        """Make the ENI's secondary IPs and /28 prefixes those EC2 reports: new addresses (a new
+        prefix's 16) are free, vanished free or cooling ones are dropped. An assigned IP that EC2 no
+        longer reports is kept and returned, so the caller can surface it rather than silently break
+        a running pod."""
+        eni = self.enis[eni_id]
+        held = eni["ips"]
+        eni["prefixes"] = sorted(prefixes, key=_ip_key_of_cidr)
+        ips = list(ips) + [ip for prefix in eni["prefixes"] for ip in prefix_addresses(prefix)]
         for ip in ips:
             held.setdefault(ip, {"state": FREE})
+        ips = set(ips)
         lost = []
         for ip in list(held):
             if ip not in ips:
@@ -124,12 +139,17 @@ class Pool:
         return None
 
     def assign(self, container_id: str, ifname: str, pod_namespace: str = "", pod_name: str = "",
-               owner: list[int] | None = None) -> Assignment:
-        """Hand out a free IP (lowest device number, then lowest address); raise PoolExhausted."""
+               owner: list[int] | None = None, prefixes: bool = False) -> Assignment:
+        """Hand out a free IP (lowest device number, then lowest address) of the pool's kind: an
+        address of a /28 prefix if `prefixes` (prefix delegation), else a secondary IP; one of the
+        other kind only when none is free, so that after a switch of mode the other kind drains as
+        pods go. Raise PoolExhausted."""
         cooling, free_in = 0, None
+        candidates = ([], [])  # (ENI ID, IP) of the wanted kind, of the other kind
         for eni_id, eni in sorted(self.enis.items(), key=lambda kv: kv[1]["device_number"]):
             if all(entry["state"] == ASSIGNED for entry in eni["ips"].values()):
                 continue  # a full ENI: not worth sorting (a node with 700 pods has 14 of them)
+            bases = _prefix_bases(eni)
             for ip in sorted(eni["ips"], key=_ip_key):
                 entry = eni["ips"][ip]
                 if entry["state"] == COOLING and not self._cooled(entry):
@@ -138,12 +158,22 @@ class Pool:
                     free_in = left if free_in is None else min(free_in, left)
                     continue
                 if entry["state"] in (FREE, COOLING):
-                    eni["ips"][ip] = {"state": ASSIGNED, "container_id": container_id, "ifname": ifname,
-                                      "pod_namespace": pod_namespace, "pod_name": pod_name, "since": self.now}
-                    if owner:
-                        eni["ips"][ip]["owner"] = owner
-                    return self._assignment(eni_id, ip)
+                    wanted = (bool(bases) and _ip_key(ip) & _PREFIX_MASK in bases) == prefixes
+                    if wanted:
+                        return self._take(eni_id, ip, container_id, ifname, pod_namespace, pod_name, owner)
+                    candidates[1].append((eni_id, ip))
+        if candidates[1]:
+            return self._take(*candidates[1][0], container_id, ifname, pod_namespace, pod_name, owner)
         raise PoolExhausted(cooling, free_in or 0.0)
+
+    def _take(self, eni_id: str, ip: str, container_id: str, ifname: str, pod_namespace: str, pod_name: str,
+              owner: list[int] | None) -> Assignment:
+        entry = {"state": ASSIGNED, "container_id": container_id, "ifname": ifname,
+                 "pod_namespace": pod_namespace, "pod_name": pod_name, "since": self.now}
+        if owner:
+            entry["owner"] = owner
+        self.enis[eni_id]["ips"][ip] = entry
+        return self._assignment(eni_id, ip)
 
     def claim(self, ip: str, container_id: str, ifname: str) -> bool:
         """Record that the attachment holds `ip` (found on the host after the store was rebuilt).
@@ -182,21 +212,43 @@ class Pool:
 
     # --- figures ---------------------------------------------------------------------------------
     def eni_stats(self) -> list[dict]:
-        """Per ENI: total, assigned, cooling (still in cool-down) and free (can be handed out now)."""
+        """Per ENI: total, assigned, cooling (still in cool-down) and free (can be handed out now)
+        addresses of both kinds; prefixes held, free prefixes (none of their addresses assigned or
+        cooling) and free secondary IPs (not of a prefix)."""
         out = []
         for eni_id, eni in sorted(self.enis.items(), key=lambda kv: kv[1]["device_number"]):
             states = [self._effective_state(e) for e in eni["ips"].values()]
+            prefixes = eni.get("prefixes", [])
             out.append({"eni_id": eni_id, "device_number": eni["device_number"], "primary": eni["primary"],
                         "ours": eni.get("ours", False),
                         "attached_at": eni["attached_at"], "total": len(states),
                         "assigned": states.count(ASSIGNED), "cooling": states.count(COOLING),
-                        "free": states.count(FREE)})
+                        "free": states.count(FREE), "prefixes": len(prefixes),
+                        "free_prefixes": len(self.free_prefixes(eni_id)) if prefixes else 0,
+                        "free_secondary": len(self.free_ips(eni_id)) if prefixes else states.count(FREE)})
         return out
 
     def free_ips(self, eni_id: str) -> list[str]:
-        """The ENI's IPs that can be handed out (or given back) now, lowest first."""
+        """The ENI's secondary IPs (not of a prefix) that can be handed out (or given back) now,
+        lowest first."""
+        eni = self.enis[eni_id]
+        bases = _prefix_bases(eni)
+        return sorted((ip for ip, e in eni["ips"].items()
+                       if self._effective_state(e) == FREE and not (bases and _ip_key(ip) & _PREFIX_MASK in bases)),
+                      key=_ip_key)
+
+    def free_prefixes(self, eni_id: str) -> list[str]:
+        """The ENI's prefixes none of whose addresses is assigned or cooling, lowest first."""
         ips = self.enis[eni_id]["ips"]
-        return sorted((ip for ip, e in ips.items() if self._effective_state(e) == FREE), key=_ip_key)
+        return [prefix for prefix in self.enis[eni_id].get("prefixes", [])
+                if all(ip in ips and self._effective_state(ips[ip]) == FREE for ip in prefix_addresses(prefix))]
+
+    def remove_prefix(self, eni_id: str, prefix: str) -> None:
+        """Take a prefix and its addresses out of the pool (before EC2 is asked to unassign it)."""
+        eni = self.enis[eni_id]
+        eni["prefixes"] = [p for p in eni.get("prefixes", []) if p != prefix]
+        for ip in prefix_addresses(prefix):
+            eni["ips"].pop(ip, None)
 
     def free_count(self) -> int:
         return sum(s["free"] for s in self.eni_stats())
@@ -213,6 +265,23 @@ class Pool:
         eni = self.enis[eni_id]
         return Assignment(ip=ip, eni_id=eni_id, device_number=eni["device_number"],
                           subnet_cidr=eni["subnet_cidr"], primary_eni=eni["primary"])
+
+
+def prefix_addresses(prefix: str) -> list[str]:
+    """The 16 addresses of an IPv4 /28 prefix."""
+    net = _ipv4_network(prefix)
+    if net is None or net[1] != PREFIX_LENGTH:
+        raise ValueError(f"not an IPv4 /{PREFIX_LENGTH} prefix: {prefix!r}")
+    return [_ipv4_str(net[0] + i) for i in range(PREFIX_SIZE)]
+
+
+def _prefix_bases(eni: dict) -> set[int]:
+    """The network addresses (as integers) of the ENI's prefixes."""
+    return {_ip_key(p.partition("/")[0]) for p in eni.get("prefixes", ())}
+
+
+def _ip_key_of_cidr(cidr: str) -> int:
+    return _ip_key(cidr.partition("/")[0])
 
 
 def _ip_key(ip: str) -> int:

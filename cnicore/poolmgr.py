@@ -15,7 +15,8 @@ IPs meanwhile says so (`blocked`: what EC2 answered, when the next attempt is).
 
 What the agent last did lives in the document's `agent` section, so a plugin can say why the pool
 is empty and a restarted agent keeps its pauses:
-    {"blocked": {"reason", "since", "limit"} | null, "insufficient_addresses_at", "last_release_at",
+    {"blocked": {"reason", "since", "limit"} | null, "insufficient_addresses_at", "insufficient_reason",
+     "prefixes_refused_at", "last_release_at",
      "last_error": {"action", "code", "message", "kind", "at"} | null, "last_refresh", "last_tick",
      "adopted": {eni_id: attachment_id}, "backoff": {"delay", "until"} | null}
 
@@ -149,7 +150,7 @@ class NodePool:
                                  primary_ip=eni.primary_ip, primary=eni.device_index == 0,
                                  attached_at=known.get("attached_at", self.clock()))
             entry["ours"] = eni.description.startswith(ENI_DESCRIPTION_PREFIX)
-            lost = pool.set_secondary_ips(eni.eni_id, list(eni.secondary_ips))
+            lost = pool.set_secondary_ips(eni.eni_id, list(eni.secondary_ips), list(eni.prefixes))
             if lost:
                 self.log.error("EC2 no longer lists IPs that pods hold", eni=eni.eni_id, ips=lost)
         for eni_id in list(pool.enis):
@@ -164,7 +165,9 @@ class NodePool:
         agent = doc.setdefault("agent", {})
         return warmpool.decide(self.eni_states(doc), self.settings, self.limits(doc), self.clock(),
                                last_release_at=agent.get("last_release_at"),
-                               insufficient_addresses_at=agent.get("insufficient_addresses_at"))
+                               insufficient_addresses_at=agent.get("insufficient_addresses_at"),
+                               insufficient_reason=agent.get("insufficient_reason"),
+                               prefixes_refused_at=agent.get("prefixes_refused_at"))
 
     def eni_states(self, doc: dict) -> list[warmpool.ENIState]:
         return [warmpool.ENIState.from_stats(row)
@@ -174,28 +177,35 @@ class NodePool:
     def grow(self, doc: dict, steps) -> None:
         """Run grow steps against EC2 (existing ENIs first, then new ones). Errors are recorded in
         the document and stop the remaining steps; the caller applies EC2's view afterwards."""
-        from .ec2 import EC2Error, InsufficientAddresses
+        from .ec2 import EC2Error, InsufficientAddresses, PrefixesUnsupported
         ec2 = self.ec2(doc)
         node = doc["node"]
         try:
             for step in steps:
                 if isinstance(step, warmpool.AssignIPs):
                     ec2.assign_ips(step.eni_id, step.count)
+                elif isinstance(step, warmpool.AssignPrefixes):
+                    ec2.assign_prefixes(step.eni_id, step.count)
                 else:
                     eni = ec2.allocate_eni(node["subnet_id"], node["security_groups"])
                     self._allocated.add(eni.eni_id)
                     self.log.info("attached a new ENI", eni=eni.eni_id, device=eni.device_index)
-                    ec2.assign_ips(eni.eni_id, step.count)
+                    (ec2.assign_prefixes if step.prefixes else ec2.assign_ips)(eni.eni_id, step.count)
         except InsufficientAddresses as exc:
             doc["agent"]["insufficient_addresses_at"] = self.clock()
+            doc["agent"]["insufficient_reason"] = _insufficient_reason(exc.code, node)
+            self._record_error(doc, exc)
+        except PrefixesUnsupported as exc:
+            doc["agent"]["prefixes_refused_at"] = self.clock()
             self._record_error(doc, exc)
         except EC2Error as exc:
             self._record_error(doc, exc)
 
     def _record_error(self, doc: dict, exc) -> None:
-        from .ec2 import EC2Throttled, EC2Unreachable, InsufficientAddresses
+        from .ec2 import EC2Throttled, EC2Unreachable, InsufficientAddresses, PrefixesUnsupported
         kind = ("throttled" if isinstance(exc, EC2Throttled) else "unreachable" if isinstance(exc, EC2Unreachable)
-                else "insufficient-addresses" if isinstance(exc, InsufficientAddresses) else "error")
+                else "insufficient-addresses" if isinstance(exc, InsufficientAddresses)
+                else "prefixes-unsupported" if isinstance(exc, PrefixesUnsupported) else "error")
         doc["agent"]["last_error"] = {"action": exc.action, "code": exc.code, "message": exc.message,
                                       "kind": kind, "at": self.clock()}
         if kind in ("throttled", "unreachable"):
@@ -279,8 +289,16 @@ class NodePool:
         """No agent on the node: bring the pool to target now, at least one free IP. EC2 and IMDS
         are called without the store lock (the caller holds the grow lock); EC2's view is merged
         into the document as it is then."""
+        releasing, releasing_prefixes = {}, {}
         with store.locked() as tx:
             doc = tx.read()
+            if doc is not None and not self.backoff_left(doc):
+                # after a switch of mode, the other kind's free addresses go back first (their slots)
+                decision = self.decide(doc)
+                drain = warmpool.Decision(decision.figures, release=warmpool.drain_steps(decision))
+                releasing, releasing_prefixes = self._take_releases(doc, drain), self._take_prefix_releases(doc, drain)
+                if releasing or releasing_prefixes:
+                    tx.write(doc)
         if doc is None:  # the node's first ADD: facts from IMDS, ENIs from EC2
             doc = self.new_document()
             self.refresh(doc)
@@ -294,12 +312,18 @@ class NodePool:
             return
         self._throttled = False
         calls = sum(self.ec2_calls().values())
+        self._release(doc, releasing)
+        self._release(doc, releasing_prefixes, prefixes=True)
         pool = Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"])
         decision = self.decide(doc)
         steps = decision.grow
         if not steps and pool.free_count() == 0 and not decision.blocked:
-            steps = warmpool.grow_plan(self.eni_states(doc), 1, decision.figures.ips_per_eni,
-                                       decision.figures.max_enis, whole_enis=False)[0]
+            if self.settings.prefix_delegation:
+                steps = warmpool.prefix_grow_plan(self.eni_states(doc), 1, self.limits(doc).ips_per_eni,
+                                                  decision.figures.max_enis)[0]
+            else:
+                steps = warmpool.grow_plan(self.eni_states(doc), 1, decision.figures.ips_per_eni,
+                                           decision.figures.max_enis, whole_enis=False)[0]
         enis = None
         if steps:
             self.grow(doc, steps)
@@ -337,18 +361,20 @@ class NodePool:
                 tx.write(doc)
                 return decision
             releasing = self._take_releases(doc, decision)
+            releasing_prefixes = self._take_prefix_releases(doc, decision)
             freeing = self._take_free_eni(doc, decision)
             tx.write(doc)
         calls = sum(self.ec2_calls().values())
+        self._release(doc, releasing)  # first: a switch of mode frees slots the grow may use
+        self._release(doc, releasing_prefixes, prefixes=True)
         self.grow(doc, decision.grow)
-        self._release(doc, releasing)
         self._free_eni(doc, freeing)
         refresh_due = self.clock() - doc["agent"].get("last_refresh", 0) >= REFRESH_INTERVAL
         enis = None
         if not self._throttled:
             self._repair_adopted(doc)
             self._sweep_leaked(doc)
-        if not self._throttled and (decision.grow or releasing or freeing or refresh_due):
+        if not self._throttled and (decision.grow or releasing or releasing_prefixes or freeing or refresh_due):
             enis = self._ec2_view(doc)
         self._after_ec2_round(doc, calls)
         doc["agent"]["last_tick"] = self.clock()
@@ -390,10 +416,27 @@ class NodePool:
         pool = Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"])
         taken: dict[str, list[str]] = {}
         for step in decision.release:
+            if not isinstance(step, warmpool.ReleaseIPs):
+                continue
             free = pool.free_ips(step.eni_id)
             free = free[len(free) - min(step.count, len(free)):]  # the highest addresses go back
             for ip in free:
                 del pool.enis[step.eni_id]["ips"][ip]
+            if free:
+                taken[step.eni_id] = free
+        return taken
+
+    def _take_prefix_releases(self, doc: dict, decision) -> dict[str, list[str]]:
+        """Take the free prefixes to give back (and their addresses) out of the pool, under the lock."""
+        pool = Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"])
+        taken: dict[str, list[str]] = {}
+        for step in decision.release:
+            if not isinstance(step, warmpool.ReleasePrefixes):
+                continue
+            free = pool.free_prefixes(step.eni_id)
+            free = free[len(free) - min(step.count, len(free)):]  # the highest prefixes go back
+            for prefix in free:
+                pool.remove_prefix(step.eni_id, prefix)
             if free:
                 taken[step.eni_id] = free
         return taken
@@ -409,13 +452,16 @@ class NodePool:
         pool.remove_eni(eni_id)
         return eni_id
 
-    def _release(self, doc: dict, releasing: dict[str, list[str]]) -> None:
+    def _release(self, doc: dict, releasing: dict[str, list[str]], prefixes: bool = False) -> None:
         from .ec2 import EC2Error
         for eni_id, ips in releasing.items():
             try:
-                self.ec2(doc).unassign_ips(eni_id, ips)
+                if prefixes:
+                    self.ec2(doc).unassign_prefixes(eni_id, ips)
+                else:
+                    self.ec2(doc).unassign_ips(eni_id, ips)
                 doc["agent"]["last_release_at"] = self.clock()
-                self.log.info("gave back surplus IPs", eni=eni_id, ips=ips)
+                self.log.info(f"gave back surplus {'prefixes' if prefixes else 'IPs'}", eni=eni_id, released=ips)
             except EC2Error as exc:
                 self._record_error(doc, exc)  # EC2's view brings them back as free
 
@@ -457,6 +503,16 @@ class NodePool:
             self.log.info("freed an idle ENI", eni=eni_id)
         except EC2Error as exc:
             self._record_error(doc, exc)
+
+
+def _insufficient_reason(code: str, node: dict) -> str:
+    """What EC2's InsufficientCidrBlocks or InsufficientFreeAddressesInSubnet means, naming the subnet."""
+    subnet = f"subnet {node['subnet_id']} ({node['subnet_cidr']})"
+    if code == "InsufficientCidrBlocks":
+        return (f"EC2 answered InsufficientCidrBlocks for {subnet}: no aligned /28 block is free for an IPv4 "
+                f"prefix (the subnet is fragmented or full; AWS recommends a subnet CIDR reservation "
+                f"for prefixes)")
+    return f"EC2 answered {code} for {subnet}: the subnet is out of addresses"
 
 
 def grow_for_add(store: Store, cfg: dict, network: str, log, locked: bool = False) -> None:

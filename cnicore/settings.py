@@ -135,6 +135,14 @@ def _target(value, warn) -> int | None:
     return number or None
 
 
+def _warm_prefix_target(value, warn) -> int:
+    """Upstream's getWarmPrefixTarget: Atoi, 0 or more; negative or not a number -> 0 (the default)."""
+    number = _int_value(value)
+    if number < 0:
+        raise _Default("is negative")
+    return number
+
+
 def _warm_eni_target(value, warn) -> int:
     number = _int_value(value)
     if number < 0:
@@ -369,6 +377,8 @@ SETTINGS = {s.env: s for s in (
     Setting("MINIMUM_IP_TARGET", "minimumIPTarget", None, _target),
     Setting("WARM_ENI_TARGET", "warmENITarget", 1, _warm_eni_target),
     Setting("MAX_ENI", "maxENI", None, _max_eni),
+    Setting("ENABLE_PREFIX_DELEGATION", "enablePrefixDelegation", False, _go_bool),
+    Setting("WARM_PREFIX_TARGET", "warmPrefixTarget", 0, _warm_prefix_target),
     Setting("IP_COOLDOWN_PERIOD", "ipCooldownPeriod", 30, _cooldown),
     Setting("AWS_VPC_K8S_CNI_EXTERNALSNAT", "externalSNAT", False, _go_bool),
     Setting("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "excludeSNATCIDRs", (), _exclude_cidrs),

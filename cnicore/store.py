@@ -15,7 +15,8 @@ from . import jsonio
 from .errors import CNIError, STORE_FAILURE
 from .fsutil import make_dirs
 
-SCHEMA = 1
+SCHEMA = 2
+READABLE_SCHEMAS = (1, 2)  # schema 1 is schema 2 without IPv4 prefixes (cnicore.pool); it is written back as 2
 DEFAULT_DIR = "/var/run/aws-vpc-cni"
 _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 _NAME_CHARS = _ALNUM | frozenset("_.-")
@@ -111,10 +112,11 @@ class Transaction:
         except (ValueError, UnicodeDecodeError) as exc:
             raise StoreError(f"the state file {path} is corrupt and was left as it is: {exc}",
                              "the node agent rebuilds it from EC2 and the host, keeping the bad file aside") from None
-        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or doc.get("network") != self.store.network:
+        if (not isinstance(doc, dict) or doc.get("schema") not in READABLE_SCHEMAS
+                or doc.get("network") != self.store.network):
             found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
-            raise StoreError(f"the state file {path} is not a schema-{SCHEMA} document of network "
-                             f"{self.store.network!r} (found schema {found!r}); it was left as it is")
+            raise StoreError(f"the state file {path} is not a schema-{SCHEMA} (or {READABLE_SCHEMAS[0]}) document "
+                             f"of network {self.store.network!r} (found schema {found!r}); it was left as it is")
         return doc
 
     def write(self, doc: dict) -> None:

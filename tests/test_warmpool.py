@@ -305,3 +305,134 @@ def test_a_pool_short_at_the_instance_limit_is_told_apart_from_one_that_can_grow
     assert not growing.limited and growing.grow and growing.blocked is None
     paused = decide([eni(0, 9, 9)], S(), M5, NOW, insufficient_addresses_at=NOW - 1)
     assert not paused.limited and paused.blocked
+
+
+# --- prefix delegation (ENABLE_PREFIX_DELEGATION): upstream's ipamd formulas in /28 prefixes -------
+
+from cnicore.warmpool import AssignPrefixes, ReleasePrefixes, prefix_grow_plan  # noqa: E402
+
+
+def pfx(device, prefixes, assigned=0, cooling=0, free_prefixes=None, secondary=0, secondary_free=0,
+        attached_at=OLD):
+    """An ENI holding `prefixes` /28s (16 addresses each) and `secondary` secondary IPs; `assigned`
+    and `cooling` are addresses of the prefixes (the secondary IPs not free are assigned)."""
+    total = 16 * prefixes + secondary
+    held = assigned + cooling
+    if free_prefixes is None:
+        free_prefixes = prefixes - -(-held // 16)  # pods packed into the lowest prefixes
+    free_of_prefixes = 16 * prefixes - held
+    return ENIState(f"eni-{device:08x}", device, total, assigned + secondary - secondary_free, cooling, attached_at,
+                    True, prefixes, free_prefixes, free_of_prefixes)
+
+
+PD = dict(prefix_delegation=True)
+
+
+@pytest.mark.parametrize("settings,enis,expect", [
+    # WARM_PREFIX_TARGET (P): too low when available < 16 P; grow by max(1, P - free prefixes)
+    (S(**PD, warm_prefix_target=1), [pfx(0, 0)], dict(mode="prefix-target", short=1, over=0)),
+    (S(**PD, warm_prefix_target=1), [pfx(0, 1)], dict(available=16, short=0, over=0)),
+    (S(**PD, warm_prefix_target=1), [pfx(0, 1, assigned=1)], dict(available=15, short=1, over=0)),
+    (S(**PD, warm_prefix_target=2), [pfx(0, 1, assigned=1)], dict(short=2)),
+    (S(**PD, warm_prefix_target=1), [pfx(0, 3, assigned=1)], dict(free_prefixes=2, short=0, over=1)),
+    # P = 0 (upstream's default): too low only when nothing is available; a prefix that leaves nothing
+    # available is never given back (upstream's would be asked for again at the next round)
+    (S(**PD), [pfx(0, 1)], dict(short=0, over=0)),
+    (S(**PD), [pfx(0, 1, assigned=16)], dict(short=1)),
+    (S(**PD), [pfx(0, 2, assigned=3)], dict(short=0, over=1)),
+    # an address in cool-down keeps its prefix from being free
+    (S(**PD, warm_prefix_target=1), [pfx(0, 2, cooling=1)], dict(free_prefixes=1, short=0, over=0)),
+    # WARM_IP_TARGET / MINIMUM_IP_TARGET in prefixes: short = ceil(short IPs / 16)
+    (S(**PD, warm_ip_target=5), [pfx(0, 1, assigned=14)], dict(mode="ip-target", available=2, short=1, over=0)),
+    (S(**PD, warm_ip_target=20), [pfx(0, 1)], dict(short=1)),
+    (S(**PD, warm_ip_target=40), [pfx(0, 1)], dict(short=2)),
+    (S(**PD, minimum_ip_target=40), [], dict(short=3)),
+    # over = min(free prefixes, prefixes - ceil((assigned + WARM_IP_TARGET) / 16), prefixes - ceil(MIN / 16))
+    (S(**PD, warm_ip_target=15), [pfx(0, 3, assigned=1)], dict(short=0, over=2)),
+    (S(**PD, warm_ip_target=16), [pfx(0, 3, assigned=1)], dict(short=0, over=1)),
+    (S(**PD, warm_ip_target=1, minimum_ip_target=40), [pfx(0, 4, assigned=1)], dict(over=1)),
+    # after a switch to prefix mode, free secondary IPs count for nothing (they drain)...
+    (S(**PD, warm_prefix_target=1), [pfx(0, 0, secondary=9, secondary_free=9)], dict(total=0, short=1)),
+    # ... and in secondary-IP mode, so do the free addresses of prefixes
+    (S(), [pfx(0, 1, assigned=2)], dict(mode="eni-target", total=2, available=0, short=9)),
+])
+def test_prefix_figures(settings, enis, expect):
+    figures = measure(enis, settings, M5)
+    for key, value in expect.items():
+        assert getattr(figures, key) == value, key
+    if settings.prefix_delegation:  # 3 ENIs x 9 prefixes x 16 addresses
+        assert figures.ips_per_eni == 144 and figures.capacity == 432
+
+
+def test_prefix_mode_grows_prefixes_on_existing_enis_first_then_new_enis():
+    assert decide([pfx(0, 0)], S(**PD, warm_prefix_target=1), M5, NOW).grow == (AssignPrefixes("eni-00000000", 1),)
+    # the primary ENI's slots are full (9 prefixes): a new ENI with as many prefixes as needed
+    full = pfx(0, 9, assigned=144)
+    assert decide([full], S(**PD, warm_prefix_target=2), M5, NOW).grow == (NewENI(2, prefixes=True),)
+    # secondary IPs still held take slots too
+    assert prefix_grow_plan([pfx(0, 2, secondary=5)], 4, 9, 3) == ((AssignPrefixes("eni-00000000", 2),
+                                                                     NewENI(2, prefixes=True)), 0)
+    assert prefix_grow_plan([pfx(0, 9), pfx(1, 9), pfx(2, 8)], 3, 9, 3) == ((AssignPrefixes("eni-00000002", 1),), 2)
+
+
+def test_prefix_mode_at_the_instance_limit_names_prefixes():
+    full = [pfx(d, 9, assigned=144) for d in range(3)]
+    decision = decide(full, S(**PD, warm_prefix_target=1), M5, NOW)
+    assert decision.limited and not decision.grow
+    assert decision.blocked == ("the ENI limit of m5.large (3 ENIs) reached: at most 432 pod IPs "
+                                "(3 ENIs x 9 /28 prefixes x 16 addresses)")
+
+
+def test_prefix_mode_gives_back_free_prefixes_highest_first_at_most_every_interval():
+    enis = [pfx(0, 2, assigned=3), pfx(1, 3, attached_at=NOW)]
+    decision = decide(enis, S(**PD, warm_prefix_target=1), M5, NOW)
+    assert decision.release == (ReleasePrefixes("eni-00000001", 3),)
+    assert decide(enis, S(**PD, warm_prefix_target=1), M5, NOW, last_release_at=NOW - 1).release == ()
+
+
+def test_prefix_mode_frees_an_idle_eni_only_if_the_rest_meets_the_target():
+    idle = pfx(1, 1)
+    assert decide([pfx(0, 2, assigned=3), idle], S(**PD, warm_prefix_target=1), M5, NOW).free_eni == idle.eni_id
+    assert decide([pfx(0, 1, assigned=3), idle], S(**PD, warm_prefix_target=1), M5, NOW).free_eni is None
+
+
+def test_switching_the_mode_drains_the_other_kind():
+    # prefix mode: free secondary IPs go back; assigned ones stay with their pods
+    mixed = [pfx(0, 1, secondary=5, secondary_free=3)]
+    assert ReleaseIPs("eni-00000000", 3) in decide(mixed, S(**PD, warm_prefix_target=1), M5, NOW).release
+    # secondary-IP mode: free prefixes go back, a prefix with a pod or an address cooling stays
+    prefixes = [pfx(0, 3, assigned=1, cooling=16, free_prefixes=1, secondary=9)]
+    decision = decide(prefixes, S(), M5, NOW)
+    assert decision.release == (ReleasePrefixes("eni-00000000", 1),)
+
+
+def test_prefix_mode_pauses_after_insufficient_cidr_blocks_and_refuses_clearly_on_a_xen_type():
+    reason = "EC2 answered InsufficientCidrBlocks for subnet subnet-1 (10.0.0.0/24): ..."
+    paused = decide([pfx(0, 0)], S(**PD), M5, NOW, insufficient_addresses_at=NOW - 1, insufficient_reason=reason)
+    assert not paused.grow and paused.blocked.startswith(reason) and "paused for 119 s more" in paused.blocked
+    assert decide([pfx(0, 0)], S(**PD), M5, NOW + GROWTH_PAUSE, insufficient_addresses_at=NOW - 1).grow
+    m4 = InstanceLimits("m4.large", 2, 10)
+    refused = decide([pfx(0, 0)], S(**PD), m4, NOW, prefixes_refused_at=NOW - 1)
+    assert refused.limited and not refused.grow
+    assert "m4.large" in refused.blocked and "ENABLE_PREFIX_DELEGATION" in refused.blocked
+
+
+def test_prefix_state_from_the_pool_document():
+    pool = Pool(new_document({}), now=NOW, cooldown=30)
+    pool.put_eni("eni-00000000", mac="02:00:00:00:00:01", device_number=0, subnet_cidr="10.0.0.0/24",
+                 primary_ip="10.0.0.10", primary=True, attached_at=0.0)
+    pool.set_secondary_ips("eni-00000000", ["10.0.0.20"], ["10.0.0.48/28", "10.0.0.32/28"])
+    got = [pool.assign(f"c{i}", "eth0", prefixes=True).ip for i in range(3)]
+    assert got == ["10.0.0.32", "10.0.0.33", "10.0.0.34"]  # lowest prefix first, the secondary IP left alone
+    pool.release("c2", "eth0")
+    [row] = pool.eni_stats()
+    assert (row["prefixes"], row["free_prefixes"], row["free_secondary"]) == (2, 1, 1)
+    assert pool.free_prefixes("eni-00000000") == ["10.0.0.48/28"] and pool.free_ips("eni-00000000") == ["10.0.0.20"]
+    state = ENIState.from_stats(row)
+    assert (state.total, state.assigned, state.cooling, state.free_of_prefixes) == (33, 2, 1, 29)
+    # secondary-IP mode prefers the secondary IP; then falls back to a prefix address
+    assert pool.assign("s1", "eth0").ip == "10.0.0.20"
+    assert pool.assign("s2", "eth0").ip == "10.0.0.35"
+    # a prefix EC2 no longer lists leaves with its free addresses; an assigned one is kept and reported
+    lost = pool.set_secondary_ips("eni-00000000", ["10.0.0.20"], ["10.0.0.48/28"])
+    assert lost == ["10.0.0.32", "10.0.0.33", "10.0.0.35"] and "10.0.0.36" not in pool.enis["eni-00000000"]["ips"]

@@ -1,4 +1,5 @@
-"""aws-eni-ipam: hands out secondary private IPs of the node's ENIs.
+"""aws-eni-ipam: hands out secondary private IPs of the node's ENIs, or with prefix delegation
+(enablePrefixDelegation) addresses of the ENIs' /28 IPv4 prefixes, each as a /32.
 
 Hot path (the pool has a free IP): lock the store, take an IP, write, answer. No EC2, no IMDS, no
 boto3 import. Slow path (the pool is empty): with the node agent running, answer "try again later"
@@ -20,7 +21,7 @@ from cnicore.store import Store, StoreError
 
 GROWING = "the node agent was asked to grow the pool"
 POOL_SETTINGS = ("WARM_IP_TARGET", "MINIMUM_IP_TARGET", "WARM_ENI_TARGET", "MAX_ENI", "IP_COOLDOWN_PERIOD",
-                 "CLUSTER_NAME", "AWS_VPC_CNI_DATA_DIR")
+                 "CLUSTER_NAME", "AWS_VPC_CNI_DATA_DIR", "ENABLE_PREFIX_DELEGATION", "WARM_PREFIX_TARGET")
 
 
 def _ipam_conf(args: skel.CmdArgs) -> dict:
@@ -90,7 +91,8 @@ def _assign(store: Store, args: skel.CmdArgs, cfg: dict):
             raise CNIError(ATTACHMENT_EXISTS, f"container {args.container_id} interface {args.ifname} "
                                               f"already holds {held.ip}; DEL it first")
         try:
-            got = pool.assign(args.container_id, args.ifname, args.pod_namespace, args.pod_name, _owner())
+            got = pool.assign(args.container_id, args.ifname, args.pod_namespace, args.pod_name, _owner(),
+                              prefixes=cfg["ENABLE_PREFIX_DELEGATION"])
         except PoolExhausted as exc:
             return None, doc, exc
         tx.write(doc)
