@@ -1,0 +1,160 @@
+"""`make scale`: the cluster-scale simulation (tests/scale/sim.py) against one lab EC2 with EC2's
+token buckets and latencies on, in compressed time; writes scale-results.json and prints the table.
+
+    python -m tests.scale.run [--nodes 1000] [--cold-nodes 200] [--pods 30] [--hour 3600]
+                              [--time-scale 4] [--policy today|budget|both]
+
+The simulation runs inside the lab's node1 namespace: the lab's EC2 front, with its buckets, listens
+there (its own listener in the ctl namespace spends no token and is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+RESULTS = "scale-results.json"
+TARGETS = {"ec2_calls_per_node_hour": 2.0, "cold_start_ratio": 1.5, "pod_errors": 0}
+# What upstream's algorithm spends (aws/amazon-vpc-cni-k8s): pkg/ipamd/ipamd.go reconciles from
+# IMDS every nodeIPPoolReconcileInterval (60 s) and calls DescribeNetworkInterfaces only when IMDS and
+# its datastore disagree (eniIPPoolReconcile, needEC2Reconcile); pkg/awsutils/awsutils.go sweeps
+# leaked ENIs hourly after a random start-up delay of up to eniCleanupStartupDelayMax (300 s), one
+# DescribeNetworkInterfaces filtered by vpc-id: about 1 EC2 call per node-hour in steady state.
+UPSTREAM_CALLS_PER_NODE_HOUR = 1.0
+
+
+def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale: float, policy: str,
+             warmup: float = 120.0, cold_limit: float = 3600.0) -> dict:
+    from vpclab.latency import Latency
+
+    from .sim import Cluster
+
+    cluster = Cluster(lab, nodes, scale=scale, policy=policy)
+    try:
+        cluster.run(warmup)
+        lab.ec2_calls(reset=True)
+        lab.ec2_throttling(reset=True)
+        steady = cluster.run(hour)
+        calls = lab.ec2_calls(reset=True)
+        steady_buckets = lab.ec2_throttling(reset=True)["buckets"]
+        node_hours = nodes * steady / 3600
+        per_api = {a: n / node_hours for a, n in sorted(calls.items())}
+
+        chosen = cluster.schedule_pods(min(cold_nodes, nodes), pods)
+        before = cluster.node_calls()
+        code11_before = cluster.code11
+        cold = cluster.run(cold_limit, until=lambda: cluster.all_placed(chosen))
+        cold_buckets = lab.ec2_throttling(reset=True)["buckets"]
+        after = cluster.node_calls()
+        latency = Latency(enabled=True)
+        serial = max(sum(latency.of(a) * n for a, n in (after[c.index] - before[c.index]).items()) for c in chosen)
+        bucket_floor = max([(b["spent"] - b["capacity"]) / b["refill_per_second"] for b in cold_buckets.values()]
+                           + [0.0])
+        floor = max(serial, bucket_floor)
+        placed = cluster.all_placed(chosen)
+        throttled = sum(b["throttled"] for b in steady_buckets.values()) + sum(
+            b["throttled"] for b in cold_buckets.values())
+        return {
+            "policy": policy, "nodes": nodes, "time_scale": scale, "steady_seconds": round(steady, 1),
+            "ec2_calls_per_node_hour": round(sum(per_api.values()), 3),
+            "ec2_calls_per_node_hour_by_api": {a: round(v, 3) for a, v in per_api.items()},
+            "steady_throttled": sum(b["throttled"] for b in steady_buckets.values()),
+            "cold_nodes": len(chosen), "pods_per_node": pods, "cold_start_seconds": round(cold, 1),
+            "cold_start_all_placed": placed, "cold_start_floor_seconds": round(floor, 1),
+            "cold_start_floor_buckets": round(bucket_floor, 1), "cold_start_floor_serial": round(serial, 1),
+            "cold_start_ratio": round(cold / floor, 3) if floor and placed else float("inf"),
+            "cold_start_calls": dict(sum((after[c.index] - before[c.index] for c in chosen), Counter())),
+            "cold_start_throttled": {k: b["throttled"] for k, b in cold_buckets.items() if b["throttled"]},
+            "throttled_requests": throttled,
+            "code11_retries": cluster.code11 - code11_before,
+            "pod_errors": sum(cluster.errors.values()) + (0 if placed else 1),
+            "agent_errors": dict(cluster.errors),
+        }
+    finally:
+        cluster.close()
+
+
+def table(results: list[dict]) -> str:
+    rows = [("figure", *[r["policy"] for r in results], "upstream", "target")]
+    rows.append(("EC2 calls per node-hour (steady)", *[f"{r['ec2_calls_per_node_hour']:.2f}" for r in results],
+                 f"~{UPSTREAM_CALLS_PER_NODE_HOUR:g}", "<= 2"))
+    apis = sorted({a for r in results for a in r["ec2_calls_per_node_hour_by_api"]})
+    for api in apis:
+        rows.append((f"  {api}", *[f"{r['ec2_calls_per_node_hour_by_api'].get(api, 0):.2f}" for r in results], "", ""))
+    rows.append(("cold start s (all pods placed)", *[str(r["cold_start_seconds"]) for r in results], "", ""))
+    rows.append(("cold start floor s", *[str(r["cold_start_floor_seconds"]) for r in results], "", ""))
+    rows.append(("cold start / floor", *[str(r["cold_start_ratio"]) for r in results], "", "<= 1.5"))
+    rows.append(("requests throttled", *[str(r["throttled_requests"]) for r in results], "", ""))
+    rows.append(("code-11 retries (apart)", *[str(r["code11_retries"]) for r in results], "", ""))
+    rows.append(("errors that reached a pod", *[str(r["pod_errors"]) for r in results], "", "0"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def inside(args) -> None:
+    from vpclab.api import Lab
+
+    lab = Lab.attach(args.lab)
+    policies = ["today", "budget"] if args.policy == "both" else [args.policy]
+    out = []
+    for policy in policies:
+        lab.reset()
+        lab.set_ec2_timing(throttling=True, latency=True, time_scale=args.time_scale)
+        out.append(simulate(lab, nodes=args.nodes, cold_nodes=args.cold_nodes, pods=args.pods, hour=args.hour,
+                            scale=args.time_scale, policy=policy))
+    print(json.dumps(out))
+
+
+def outside(args) -> list[dict]:
+    from vpclab import api, netns
+
+    api.sweep_orphans()
+    lab = api.Lab.up(name=netns.new_prefix("s"), nodes=1, instance_type="m5.xlarge", vpc_cidrs=["10.0.0.0/16"],
+                     subnet_prefix=16, ec2_throttling=True, ec2_latency=True, owner_pid=os.getpid())
+    try:
+        argv = [sys.executable, "-m", "tests.scale.run", "--inside", "--lab", lab.name, "--nodes", str(args.nodes),
+                "--cold-nodes", str(args.cold_nodes), "--pods", str(args.pods), "--hour", str(args.hour),
+                "--time-scale", str(args.time_scale), "--policy", args.policy]
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        proc = subprocess.run(lab.exec_argv("node1", argv), env=lab.exec_env("node1"), cwd=root,
+                              capture_output=True, text=True, timeout=args.timeout)
+        if proc.returncode != 0:
+            raise SystemExit(f"the simulation failed:\n{proc.stderr[-4000:]}")
+        return json.loads(proc.stdout.splitlines()[-1])
+    finally:
+        lab.down()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=1000)
+    p.add_argument("--cold-nodes", type=int, default=200)
+    p.add_argument("--pods", type=int, default=30)
+    p.add_argument("--hour", type=float, default=3600.0, help="simulated seconds of steady state")
+    p.add_argument("--time-scale", type=float, default=4.0)
+    p.add_argument("--policy", choices=("today", "budget", "both"), default="both")
+    p.add_argument("--timeout", type=float, default=6 * 3600)
+    p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--lab", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=RESULTS)
+    args = p.parse_args(argv)
+    if args.inside:
+        return inside(args)
+    results = outside(args)
+    main_result = results[-1]
+    with open(args.out, "w") as f:
+        json.dump({"nodes": main_result["nodes"],
+                   "ec2_calls_per_node_hour": main_result["ec2_calls_per_node_hour"],
+                   "cold_start_ratio": main_result["cold_start_ratio"],
+                   "throttled_requests": main_result["throttled_requests"],
+                   "pod_errors": main_result["pod_errors"],
+                   "runs": results}, f, indent=1)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""N simulated nodes running the real agent code against ONE lab EC2 with EC2's token buckets on.
+
+What is real: cnicore.poolmgr.NodePool (the agent's tick and start-up reconcile), cnicore.warmpool's
+decisions, cnicore.ec2.EC2 (its retries and error classes; one shared boto3 client, thread-safe, as
+a thousand clients would take gigabytes), cnicore.imds.IMDS (over HTTP, to tests.scale.imds), a
+cnicore.store.Store per node (files), and the lab's EC2 front: faults, buckets, latency, moto.
+What is simulated: the kubelet (a pod ADD is a claim in the node's store, retried each simulated
+second while the pool answers "no free IP", the CNI's code 11, and nudging the agent as the plugin
+does), the node's namespace (none), and the agent's loop (a scheduler over worker threads).
+
+Compressed time: the lab runs its buckets and latencies `time_scale` times faster than the wall
+clock (Lab.set_ec2_timing(time_scale=S)); every node's clock is SimClock (S simulated seconds per
+wall second, from the same start), injected into NodePool, EC2 (retry sleeps) and the scheduler. So
+the buckets refill at AWS's documented rates in simulated time, and every figure here is simulated.
+Wall-clock cost (moto, Python) is multiplied by S in simulated time: S must stay low enough that a
+tick's own compute is small against the 5 s tick interval.
+
+`policy`: "today" runs NodePool as the agent does (EC2 read every 60 s, leak sweep every 60 s);
+"budget" swaps in cnicore.ec2budget and cnicore.leaksweep through BudgetedNodePool below.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+
+from cnicore import settings as user_settings
+from cnicore.ec2 import EC2, EC2Error
+from cnicore.ec2budget import EC2Budget, disagreements
+from cnicore.imds import IMDS, IMDSError
+from cnicore.leaksweep import LeakSweep
+from cnicore.pool import Pool, PoolExhausted
+from cnicore.poolmgr import NodePool
+from cnicore.store import Store
+
+from .imds import SimIMDS
+
+TICK = 5.0         # s: the agent's --interval
+POD_RETRY = 1.0    # s: a pod's ADD retried after code 11
+NETWORK = "aws-cni"
+CLUSTER = "scale"
+
+
+class SimClock:
+    def __init__(self, scale: float):
+        self.scale = scale
+        self._wall0 = time.monotonic()
+        self.epoch = time.time()
+
+    def __call__(self) -> float:
+        return self.epoch + (time.monotonic() - self._wall0) * self.scale
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds / self.scale)
+
+
+class Quiet:
+    """The agent's logger, keeping only counts (a thousand nodes' lines are no use here)."""
+
+    def __init__(self):
+        self.counts = Counter()
+
+    def _count(self, level):
+        def log(msg, **fields):
+            self.counts[level] += 1
+        return log
+
+    def __getattr__(self, level):
+        return self._count(level)
+
+
+def shared_ec2(client):
+    """An EC2 class whose instances use `client` (one boto3 client for the simulation)."""
+    class SharedClientEC2(EC2):
+        @property
+        def client(self):
+            return client
+    return SharedClientEC2
+
+
+class BudgetedNodePool(NodePool):
+    """NodePool with the agent's refresh schedule swapped for cnicore.ec2budget and its leak sweep
+    for cnicore.leaksweep (the wiring poolmgr does not have yet): each round compares IMDS with the
+    store, lets EC2Budget decide whether EC2's view is read (through the document's last_refresh,
+    which NodePool.tick consults), and skips EC2 altogether while the budget backs off."""
+
+    def __init__(self, cfg, log, *, budget: EC2Budget, vpc_id: str, rng, **kw):
+        super().__init__(cfg, log, **kw)
+        self.budget = budget
+        self._vpc_id, self._sweep_rng = vpc_id, rng
+        self._sweep = None
+
+    def reconcile(self, store):
+        doc = super().reconcile(store)
+        self.budget.read()
+        return doc
+
+    def tick(self, store):
+        with store.locked(shared=True) as tx:
+            doc = tx.read()
+        try:
+            imds = {e.interface_id: set(e.secondary_ips) for e in self.imds.enis().values()}
+            self.budget.compared(not disagreements({k: set(v["ips"]) for k, v in doc["enis"].items()}, imds))
+        except IMDSError:
+            self.budget.compared(False)
+        if not self.budget.may_act():
+            return None
+        reason = self.budget.read_due()
+        with store.locked() as tx:
+            doc = tx.read()
+            marker = 0.0 if reason else self.clock()
+            doc["agent"]["last_refresh"] = marker
+            tx.write(doc)
+        decision = super().tick(store)
+        with store.locked(shared=True) as tx:
+            read = tx.read()["agent"].get("last_refresh") != marker
+        if self._throttled:
+            self.budget.throttled()
+        else:
+            self.budget.succeeded()
+            if read:
+                self.budget.read()
+        return decision
+
+    def _sweep_leaked(self, doc):
+        if self._sweep is None:
+            self._sweep = LeakSweep(self.ec2(doc), self._vpc_id, self.cfg["CLUSTER_NAME"], self.log,
+                                    clock=self.clock, rng=self._sweep_rng)
+        try:
+            self._sweep.maybe_run()
+        except EC2Error as exc:
+            self._record_error(doc, exc)
+
+
+class Node:
+    def __init__(self, index, instance_id, pool, store):
+        self.index, self.instance_id, self.pool, self.store = index, instance_id, pool, store
+        self.pending: list[str] = []     # pods waiting for an IP
+        self.placed: set[str] = set()
+        self.next_tick = 0.0
+        self.started = False
+
+    def add_pod(self, name: str, now: float) -> bool:
+        """One pod ADD: True if it got an IP; False is the CNI's code 11 (no free IP, try again)."""
+        with self.store.locked() as tx:
+            doc = tx.read()
+            try:
+                Pool(doc, now, self.pool.cfg["IP_COOLDOWN_PERIOD"]).assign(name, "eth0")
+            except PoolExhausted:
+                return False
+            tx.write(doc)
+        return True
+
+
+class Cluster:
+    """The simulated nodes, their scheduler and their counts."""
+
+    def __init__(self, lab, nodes: int, *, scale: float, policy: str = "today", workers: int = 8,
+                 seed: int = 1, instance_type: str = "m5.xlarge"):
+        import boto3
+        from botocore.config import Config
+
+        self.lab, self.policy, self.scale = lab, policy, scale
+        self.clock = SimClock(scale)
+        self.errors = Counter()   # pod-facing errors other than code 11
+        self.code11 = 0
+        status = lab.status()
+        self.vpc_id = status["vpc_id"]
+        subnet, sg = status["subnets"][0]["id"], status["security_group_id"]
+        reply = lab.ec2("RunInstances", ImageId="ami-12c6146b", MinCount=nodes, MaxCount=nodes,
+                        InstanceType=instance_type, SubnetId=subnet, SecurityGroupIds=[sg])
+        instances = [i["InstanceId"] for i in reply["Instances"]]
+        self.imds = SimIMDS(lab, instances, status["region"])
+        client = boto3.session.Session().client(
+            "ec2", region_name=status["region"],
+            config=Config(retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=workers * 2))
+        ec2_class = shared_ec2(client)
+        self.data = tempfile.mkdtemp(prefix="avc-scale-")
+        rng = random.Random(seed)
+        cfg = user_settings.from_env({"CLUSTER_NAME": CLUSTER})
+        self.nodes = []
+        for i, iid in enumerate(instances):
+            ec2 = ec2_class(iid, region=status["region"], cluster_name=CLUSTER, sleep=self.clock.sleep,
+                            clock=self.clock, rng=random.Random(rng.random()))
+            imds = IMDS(self.imds.endpoint(i), timeout=5.0)
+            kw = dict(imds=imds, ec2=ec2, clock=self.clock)
+            if policy == "budget":
+                pool = BudgetedNodePool(cfg, Quiet(), budget=EC2Budget(self.clock, random.Random(rng.random())),
+                                        vpc_id=self.vpc_id, rng=random.Random(rng.random()), **kw)
+            else:
+                pool = NodePool(cfg, Quiet(), **kw)
+            store = Store(os.path.join(self.data, f"n{i}"), NETWORK)
+            self.nodes.append(Node(i, iid, pool, store))
+        self.workers = workers
+        self._lock = threading.Lock()
+
+    def close(self):
+        self.imds.close()
+        shutil.rmtree(self.data, ignore_errors=True)
+
+    # --- running --------------------------------------------------------------------------------
+    def run(self, seconds: float, until=None) -> float:
+        """Run every node's loop for `seconds` simulated seconds (or until `until()` is true);
+        return the simulated seconds it took."""
+        start = self.clock()
+        end = start + seconds
+        heap = [(max(n.next_tick, start) if n.started else start, n.index) for n in self.nodes]
+        heapq.heapify(heap)
+        done = threading.Event()
+
+        def worker():
+            while not done.is_set():
+                with self._lock:
+                    if not heap:
+                        return
+                    at, index = heapq.heappop(heap)
+                wait = (at - self.clock()) / self.scale
+                if wait > 0:
+                    time.sleep(wait)
+                node = self.nodes[index]
+                self._step(node)
+                with self._lock:
+                    heapq.heappush(heap, (self._next(node), index))
+                if self.clock() >= end or (until is not None and until()):
+                    done.set()
+
+        threads = [threading.Thread(target=worker) for _ in range(self.workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return self.clock() - start
+
+    def _next(self, node: Node) -> float:
+        return min(node.next_tick, self.clock() + POD_RETRY) if node.pending else node.next_tick
+
+    def _step(self, node: Node) -> None:
+        now = self.clock()
+        try:
+            if not node.started:
+                node.pool.reconcile(node.store)
+                node.started = True
+                node.next_tick = now + TICK * random.random()  # nodes do not start in step
+                return
+            nudge = False
+            for pod in list(node.pending):
+                if node.add_pod(pod, self.clock()):
+                    node.pending.remove(pod)
+                    node.placed.add(pod)
+                else:
+                    self.code11 += 1
+                    nudge = True
+            if nudge or now >= node.next_tick:
+                node.pool.tick(node.store)
+                node.next_tick = self.clock() + TICK
+        except (EC2Error, IMDSError) as exc:  # the agent logs and retries next round
+            self.errors[f"agent:{type(exc).__name__}"] += 1
+            node.next_tick = self.clock() + TICK
+
+    # --- scenarios ------------------------------------------------------------------------------
+    def schedule_pods(self, nodes: int, pods: int) -> list[Node]:
+        chosen = self.nodes[:nodes]
+        for node in chosen:
+            node.pending += [f"pod-{node.index}-{len(node.placed) + len(node.pending) + k}" for k in range(pods)]
+        return chosen
+
+    def all_placed(self, nodes) -> bool:
+        return all(not n.pending for n in nodes)
+
+    def node_calls(self) -> list[Counter]:
+        return [Counter(n.pool.ec2_calls()) for n in self.nodes]
