@@ -6,6 +6,8 @@
                                        exit 1 until the pool can serve (the readiness probe)
     aws-vpc-cni-agent render-conflist  print the conflist for the settings in the environment
     aws-vpc-cni-agent write-conflist DIR  write it to DIR/10-aws-vpc.conflist (atomically)
+    aws-vpc-cni-agent max-pods [--instance-type T] [--prefix-delegation]  kubelet's --max-pods
+    aws-vpc-cni-agent --version
 
 `run` reconciles the store with IMDS and EC2 first (rebuilding it, with the bad file kept aside, if
 it is corrupt), then loops: every `--interval` seconds, or at once when a plugin nudges, it heals the
@@ -358,6 +360,34 @@ def write_conflist(conflist: dict, conf_dir: str, filename: str = CONFLIST_NAME)
     return path
 
 
+def version() -> str:
+    from importlib.metadata import version as dist_version
+    return dist_version("aws-vpc-cni-py")
+
+
+def max_pods(args) -> int:
+    """Print the max-pods figure (the `max-pods` command)."""
+    from cnicore.instance_limits import InstanceLimitsError, lookup
+    instance_type = args.instance_type
+    try:
+        if instance_type is None:
+            from cnicore.imds import IMDS, IMDSError
+            try:
+                with IMDS() as imds:
+                    instance_type = imds.get("instance-type").strip()
+            except IMDSError as exc:
+                print(f"aws-vpc-cni-agent: no --instance-type, and IMDS failed: {exc}", file=sys.stderr)
+                return 1
+        limits = lookup(instance_type)
+        figure = (limits.max_pods_allowed if args.show_max_allowed else limits.recommended_max_pods)(
+            args.prefix_delegation, args.max_eni)
+    except InstanceLimitsError as exc:
+        print(f"aws-vpc-cni-agent: {exc}", file=sys.stderr)
+        return 1
+    print(figure)
+    return 0
+
+
 def host_port(address: str) -> tuple[str, int]:
     """'HOST:PORT' ('[v6]:PORT' too) as (host, port)."""
     host, sep, port = address.rpartition(":")
@@ -369,6 +399,7 @@ def host_port(address: str) -> tuple[str, int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="aws-vpc-cni-agent", description=__doc__.split("\n")[0])
     parser.add_argument("--network", default=DEFAULT_NETWORK, help="CNI network name (the conflist's name)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="keep the warm pool at target")
     run.add_argument("--interval", type=float, default=5.0, help="seconds between pool checks")
@@ -383,7 +414,16 @@ def main(argv=None) -> int:
     sub.add_parser("render-conflist", help="print the conflist for the settings in the environment")
     write = sub.add_parser("write-conflist", help="write the conflist into a CNI config directory")
     write.add_argument("conf_dir", help="e.g. /etc/cni/net.d")
+    pods = sub.add_parser("max-pods", help="kubelet's --max-pods for an instance type, as upstream's "
+                                           "max-pods-calculator.sh computes it")
+    pods.add_argument("--instance-type", help="e.g. m5.large (default: this node's, from IMDS)")
+    pods.add_argument("--prefix-delegation", action="store_true", help="a /28 prefix per address slot (Nitro types)")
+    pods.add_argument("--max-eni", type=int, help="ENIs used for pods (MAX_ENI; default: the instance type's limit)")
+    pods.add_argument("--show-max-allowed", action="store_true",
+                      help="the figure before the recommended ceiling (110 pods; 250 above 30 vCPUs)")
     args = parser.parse_args(argv)
+    if args.command == "max-pods":
+        return max_pods(args)
 
     warnings = []
     try:

@@ -4,8 +4,9 @@
     python build/gen_instance_limits.py           # rewrite the table
     python build/gen_instance_limits.py --check   # exit 1 if the committed table is stale
 
-One line per instance type, `"type": [max ENIs, IPv4 addresses per ENI]`, sorted, so a moto
-upgrade shows up as a readable diff.
+One line per instance type, `"type": [max ENIs, IPv4 addresses per ENI, default vCPUs, Nitro (1/0)]`,
+sorted, so a moto upgrade shows up as a readable diff. The last two are what upstream's
+max-pods-calculator.sh reads besides the limits (its 110/250 ceiling, and prefix delegation on Nitro).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TOP)
 
-from cnicore.instance_limits import DATA_FILE, limits_from_network_info  # noqa: E402
+from cnicore.instance_limits import DATA_FILE, limits_from_instance_type  # noqa: E402
 
 
 def render() -> str:
@@ -27,12 +28,13 @@ def render() -> str:
 
     rows = []
     for name in sorted(INSTANCE_TYPES):
-        limits = limits_from_network_info(name, INSTANCE_TYPES[name]["NetworkInfo"])
-        rows.append(f"  {json.dumps(name)}: [{limits.max_enis}, {limits.ipv4_per_eni}]")
+        limits = limits_from_instance_type({"InstanceType": name, **INSTANCE_TYPES[name]})
+        rows.append(f"  {json.dumps(name)}: [{limits.max_enis}, {limits.ipv4_per_eni}, {limits.vcpus}, "
+                    f"{int(limits.nitro)}]")
     header = {
         "generated_by": "build/gen_instance_limits.py; do not edit",
         "source": f"moto {moto.__version__} moto/ec2/resources/instance_types.json.gz (DescribeInstanceTypes)",
-        "columns": ["max_enis (default network card)", "ipv4_addresses_per_eni"],
+        "columns": ["max_enis (default network card)", "ipv4_addresses_per_eni", "default_vcpus", "nitro"],
     }
     head = ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in header.items())
     return "{" + head + ',\n"limits": {\n' + ",\n".join(rows) + "\n}}\n"

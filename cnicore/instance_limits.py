@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Mapping
 
@@ -23,11 +23,20 @@ class InstanceLimitsError(LookupError):
     """The limits of an instance type cannot be known."""
 
 
+# upstream's max-pods-calculator.sh: addresses per /28 prefix, and the recommended ceilings by vCPUs
+IPS_PER_PREFIX = 16
+MAX_PODS_LOW_CPU, MAX_PODS_HIGH_CPU, HIGH_CPU_ABOVE = 110, 250, 30
+
+
 @dataclass(frozen=True)
 class InstanceLimits:
     instance_type: str
     max_enis: int
     ipv4_per_eni: int
+    # what the max-pods figure needs beyond the limits (None when not known: DescribeInstanceTypes'
+    # NetworkInfo alone); not part of a limit's identity
+    vcpus: int | None = field(default=None, compare=False)
+    nitro: bool | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.max_enis < 1 or self.ipv4_per_eni < 1:
@@ -42,8 +51,23 @@ class InstanceLimits:
 
     @property
     def max_pods(self) -> int:
-        """Upstream's max-pods figure: pod IPs plus 2 host-network pods (aws-node, kube-proxy)."""
-        return self.max_enis * self.ips_per_eni + 2
+        """Upstream's max-pods figure (misc/eni-max-pods.txt): pod IPs plus 2 host-network pods
+        (aws-node, kube-proxy)."""
+        return self.max_pods_allowed()
+
+    def max_pods_allowed(self, prefix_delegation: bool = False, max_enis: int | None = None) -> int:
+        """max-pods-calculator.sh --show-max-allowed: with prefix delegation (Nitro types only, as
+        there) each secondary address slot holds a /28 prefix; `max_enis` caps the ENIs (MAX_ENI)."""
+        enis = self.max_enis if max_enis is None else min(max_enis, self.max_enis)
+        per_slot = IPS_PER_PREFIX if prefix_delegation and self.nitro else 1
+        return enis * self.ips_per_eni * per_slot + 2
+
+    def recommended_max_pods(self, prefix_delegation: bool = False, max_enis: int | None = None) -> int:
+        """max-pods-calculator.sh's answer: the allowed figure capped at 110 pods, or 250 above 30 vCPUs."""
+        if self.vcpus is None:
+            raise InstanceLimitsError(f"{self.instance_type}: the vCPU count is not known")
+        ceiling = MAX_PODS_HIGH_CPU if self.vcpus > HIGH_CPU_ABOVE else MAX_PODS_LOW_CPU
+        return min(ceiling, self.max_pods_allowed(prefix_delegation, max_enis))
 
 
 def limits_from_network_info(instance_type: str, network_info: Mapping) -> InstanceLimits:
@@ -62,6 +86,14 @@ def limits_from_network_info(instance_type: str, network_info: Mapping) -> Insta
     return InstanceLimits(instance_type, int(max_enis), int(ipv4))
 
 
+def limits_from_instance_type(entry: Mapping) -> InstanceLimits:
+    """Limits, vCPUs and hypervisor from a whole DescribeInstanceTypes entry."""
+    limits = limits_from_network_info(entry["InstanceType"], entry.get("NetworkInfo") or {})
+    vcpus = (entry.get("VCpuInfo") or {}).get("DefaultVCpus")
+    return InstanceLimits(limits.instance_type, limits.max_enis, limits.ipv4_per_eni,
+                          None if vcpus is None else int(vcpus), entry.get("Hypervisor") == "nitro")
+
+
 @lru_cache(maxsize=1)
 def _table() -> Mapping[str, list[int]]:
     with open(DATA_FILE, encoding="ascii") as f:
@@ -71,7 +103,10 @@ def _table() -> Mapping[str, list[int]]:
 def from_table(instance_type: str) -> InstanceLimits | None:
     """Limits from the shipped table, or None for a type it does not list."""
     row = _table().get(instance_type)
-    return None if row is None else InstanceLimits(instance_type, *row)
+    if row is None:
+        return None
+    max_enis, ipv4, vcpus, nitro = row
+    return InstanceLimits(instance_type, max_enis, ipv4, vcpus, bool(nitro))
 
 
 def lookup(instance_type: str, ec2=None) -> InstanceLimits:

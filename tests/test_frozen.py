@@ -89,6 +89,16 @@ def test_the_frozen_agent_serves_its_metrics_and_introspection(frozen, fresh_lab
         node.stop_agents()
 
 
+def test_the_frozen_agent_knows_its_version_and_the_max_pods_table(frozen):
+    """The distribution's metadata and cnicore/instance_limits.json are in the bundle."""
+    agent = os.path.join(frozen, "aws-vpc-cni-agent")
+    proc = subprocess.run([agent, "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("aws-vpc-cni-agent "), proc.stderr
+    proc = subprocess.run([agent, "max-pods", "--instance-type", "m5.large", "--prefix-delegation"],
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "110\n"), proc.stderr
+
+
 def test_unknown_program_name_is_refused(frozen, tmp_path):
     link = tmp_path / "not-a-plugin"
     link.symlink_to(os.path.join(BUNDLE, "aws-vpc-cni"))
