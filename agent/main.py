@@ -22,10 +22,12 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -34,9 +36,12 @@ from cnicore import agentlink, settings
 from cnicore.fsutil import make_dirs
 from cnicore.log import Logger, agent_logger
 from cnicore.pool import ASSIGNED, Pool
+from cnicore.rawnetlink import control_socket
 from cnicore.store import Store, StoreError
 
 DEFAULT_NETWORK = "aws-vpc"
+SIOCGIFMTU, SIOCSIFMTU = 0x8921, 0x8922
+IFREQ_MTU = struct.Struct("16si20x")  # struct ifreq: the name, then ifr_mtu in the 24-byte union
 CONFLIST_NAME = "10-aws-vpc.conflist"  # sorts before the usual 10-aws.conflist, 10-calico..., 20-...
 METRICS_ADDRESS = "0.0.0.0:61678"  # upstream's metrics port, on all addresses as upstream
 INTROSPECTION_ADDRESS = "127.0.0.1:61679"  # upstream's INTROSPECTION_BIND_ADDRESS default
@@ -214,6 +219,10 @@ class Agent:
                 self.wake.wait(self.interval)
                 self.wake.clear()
         self.startup_error = None
+        try:
+            self.apply_primary_mtu()
+        except OSError as exc:  # pods still work at the old MTU; said once, as upstream logs it
+            self.log.error(f"cannot set the primary ENI's MTU: {exc}")
         while not self.stopping.is_set():
             try:
                 with self.action("nodeHeal"):
@@ -232,6 +241,21 @@ class Agent:
                 self.log.error(f"cannot write the conflist: {exc}")
             self.wake.wait(self.interval)
             self.wake.clear()
+
+    def apply_primary_mtu(self) -> None:
+        """AWS_VPC_ENI_MTU on the primary ENI's interface, as upstream's ipamd sets it at start
+        (networkutils SetupHostNetwork); secondary ENIs get it when the bridge plugin sets them up."""
+        from aws_snat.main import primary_interface
+        mac = (self.read_doc() or {}).get("node", {}).get("primary_mac")
+        name = primary_interface(mac, self.data_dir) if mac else None
+        if name is None:
+            raise OSError(f"no interface has the primary ENI's MAC {mac}")
+        mtu = self.cfg["AWS_VPC_ENI_MTU"]
+        with control_socket() as sock:
+            current = IFREQ_MTU.unpack(fcntl.ioctl(sock, SIOCGIFMTU, IFREQ_MTU.pack(name.encode(), 0)))[1]
+            if current != mtu:
+                fcntl.ioctl(sock, SIOCSIFMTU, IFREQ_MTU.pack(name.encode(), mtu))
+                self.log.info("set the primary ENI's MTU", interface=name, old=current, mtu=mtu)
 
     def publish(self) -> None:
         """Once the pool can serve (it has a free IP, or pods already), write the conflist into

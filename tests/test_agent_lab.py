@@ -211,3 +211,23 @@ def test_an_add_that_leaves_the_pool_short_wakes_the_agent_before_its_next_tick(
     finally:
         node.stop_agents()
         node.ipam("DEL", cid="pod0")
+
+
+def test_the_agent_sets_aws_vpc_eni_mtu_on_the_primary_eni_at_start(fresh_lab, tmp_path):
+    """As upstream's ipamd (networkutils SetupHostNetwork): the primary ENI gets AWS_VPC_ENI_MTU."""
+    node = LabNode(fresh_lab, "node1", tmp_path)
+
+    def primary():  # (name, MTU) of the node's interface with the primary ENI's address
+        ip = next(n["primary_ip"] for n in fresh_lab.status()["nodes"] if n["name"] == "node1")
+        return next((link["ifname"], link["mtu"]) for link in json.loads(fresh_lab.exec(
+            "node1", ["ip", "-j", "addr"]).stdout) if any(a.get("local") == ip for a in link.get("addr_info", [])))
+    name, mtu = primary()
+    assert mtu != 1400
+    node.start_agent(AWS_VPC_ENI_MTU="1400")
+    assert primary() == (name, 1400)
+    node.stop_agents()
+    node.start_agent()  # the default, 9001
+    try:
+        assert primary() == (name, 9001)
+    finally:
+        node.stop_agents()
