@@ -136,7 +136,9 @@ def _target(value, warn) -> int | None:
 
 
 def _warm_prefix_target(value, warn) -> int:
-    """Upstream's getWarmPrefixTarget: Atoi, 0 or more; negative or not a number -> 0 (the default)."""
+    """Upstream's getWarmPrefixTarget: Atoi, 0 or more; negative or not a number -> the default. The
+    default is 1, the value upstream's manifests set (ipamd's own fallback is 0, which upstream's docs
+    call unsupported in prefix mode: every prefix given back is asked for again)."""
     number = _int_value(value)
     if number < 0:
         raise _Default("is negative")
@@ -378,7 +380,7 @@ SETTINGS = {s.env: s for s in (
     Setting("WARM_ENI_TARGET", "warmENITarget", 1, _warm_eni_target),
     Setting("MAX_ENI", "maxENI", None, _max_eni),
     Setting("ENABLE_PREFIX_DELEGATION", "enablePrefixDelegation", False, _go_bool),
-    Setting("WARM_PREFIX_TARGET", "warmPrefixTarget", 0, _warm_prefix_target),
+    Setting("WARM_PREFIX_TARGET", "warmPrefixTarget", 1, _warm_prefix_target),
     Setting("IP_COOLDOWN_PERIOD", "ipCooldownPeriod", 30, _cooldown),
     Setting("AWS_VPC_K8S_CNI_EXTERNALSNAT", "externalSNAT", False, _go_bool),
     Setting("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "excludeSNATCIDRs", (), _exclude_cidrs),

@@ -63,7 +63,7 @@ class PoolSettings:
     warm_eni_target: int = 1
     max_eni: int | None = None
     prefix_delegation: bool = False
-    warm_prefix_target: int = 0
+    warm_prefix_target: int = 1
 
     def __post_init__(self):
         if type(self.prefix_delegation) is not bool:
@@ -84,7 +84,7 @@ class PoolSettings:
         return cls(warm_ip_target=values.get("WARM_IP_TARGET"), minimum_ip_target=values.get("MINIMUM_IP_TARGET"),
                    warm_eni_target=values.get("WARM_ENI_TARGET", 1), max_eni=values.get("MAX_ENI"),
                    prefix_delegation=values.get("ENABLE_PREFIX_DELEGATION", False),
-                   warm_prefix_target=values.get("WARM_PREFIX_TARGET", 0))
+                   warm_prefix_target=values.get("WARM_PREFIX_TARGET", 1))
 
     @property
     def mode(self) -> str:

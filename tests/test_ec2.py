@@ -29,7 +29,7 @@ from conftest import RUN_PREFIX
 from cnicore import instance_limits
 from cnicore.ec2 import (EC2, ENI_DESCRIPTION_PREFIX, LEAKED_ENI_MIN_AGE, TAG_CLUSTER_NAME, TAG_CREATED_AT,
                          TAG_INSTANCE_ID, EC2Error, EC2LimitExceeded, EC2Throttled, EC2Unreachable,
-                         ENINotFound, InsufficientAddresses, RetryPolicy)
+                         ENINotFound, InsufficientAddresses, PrefixesUnsupported, RetryPolicy)
 from cnicore.instance_limits import InstanceLimitsError
 from vpclab import netns
 
@@ -250,12 +250,14 @@ _lab_names = (f"{netns.new_prefix('i')}{n}" for n in itertools.count())
 
 
 @pytest.fixture
-def vpc_lab(monkeypatch):
-    """(lab, run): a one-node m5.large VPC lab of this run, and a runner for client code inside
-    node1 with node1's environment (the lab's EC2 front and IMDS)."""
+def vpc_lab(monkeypatch, request):
+    """(lab, run): a one-node m5.large VPC lab of this run (another type if the test parametrizes
+    vpc_lab indirectly with it), and a runner for client code inside node1 with node1's environment
+    (the lab's EC2 front and IMDS)."""
     from vpclab.api import Lab
 
-    lab = Lab.up(name=next(_lab_names), nodes=1, owner_pid=os.getpid())
+    lab = Lab.up(name=next(_lab_names), nodes=1, instance_type=getattr(request, "param", "m5.large"),
+                 owner_pid=os.getpid())
     run = None
     try:
         for name in [n for n in os.environ if n.startswith("AWS_")]:
@@ -567,3 +569,30 @@ def test_through_the_lab_front_limits_and_faults_meet_the_client(vpc_lab):
     assert [e for e in left if e["Status"] == "available"] == []  # the 4th was deleted again
     assert ec2.errors[("AssignPrivateIpAddresses", "RequestLimitExceeded")] == 2
     assert dict(ec2.calls) == lab.ec2_calls()  # our count is exactly what reached EC2
+
+
+def test_prefixes_through_the_lab_front_assign_describe_unassign_and_instance_limit(vpc_lab):
+    """Prefix delegation's calls: prefixes share the ENI's 10 slots with its primary address."""
+    lab, run = vpc_lab
+    ec2 = EC2(lab.status()["nodes"][0]["instance_id"], **quick()[0])
+    primary = run(ec2.instance_enis)[0]
+    run(ec2.assign_prefixes, primary.eni_id, 2)
+    run(ec2.assign_prefixes, primary.eni_id, 7)
+    held = run(ec2.describe_eni, primary.eni_id).prefixes
+    assert len(held) == 9 and all(p.endswith("/28") for p in held)
+    with pytest.raises(EC2LimitExceeded, match="PrivateIpAddressLimitExceeded"):
+        run(ec2.assign_prefixes, primary.eni_id, 1)
+    run(ec2.unassign_prefixes, primary.eni_id, held[:8])
+    assert run(ec2.describe_eni, primary.eni_id).prefixes == held[8:]
+    with pytest.raises(ValueError, match="not an IPv4 prefix"):
+        ec2.unassign_prefixes(primary.eni_id, ["10.0.0.1/33"])
+
+
+@pytest.mark.parametrize("vpc_lab", ["m4.large"], indirect=True)
+def test_a_xen_instance_type_refusing_prefixes_is_its_own_error(vpc_lab):
+    lab, run = vpc_lab
+    ec2 = EC2(lab.status()["nodes"][0]["instance_id"], **quick()[0])
+    primary = run(ec2.instance_enis)[0]
+    with pytest.raises(PrefixesUnsupported, match="InvalidParameterValue.*m4.large"):
+        run(ec2.assign_prefixes, primary.eni_id, 1)
+    assert ec2.calls["AssignPrivateIpAddresses"] == 1  # not retried

@@ -247,3 +247,27 @@ def test_the_agent_command_refuses_what_upstream_refuses_naming_it():
     done = _render({"AWS_VPC_K8S_CNI_VETHPREFIX": "vlan"})
     assert done.returncode != 0 and not done.stdout
     assert "AWS_VPC_K8S_CNI_VETHPREFIX" in done.stderr
+
+
+# Prefix delegation (issue 17). Read by the agent here and by aws-eni-ipam from its conflist entry; they
+# join ROWS (and so the render test) once agent/main.py's render_conflist puts them into the ipam entry.
+PREFIX_ROWS = [
+    ("ENABLE_PREFIX_DELEGATION", UNSET, False, False, f"{IPAMD} usePrefixDelegation: getEnvBoolWithDefault(.., false)"),
+    ("ENABLE_PREFIX_DELEGATION", "true", True, False, f"{IPAMD} usePrefixDelegation: strconv.ParseBool"),
+    ("ENABLE_PREFIX_DELEGATION", "T", True, False, f"{IPAMD} usePrefixDelegation: strconv.ParseBool"),
+    ("ENABLE_PREFIX_DELEGATION", "0", False, False, f"{IPAMD} usePrefixDelegation: strconv.ParseBool"),
+    ("ENABLE_PREFIX_DELEGATION", "yes", False, True, f"{IPAMD} getEnvBoolWithDefault: ParseBool error -> default"),
+    ("WARM_PREFIX_TARGET", UNSET, 1, False, "config/master/aws-k8s-cni.yaml sets 1; " + OURS),
+    ("WARM_PREFIX_TARGET", "0", 0, False, f"{IPAMD} getWarmPrefixTarget: Atoi, input >= 0"),
+    ("WARM_PREFIX_TARGET", "3", 3, False, f"{IPAMD} getWarmPrefixTarget: Atoi, input >= 0"),
+    ("WARM_PREFIX_TARGET", "-1", 1, True, f"{IPAMD} getWarmPrefixTarget: input < 0 -> the default"),
+    ("WARM_PREFIX_TARGET", "one", 1, True, f"{IPAMD} getWarmPrefixTarget: Atoi error -> the default"),
+]
+
+
+@pytest.mark.parametrize("row", PREFIX_ROWS, ids=[_id(r) for r in PREFIX_ROWS])
+def test_prefix_settings_are_read_as_upstream_by_the_agent_and_the_ipam(row):
+    test_the_agent_reads_each_setting_as_upstream(row)
+    name, _, expected, _, _ = row
+    entry = settings.to_conf({name: expected})  # what the agent renders, read back strictly by the plugin
+    assert settings.from_conf(entry, [name])[name] == expected

@@ -163,7 +163,31 @@ def test_corrupt_file_is_an_error_and_is_left_alone(tmp_path):
         assert f.read().endswith('"enis": {')
 
 
-@pytest.mark.parametrize("content", ['[]', '{"schema": 99, "network": "net"}', '{"schema": 1, "network": "other"}'])
+def test_a_schema_1_document_is_read_and_written_back_as_schema_2_with_prefixes(tmp_path):
+    """A node upgraded from a bundle before prefix delegation keeps its pool and its pods."""
+    store = Store(str(tmp_path), "net")
+    old = {"schema": 1, "network": "net", "node": {}, "agent": {}, "enis": {"eni-a": {
+        "mac": "02:00:00:00:00:01", "device_number": 0, "subnet_cidr": "10.0.0.0/24", "primary_ip": "10.0.0.10",
+        "primary": True, "attached_at": 0, "ips": {"10.0.0.20": {"state": "assigned", "container_id": "c1",
+                                                                  "ifname": "eth0", "pod_namespace": "",
+                                                                  "pod_name": "", "since": 0}}}}}
+    with open(store.path, "w") as f:
+        json.dump(old, f)
+    with store.locked() as tx:
+        doc = tx.read()
+        pool = Pool(doc, time.time(), 0)
+        assert pool.find("c1", "eth0").ip == "10.0.0.20"
+        pool.set_secondary_ips("eni-a", ["10.0.0.20"], ["10.0.0.32/28"])
+        assert pool.assign("c2", "eth0", prefixes=True).ip == "10.0.0.32"
+        tx.write(doc)
+    with open(store.path) as f:
+        written = json.load(f)
+    assert written["schema"] == 2 and written["enis"]["eni-a"]["prefixes"] == ["10.0.0.32/28"]
+    assert len(written["enis"]["eni-a"]["ips"]) == 17
+
+
+@pytest.mark.parametrize("content", ['[]', '{"schema": 99, "network": "net"}', '{"schema": 3, "network": "net"}',
+                                     '{"schema": 1, "network": "other"}'])
 def test_wrong_schema_or_network_is_an_error(tmp_path, content):
     store = Store(str(tmp_path), "net")
     os.makedirs(tmp_path, exist_ok=True)

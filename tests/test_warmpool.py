@@ -335,11 +335,11 @@ PD = dict(prefix_delegation=True)
     (S(**PD, warm_prefix_target=1), [pfx(0, 1, assigned=1)], dict(available=15, short=1, over=0)),
     (S(**PD, warm_prefix_target=2), [pfx(0, 1, assigned=1)], dict(short=2)),
     (S(**PD, warm_prefix_target=1), [pfx(0, 3, assigned=1)], dict(free_prefixes=2, short=0, over=1)),
-    # P = 0 (upstream's default): too low only when nothing is available; a prefix that leaves nothing
+    # P = 0 (ipamd's own fallback): too low only when nothing is available; a prefix that leaves nothing
     # available is never given back (upstream's would be asked for again at the next round)
-    (S(**PD), [pfx(0, 1)], dict(short=0, over=0)),
-    (S(**PD), [pfx(0, 1, assigned=16)], dict(short=1)),
-    (S(**PD), [pfx(0, 2, assigned=3)], dict(short=0, over=1)),
+    (S(**PD, warm_prefix_target=0), [pfx(0, 1)], dict(short=0, over=0)),
+    (S(**PD, warm_prefix_target=0), [pfx(0, 1, assigned=16)], dict(short=1)),
+    (S(**PD, warm_prefix_target=0), [pfx(0, 2, assigned=3)], dict(short=0, over=1)),
     # an address in cool-down keeps its prefix from being free
     (S(**PD, warm_prefix_target=1), [pfx(0, 2, cooling=1)], dict(free_prefixes=1, short=0, over=0)),
     # WARM_IP_TARGET / MINIMUM_IP_TARGET in prefixes: short = ceil(short IPs / 16)
