@@ -265,4 +265,4 @@ def test_frozen_aws_snat_in_iptc_mode_writes_the_rules_on_a_legacy_host(frozen, 
         assert proc.returncode == 0, proc.stdout + proc.stderr
     saved = subprocess.run(["ip", "netns", "exec", ns, "iptables-legacy-save", "-t", "nat"], capture_output=True,
                            text=True, check=True).stdout
-    assert "-A AWS-SNAT-CHAIN-0 -d 10.0.0.0/16 -j RETURN" in saved and '--comment "AWS, SNAT"' in saved
+    assert '-A AWS-SNAT-CHAIN-0 -d 10.0.0.0/16 -m comment --comment "AWS SNAT CHAIN" -j RETURN' in saved and '--comment "AWS, SNAT"' in saved

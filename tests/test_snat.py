@@ -51,11 +51,16 @@ CONNMARK_SET = '-m comment --comment "AWS, CONNMARK" -j CONNMARK --set-xmark 0x8
 NODEPORT_MARK = ('-i eth0 -m comment --comment "AWS, primary ENI" -m addrtype --dst-type LOCAL --limit-iface-in '
                  '-j CONNMARK --set-xmark 0x80/0x80')
 VETH_RESTORE = '-i eni+ -m comment --comment "AWS, primary ENI" -j CONNMARK --restore-mark --nfmask 0x80 --ctmask 0x80'
+# RETURN rules with upstream's comments (pkg/networkutils/network.go, SetupHostNetwork)
+SNAT_VPC = '-m comment --comment "AWS SNAT CHAIN" -j RETURN'
+SNAT_EXCLUDED = '-m comment --comment "AWS SNAT CHAIN EXCLUSION" -j RETURN'
+CONNMARK_VPC = '-m comment --comment "AWS CONNMARK CHAIN, VPC CIDR" -j RETURN'
+CONNMARK_EXCLUDED = '-m comment --comment "AWS CONNMARK CHAIN, EXCLUDED CIDR" -j RETURN'
 DEFAULT_NAT = {
     "PREROUTING": [CONNMARK_JUMP, CONNMARK_RESTORE],
     "POSTROUTING": [SNAT_JUMP],
-    "AWS-CONNMARK-CHAIN-0": ["-d 10.0.0.0/16 -j RETURN", CONNMARK_SET],
-    "AWS-SNAT-CHAIN-0": ["-d 10.0.0.0/16 -j RETURN", SNAT_RULE],
+    "AWS-CONNMARK-CHAIN-0": [f"-d 10.0.0.0/16 {CONNMARK_VPC}", CONNMARK_SET],
+    "AWS-SNAT-CHAIN-0": [f"-d 10.0.0.0/16 {SNAT_VPC}", SNAT_RULE],
 }
 DEFAULT_MANGLE = {"PREROUTING": [NODEPORT_MARK, VETH_RESTORE]}
 FWMARK_RULE = "1024:\tfrom all fwmark 0x80/0x80 lookup main proto boot"
@@ -77,8 +82,8 @@ NODE = snat.Node(PRIMARY_IP, MAC, (VPC,), "test")
 def test_default_settings_render_the_rules_of_section_5():
     want = snat.desired(cfg(), NODE, "eth0")
     assert want.nat == TableState("nat", chains={
-        "AWS-SNAT-CHAIN-0": ["-d 10.0.0.0/16 -j RETURN", SNAT_RULE],
-        "AWS-CONNMARK-CHAIN-0": ["-d 10.0.0.0/16 -j RETURN", CONNMARK_SET],
+        "AWS-SNAT-CHAIN-0": [f"-d 10.0.0.0/16 {SNAT_VPC}", SNAT_RULE],
+        "AWS-CONNMARK-CHAIN-0": [f"-d 10.0.0.0/16 {CONNMARK_VPC}", CONNMARK_SET],
     }, rules=[Rule("POSTROUTING", SNAT_JUMP), Rule("PREROUTING", CONNMARK_JUMP), Rule("PREROUTING", CONNMARK_RESTORE)])
     assert want.mangle == TableState("mangle", rules=[Rule("PREROUTING", NODEPORT_MARK),
                                                       Rule("PREROUTING", VETH_RESTORE)])
@@ -95,10 +100,12 @@ def test_randomize_snat_picks_the_snat_flag(randomize, tail):
 def test_every_vpc_and_excluded_cidr_returns_once_in_order_before_the_snat_and_the_mark():
     node = NODE._replace(vpc_cidrs=("10.0.0.0/16", "100.64.0.0/16"))
     want = snat.desired(cfg(excludeSNATCIDRs="198.51.100.0/24, 10.0.0.0/16,192.0.2.0/25,0.0.0.0/0"), node, "eth0")
-    returns = ["-d 10.0.0.0/16 -j RETURN", "-d 100.64.0.0/16 -j RETURN", "-d 198.51.100.0/24 -j RETURN",
-               "-d 192.0.2.0/25 -j RETURN", "-j RETURN"]  # iptables-save omits a match-all destination
-    assert want.nat.chains["AWS-SNAT-CHAIN-0"] == [*returns, SNAT_RULE]
-    assert want.nat.chains["AWS-CONNMARK-CHAIN-0"] == [*returns, CONNMARK_SET]
+    # an excluded CIDR that is the VPC's returns once, as the VPC's; iptables-save omits a match-all destination
+    vpc, excluded = ["-d 10.0.0.0/16 ", "-d 100.64.0.0/16 "], ["-d 198.51.100.0/24 ", "-d 192.0.2.0/25 ", ""]
+    assert want.nat.chains["AWS-SNAT-CHAIN-0"] == [*(d + SNAT_VPC for d in vpc), *(d + SNAT_EXCLUDED for d in excluded),
+                                                   SNAT_RULE]
+    assert want.nat.chains["AWS-CONNMARK-CHAIN-0"] == [*(d + CONNMARK_VPC for d in vpc),
+                                                       *(d + CONNMARK_EXCLUDED for d in excluded), CONNMARK_SET]
 
 
 def test_external_snat_removes_both_nat_chains_and_keeps_node_port_marking():
@@ -390,7 +397,7 @@ def test_del_always_succeeds_and_leaves_the_node_rules_to_the_other_pods(node):
 
 def test_gc_converges_again_and_carries_on_past_errors(node):
     node.add()
-    node.sh('iptables-nft -t nat -D AWS-SNAT-CHAIN-0 -d 10.0.0.0/16 -j RETURN; ip rule del pref 1024')
+    node.sh(f'iptables-nft -t nat -D AWS-SNAT-CHAIN-0 -d 10.0.0.0/16 {SNAT_VPC}; ip rule del pref 1024')
     assert node.run("GC", node.conf(prev=None, version="1.1.0", **{"cni.dev/valid-attachments": []})) == (0, None)
     assert ours(node.tables("nft")) == {"nat": DEFAULT_NAT, "mangle": DEFAULT_MANGLE}
     assert node.ip_rules() == [FWMARK_RULE]
@@ -507,12 +514,13 @@ def test_a_stamped_add_and_check_run_no_iptables_and_still_mind_rule_1024_and_rp
 
 @pytest.mark.parametrize("change", [
     "-t nat -D POSTROUTING " + SNAT_JUMP,
-    "-t nat -D AWS-SNAT-CHAIN-0 -d 10.0.0.0/16 -j RETURN",
-    "-t nat -R AWS-SNAT-CHAIN-0 1 -d 10.1.0.0/16 -j RETURN",    # same size, another rule
+    "-t nat -D AWS-SNAT-CHAIN-0 -d 10.0.0.0/16 " + SNAT_VPC,
+    "-t nat -R AWS-SNAT-CHAIN-0 1 -d 10.1.0.0/16 " + SNAT_VPC,    # same size, another rule
+    "-t nat -R AWS-SNAT-CHAIN-0 1 -d 10.0.0.0/16 -j RETURN",    # upstream 1.1's rule, without the comment
     "-t mangle -D PREROUTING " + VETH_RESTORE,
     "-t nat -F AWS-CONNMARK-CHAIN-0",
     "-t nat -I PREROUTING 1 " + CONNMARK_RESTORE,               # a duplicate, in the wrong place
-], ids=["jump", "return", "replaced", "mangle", "flushed", "duplicate"])
+], ids=["jump", "return", "replaced", "uncommented", "mangle", "flushed", "duplicate"])
 def test_a_rule_changed_by_hand_after_a_stamped_add_is_repaired_by_the_next_add(node, mode, change):
     conf = stamped(node, mode)
     node.sh(f"iptables-{mode[1]} -w {change}")
@@ -732,14 +740,14 @@ def test_a_vpc_cidr_block_associated_later_is_exempted_after_the_agents_refresh(
     node.start_agent()
     try:
         add_pod()
-        assert exempted() == [f"-d {LAB_VPC} -j RETURN"]
+        assert exempted() == [f"-d {LAB_VPC} {SNAT_VPC}"]
         association = lab.ec2("AssociateVpcCidrBlock", VpcId=lab.status()["vpc_id"],
                               CidrBlock=added)["CidrBlockAssociation"]["AssociationId"]
         node.wait_for(refreshed, timeout=30, what="the agent to read the VPC's new CIDR block")
         with store.locked(shared=True) as tx:
             assert tx.read()["node"]["vpc_cidrs"] == [LAB_VPC, added]
         add_pod()
-        assert exempted() == [f"-d {LAB_VPC} -j RETURN", f"-d {added} -j RETURN"]
+        assert exempted() == [f"-d {LAB_VPC} {SNAT_VPC}", f"-d {added} {SNAT_VPC}"]
     finally:
         node.stop_agents()
         for i, netns in enumerate(pods):
@@ -790,11 +798,12 @@ def test_in_a_lab_node_rules_converge_from_imds_or_the_store_and_repair_themselv
     ipt = [f"iptables-{variant}", "-w", "-t", "nat"]
     lab.exec("node1", [*ipt, "-D", "POSTROUTING", "-m", "comment", "--comment", "AWS SNAT CHAIN",
                        "-j", "AWS-SNAT-CHAIN-0"])
-    lab.exec("node1", [*ipt, "-D", "AWS-SNAT-CHAIN-0", "-d", EXCLUDED_CIDR, "-j", "RETURN"])
+    lab.exec("node1", [*ipt, "-D", "AWS-SNAT-CHAIN-0", "-d", EXCLUDED_CIDR, "-m", "comment", "--comment",
+                       "AWS SNAT CHAIN EXCLUSION", "-j", "RETURN"])
     rc, err = check()
     assert rc == 1 and err["code"] == 104
     assert f"nat/POSTROUTING: rule missing: {SNAT_JUMP}" in err["msg"]
-    assert "nat/AWS-SNAT-CHAIN-0: rule missing: -d 198.51.100.0/24 -j RETURN" in err["msg"]
+    assert f"nat/AWS-SNAT-CHAIN-0: rule missing: -d 198.51.100.0/24 {SNAT_EXCLUDED}" in err["msg"]
     add()
     assert lab_tables(lab, "node1", variant) == one
     assert check() == (0, None)

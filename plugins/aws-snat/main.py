@@ -4,10 +4,13 @@ The rules are node-wide, shared by every pod: each ADD converges them (desired v
 appended twice, a rule removed by hand is put back) and passes `prevResult` through unchanged; DEL
 leaves them alone; CHECK reports each difference; GC converges again.
 
-    nat     AWS-SNAT-CHAIN-0      -d <VPC or excluded CIDR> -j RETURN ...,
+    nat     AWS-SNAT-CHAIN-0      -d <VPC CIDR> "AWS SNAT CHAIN" -j RETURN ...,
+                                  -d <excluded CIDR> "AWS SNAT CHAIN EXCLUSION" -j RETURN ...,
                                   "AWS, SNAT": not to a local address -> SNAT to the primary IP
             POSTROUTING           "AWS SNAT CHAIN" -> AWS-SNAT-CHAIN-0
-            AWS-CONNMARK-CHAIN-0  -d <VPC or excluded CIDR> -j RETURN ..., "AWS, CONNMARK": set the mark
+            AWS-CONNMARK-CHAIN-0  -d <VPC CIDR> "AWS CONNMARK CHAIN, VPC CIDR" -j RETURN ...,
+                                  -d <excluded CIDR> "AWS CONNMARK CHAIN, EXCLUDED CIDR" -j RETURN ...,
+                                  "AWS, CONNMARK": set the mark
             PREROUTING            -i <vethPrefix>+ "AWS, outbound connections" -> AWS-CONNMARK-CHAIN-0,
                                   then "AWS, CONNMARK": restore the mark (first packets)
     mangle  PREROUTING            "AWS, primary ENI": -i <primary> to a local address: set the mark
@@ -75,6 +78,10 @@ CONNMARK_CHAIN = "AWS-CONNMARK-CHAIN-0"
 RULE_PRIORITY = 1024
 MAIN_TABLE = 254
 SNAT_JUMP_COMMENT = "AWS SNAT CHAIN"
+SNAT_VPC_COMMENT = "AWS SNAT CHAIN"  # upstream's comments on the RETURN rules
+SNAT_EXCLUDED_COMMENT = "AWS SNAT CHAIN EXCLUSION"
+CONNMARK_VPC_COMMENT = "AWS CONNMARK CHAIN, VPC CIDR"
+CONNMARK_EXCLUDED_COMMENT = "AWS CONNMARK CHAIN, EXCLUDED CIDR"
 SNAT_COMMENT = "AWS, SNAT"
 CONNMARK_JUMP_COMMENT = "AWS, outbound connections"
 CONNMARK_COMMENT = "AWS, CONNMARK"
@@ -276,15 +283,18 @@ def desired(cfg: dict, node: Node, primary_if: str | None) -> Desired:
     node_port = cfg["AWS_VPC_CNI_NODE_PORT_SUPPORT"]
     mark = f"{cfg['AWS_VPC_K8S_CNI_CONNMARK']:#x}"
     veths = cfg["AWS_VPC_K8S_CNI_VETHPREFIX"] + "+"
-    returns = [f"{_to(cidr)}-j RETURN"
-               for cidr in dict.fromkeys((*node.vpc_cidrs, *cfg["AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS"]))]
+    # RETURN for VPC and excluded CIDRs, with upstream's comments (pkg/networkutils/network.go)
+    excluded = [c for c in dict.fromkeys(cfg["AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS"]) if c not in node.vpc_cidrs]
+    cidrs = [(cidr, False) for cidr in dict.fromkeys(node.vpc_cidrs)] + [(cidr, True) for cidr in excluded]
+    snat_returns = [_return(cidr, SNAT_EXCLUDED_COMMENT if ex else SNAT_VPC_COMMENT) for cidr, ex in cidrs]
+    connmark_returns = [_return(cidr, CONNMARK_EXCLUDED_COMMENT if ex else CONNMARK_VPC_COMMENT) for cidr, ex in cidrs]
     restore = f"-j CONNMARK --restore-mark --nfmask {mark} --ctmask {mark}"
     random = RANDOM_FLAG[cfg["AWS_VPC_K8S_CNI_RANDOMIZESNAT"]]
     if snat:
         nat = TableState("nat", chains={
-            SNAT_CHAIN: [*returns, f"-m comment --comment {quote(SNAT_COMMENT)} -m addrtype ! --dst-type LOCAL "
+            SNAT_CHAIN: [*snat_returns, f"-m comment --comment {quote(SNAT_COMMENT)} -m addrtype ! --dst-type LOCAL "
                                    f"-j SNAT --to-source {node.primary_ip}{random}"],
-            CONNMARK_CHAIN: [*returns, f"-m comment --comment {quote(CONNMARK_COMMENT)} "
+            CONNMARK_CHAIN: [*connmark_returns, f"-m comment --comment {quote(CONNMARK_COMMENT)} "
                                        f"-j CONNMARK --set-xmark {mark}/{mark}"],
         }, rules=[
             Rule("POSTROUTING", f"-m comment --comment {quote(SNAT_JUMP_COMMENT)} -j {SNAT_CHAIN}"),
@@ -305,8 +315,9 @@ def desired(cfg: dict, node: Node, primary_if: str | None) -> Desired:
     return Desired(nat, TableState("mangle", rules=mangle), marking, primary_if if marking else None)
 
 
-def _to(cidr: str) -> str:
-    return "" if cidr == "0.0.0.0/0" else f"-d {cidr} "  # iptables-save leaves out a match-all destination
+def _return(cidr: str, comment: str) -> str:
+    to = "" if cidr == "0.0.0.0/0" else f"-d {cidr} "  # iptables-save leaves out a match-all destination
+    return f"{to}-m comment --comment {quote(comment)} -j RETURN"
 
 
 # ---------------------------------------------------------------------------------------------
