@@ -33,6 +33,7 @@ import threading
 import time
 
 from cnicore import agentlink, settings
+from cnicore import result as cniresult
 from cnicore.fsutil import make_dirs
 from cnicore.log import Logger, agent_logger
 from cnicore.pool import ASSIGNED, Pool
@@ -42,6 +43,10 @@ from cnicore.store import Store, StoreError
 DEFAULT_NETWORK = "aws-vpc"
 SIOCGIFMTU, SIOCSIFMTU = 0x8921, 0x8922
 IFREQ_MTU = struct.Struct("16si20x")  # struct ifreq: the name, then ifr_mtu in the 24-byte union
+# The highest version the runtimes we test against take: containerd 1.6 and podman 4.3 (their libcni
+# 1.1) fail every ADD of a 1.1.0 conflist with 'unsupported CNI result version "1.1.0"' (measured:
+# tests/test_containerd.py and tests/test_podman.py with 1.1.0). All our plugins speak 1.1.0 too.
+DEFAULT_CNI_VERSION = "1.0.0"
 CONFLIST_NAME = "10-aws-vpc.conflist"  # sorts before the usual 10-aws.conflist, 10-calico..., 20-...
 METRICS_ADDRESS = "0.0.0.0:61678"  # upstream's metrics port, on all addresses as upstream
 INTROSPECTION_ADDRESS = "127.0.0.1:61679"  # upstream's INTROSPECTION_BIND_ADDRESS default
@@ -59,10 +64,12 @@ def process_alive(owner) -> bool:
 
 
 class Agent:
-    def __init__(self, cfg: dict, network: str, log: Logger, interval: float, conf_dir: str | None = None):
+    def __init__(self, cfg: dict, network: str, log: Logger, interval: float, conf_dir: str | None = None,
+                 cni_version: str = DEFAULT_CNI_VERSION):
         from cnicore.poolmgr import NodePool
         self.cfg = cfg
         self.conf_dir = conf_dir  # where the conflist goes once the pool can serve (None: not written)
+        self.cni_version = cni_version
         self.ready = False
         self.log = log
         self.interval = interval
@@ -267,7 +274,7 @@ class Agent:
             self.log.info("the pool can serve", free=figures.free, assigned=figures.assigned)
         if not (self.ready and self.conf_dir):
             return
-        conflist = render_conflist(self.cfg, self.store.network)
+        conflist = render_conflist(self.cfg, self.store.network, self.cni_version)
         with contextlib.suppress(OSError, ValueError):
             with open(os.path.join(self.conf_dir, CONFLIST_NAME)) as f:
                 if json.load(f) == conflist:
@@ -348,7 +355,7 @@ def _bind_unix(path: str, kind: int) -> socket.socket:
     return sock
 
 
-def render_conflist(cfg: dict, network: str = DEFAULT_NETWORK, cni_version: str = "1.0.0") -> dict:
+def render_conflist(cfg: dict, network: str = DEFAULT_NETWORK, cni_version: str = DEFAULT_CNI_VERSION) -> dict:
     """The default chain (ARCHITECTURE §1) with the settings rendered into each plugin's entry."""
     pick = lambda *names: settings.to_conf({n: cfg[n] for n in names})  # noqa: E731
     logging = pick("AWS_VPC_K8S_PLUGIN_LOG_FILE", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "AWS_VPC_CNI_LOG_MAX_SIZE",
@@ -424,6 +431,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="aws-vpc-cni-agent", description=__doc__.split("\n")[0])
     parser.add_argument("--network", default=DEFAULT_NETWORK, help="CNI network name (the conflist's name)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--cni-version", default=DEFAULT_CNI_VERSION, choices=cniresult.SUPPORTED_VERSIONS,
+                        help=f"the conflist's cniVersion (default {DEFAULT_CNI_VERSION}; 1.1.0, with GC and STATUS, "
+                             "for runtimes whose libcni reads 1.1.0 results)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="keep the warm pool at target")
     run.add_argument("--interval", type=float, default=5.0, help="seconds between pool checks")
@@ -459,10 +469,10 @@ def main(argv=None) -> int:
         for warning in warnings:
             print(f"aws-vpc-cni-agent: warning: {warning}", file=sys.stderr)
     if args.command == "render-conflist":
-        print(json.dumps(render_conflist(cfg, args.network), indent=2))
+        print(json.dumps(render_conflist(cfg, args.network, args.cni_version), indent=2))
         return 0
     if args.command == "write-conflist":
-        path = write_conflist(render_conflist(cfg, args.network), args.conf_dir)
+        path = write_conflist(render_conflist(cfg, args.network, args.cni_version), args.conf_dir)
         print(f"wrote {path}")
         return 0
     if args.command == "status":
@@ -483,7 +493,7 @@ def main(argv=None) -> int:
     except RuntimeError as exc:
         print(f"aws-vpc-cni-agent: {exc}", file=sys.stderr)
         return 1
-    agent = Agent(cfg, args.network, log, args.interval, args.conf_dir)
+    agent = Agent(cfg, args.network, log, args.interval, args.conf_dir, args.cni_version)
     for serve in (agent.serve_nudges, agent.serve_status):
         threading.Thread(target=serve, daemon=True).start()
     try:

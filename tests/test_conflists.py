@@ -24,6 +24,21 @@ def test_shipped_conflists_are_what_the_agent_renders(name, env):
     assert load(name) == render_conflist(settings.from_env(env))
 
 
+def test_the_agent_renders_1_0_0_unless_told_1_1_0_which_all_our_plugins_speak():
+    """1.0.0 by default: containerd 1.6 and podman 4.3 refuse 1.1.0 results (agent/main.py's DEFAULT_CNI_VERSION)."""
+    supported = [json.loads(subprocess.run([os.path.join(BIN, p)], env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin:/bin"},
+                                           input="", capture_output=True, text=True, timeout=60).stdout)["supportedVersions"]
+                 for p in ("aws-vpc-bridge", "aws-eni-ipam", "aws-snat", "portmap-compat")]
+    assert "1.1.0" in set.intersection(*map(set, supported))
+    assert render_conflist(settings.from_env({}))["cniVersion"] == "1.0.0"
+    agent = os.path.join(BIN, "aws-vpc-cni-agent")
+    told = subprocess.run([agent, "--cni-version", "1.1.0", "render-conflist"], capture_output=True, text=True, timeout=60)
+    assert told.returncode == 0 and json.loads(told.stdout)["cniVersion"] == "1.1.0"
+    unknown = subprocess.run([agent, "--cni-version", "2.0.0", "render-conflist"], capture_output=True, text=True,
+                             timeout=60)
+    assert unknown.returncode == 2 and "--cni-version" in unknown.stderr and unknown.stdout == ""
+
+
 def test_the_bandwidth_tuning_variant_starts_with_the_default_chain():
     default = render_conflist(settings.from_env({}))
     variant = load("20-aws-vpc-bandwidth-tuning.conflist")
