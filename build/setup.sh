@@ -17,9 +17,10 @@ say() { printf '[setup] %s\n' "$*" >&2; }
 # gcc and libc6-dev: build.sh compiles the bundle's launcher (build/launcher.c); it also needs the
 # Python headers, which a Debian Python gets from python3-dev. nftables: the nft command the netfilter
 # tests write other tables with. containerd, runc, podman, busybox-static: the real-runtime tests (the
-# container images are made from busybox). strace: tests count a frozen plugin's execs.
+# container images are made from busybox). strace: tests count a frozen plugin's execs. mmdebstrap:
+# make image (and its test) makes the image's Debian root.
 debs=(iptables nftables iproute2 procps golang-go golang-github-appc-cni-dev containernetworking-plugins dpkg-dev
-      python3-venv gcc libc6-dev git strace containerd runc podman busybox-static)
+      python3-venv gcc libc6-dev git strace containerd runc podman busybox-static mmdebstrap)
 if [ "$("${PYTHON:-python3}" -c 'import sys; print(sys.prefix)' 2>/dev/null)" = /usr ]; then
     debs+=(python3-dev)
 fi
