@@ -283,7 +283,6 @@ NOT_HERE = {
     "DISABLE_TCP_EARLY_DEMUX": "init container sysctl for pod ENIs",
     "ENABLE_IPv4": "IPv6 clusters", "ENABLE_IPv6": "IPv6 clusters",
     "ENABLE_POD_ENI": "security groups for pods",
-    "ENABLE_PREFIX_DELEGATION": "prefix mode", "WARM_PREFIX_TARGET": "prefix mode",
     "MY_NODE_NAME": "the Kubernetes API (the agent reads nothing from it)",
     "MY_POD_NAME": "the Kubernetes API (the agent reads nothing from it)",
 }
