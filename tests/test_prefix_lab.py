@@ -70,13 +70,15 @@ def ip_of(result: dict) -> str:
 
 def retrying(attempt, what: str, timeout: float = 60):
     """Run `attempt` until it succeeds, retrying a code-11 answer as a runtime does (the agent is
-    growing the pool); any other failure fails at once."""
+    growing the pool); any other failure fails at once. `attempt` gives (True, result) or (False,
+    whether the answer was code 11, the answer)."""
     deadline = time.monotonic() + timeout
     while True:
-        ok, answer = attempt()
+        ok, *answer = attempt()
         if ok:
-            return answer
-        assert answer and answer.get("code") == TRY_AGAIN_LATER and time.monotonic() < deadline, f"{what}: {answer}"
+            return answer[0]
+        retry, answer = answer
+        assert retry and time.monotonic() < deadline, f"{what}: {answer}"
         time.sleep(0.2)
 
 
@@ -89,13 +91,17 @@ def add_pod(node: LabNode, make_netns, name: str) -> tuple[str, str]:
         if rc == 0:
             return True, json.loads(out)
         node.cnitool("del", netns, name)  # a runtime DELs a failed ADD before it retries
-        return False, json.loads(out) if out.strip() else {"msg": err}
+        # cnitool prints the plugin's message (not its code) on stderr: ours for code 11 starts so
+        return False, "no free IP on this node" in err, out + err
     return netns, ip_of(retrying(attempt, f"ADD of pod {name}"))
 
 
 def ipam_add(node: LabNode, cid: str) -> str:
     """An IPAM-only ADD (no namespace: the point is the address); the IP."""
-    return ip_of(retrying(lambda: (lambda rc, out: (rc == 0, out))(*node.ipam("ADD", cid=cid)), f"ADD {cid}"))
+    def attempt():
+        rc, answer = node.ipam("ADD", cid=cid)
+        return (True, answer) if rc == 0 else (False, (answer or {}).get("code") == TRY_AGAIN_LATER, answer)
+    return ip_of(retrying(attempt, f"ADD {cid}"))
 
 
 def prefix_node(lab, name, tmp_path, **extra) -> LabNode:

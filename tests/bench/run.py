@@ -16,7 +16,12 @@ What it does, in order (everything inside a VPC lab made for this run, removed a
      first with the store filled alone (half the cycles), then with what 700 pods leave on the host
      too (their host veths with the attachment alias, /32 routes, rules 512/1536, ENI tables), which
      is the state `scale_ratio` is measured in;
-  7. EC2 calls: the lab's count over steps 4-6 minus what the two agents report they sent.
+  7. EC2 calls: the lab's count over steps 4-6 minus what the two agents report they sent;
+  8. a fresh node, in a second lab of two FRESH_TYPE nodes: --fresh-pods pods added one after the
+     other right after the frozen agent starts, in prefix mode on node1 (ENABLE_PREFIX_DELEGATION=true,
+     WARM_PREFIX_TARGET=1) and in secondary-IP mode on node2 (default settings); an ADD the
+     pool cannot serve yet (code 11) is retried as a runtime would. Wall time from the agent's start
+     to the last pod's answer, and every EC2 call the node made (agent and plugins) meanwhile.
 
 Each timed operation is one cnitool exec started by a driver process that lives in the node's
 namespace (tests/bench/driver.py): wall time from fork to reap, and CPU seconds as the
@@ -59,6 +64,12 @@ AGENT_INTERVAL = 5.0  # the DaemonSet's default
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROGRAMS = ("aws-eni-ipam", "aws-vpc-bridge", "aws-snat", "portmap-compat")
 TAG = "b"
+FRESH_TYPE = "m5.4xlarge"  # 8 ENIs x 29 secondary IPs: 100 pods fit in both modes
+# prefix mode first: secondary IPs land anywhere in the subnet, and once they have taken an address in
+# most aligned /28 blocks, EC2 answers InsufficientCidrBlocks (the lab as EC2)
+FRESH_MODES = {"prefix": ({"ENABLE_PREFIX_DELEGATION": "true", "WARM_PREFIX_TARGET": "1"},
+                          {"enablePrefixDelegation": True, "warmPrefixTarget": 1}),
+               "secondary_ip": ({}, {})}
 
 TARGETS = (  # key, limit, what
     ("add_p50_ratio", 4.0, "ADD p50, ours / reference"),
@@ -515,6 +526,50 @@ class Bench:
         out["store_and_host"] = self.scale_round(k, "b")
         return out
 
+    def fresh_nodes(self, pods: int) -> dict:
+        """Step 8: `pods` pods on a fresh node per mode (see the module's docstring)."""
+        say(f"fresh nodes: {pods} pods on a fresh {FRESH_TYPE} node, prefix mode then secondary-IP mode")
+        lab = api.Lab.up(name=f"{self.prefix}f", nodes=2, instance_type=FRESH_TYPE, subnet_prefix=22,
+                         owner_pid=os.getpid())
+        network = f"{self.prefix}-fresh"
+        out = {}
+        for node, (mode, (env, ipam)) in zip(("node1", "node2"), FRESH_MODES.items()):
+            data_dir = os.path.join(self.tmp, f"fresh-{node}-data")
+            conflist = our_conflist(network, data_dir, os.path.join(self.tmp, f"fresh-{node}-plugin.log"),
+                                    self.with_snat)
+            conflist["plugins"][0]["ipam"].update(ipam)
+            chain = Chain("fresh", network, write_conf(os.path.join(self.tmp, f"fresh-{node}-net.d"), conflist),
+                          self.bin_dir, lab.node_env(node), f"frozen, {mode}")
+            driver = self.drivers[f"fresh-{node}"] = Driver(lab, node)
+            lab.ec2_calls(reset=True)
+            t0 = time.time()
+            agent = self.agents[f"fresh-{node}"] = Agent(lab, node, self.bin_dir, data_dir, network,
+                                                         os.path.join(self.tmp, f"fresh-{node}-agent.log"), **env)
+            retries = 0
+            for _ in range(pods):
+                pod = self.new_pod(f"f{node[-1]}")
+                while True:
+                    answer = driver.call({"op": "run", **chain.job("add", pod)})
+                    if answer["rc"] == 0:
+                        break
+                    # cnitool prints the plugin's message (not its code) on stderr: ours for code 11 starts so
+                    if "no free IP on this node" not in answer["err"] or time.time() - t0 > 300:
+                        raise BenchError(f"fresh {mode} ADD of {pod.name} failed: {answer['out'][-800:]} "
+                                         f"{answer['err'][-800:]}\n{agent.log_tail()}")
+                    retries += 1
+                    driver.call({"op": "run", **chain.job("del", pod)})  # a runtime DELs a failed ADD
+                    time.sleep(0.1)
+            seconds = time.time() - t0
+            calls = lab.ec2_calls()
+            status = agent.status()
+            out[mode] = {"seconds": round(seconds, 1), "ec2_calls": sum(calls.values()), "ec2_by_action": calls,
+                         "retried_adds": retries, "enis": len(status["enis"]),
+                         "prefixes": sum(e.get("prefixes", 0) for e in status["enis"]),
+                         "addresses": sum(e["total"] for e in status["enis"])}
+            say(f"fresh node, {mode}: {pods} pods in {seconds:.1f} s, {out[mode]['ec2_calls']} EC2 calls "
+                f"({retries} ADDs retried)")
+        return out
+
     # --- all of it ------------------------------------------------------------------------------
     def run(self) -> dict:
         opts = self.opts
@@ -542,6 +597,10 @@ class Bench:
             "scale_1_assigned": handler_times(self.log_file["node1"], self.phase_pods["scale_b_node1"]),
             "scale_700_assigned": handler_times(self.log_file["node2"], self.phase_pods["scale_b_node2"]),
         }
+        res["fresh_node"] = self.fresh_nodes(opts.fresh_pods)
+        for mode, figures in res["fresh_node"].items():
+            res[f"fresh_{mode}_seconds"] = figures["seconds"]
+            res[f"fresh_{mode}_ec2_calls"] = figures["ec2_calls"]
         res["machine"]["loadavg_end"] = machine()["loadavg"]
 
         seq = res["sequential"]
@@ -575,12 +634,9 @@ class Bench:
         for agent in self.agents.values():
             with suppress(Exception):
                 agent.stop()
-        if self.lab is not None:
+        for name in (self.prefix, f"{self.prefix}f"):  # the labs (removing an absent one does nothing)
             with suppress(Exception):
-                self.lab.down()
-        else:
-            with suppress(Exception):
-                api.remove(self.prefix)
+                api.remove(name)
         netns.sweep(self.prefix)
         remove_cache_files(self.prefix)
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -662,6 +718,10 @@ def table(res: dict) -> str:
     ec2 = res["ec2"]
     lines.append(f"EC2 calls during {ec2['warm_ops']} warm ops: lab {sum(ec2['lab_calls'].values())}, "
                  f"agents {ec2['agent_calls']}, plugins {ec2['plugin_calls']}")
+    for mode, fresh in res["fresh_node"].items():
+        lines.append(f"fresh {FRESH_TYPE} node, {res['opts']['fresh_pods']} pods, {mode}: {fresh['seconds']} s, "
+                     f"{fresh['ec2_calls']} EC2 calls ({fresh['enis']} ENIs, {fresh['prefixes']} prefixes, "
+                     f"{fresh['addresses']} addresses)")
     st = res["startup"]
     lines.append("exec start-up (VERSION) p50 ms: " + ", ".join(f"{k} {v['p50_ms']:.0f}" for k, v in st.items()))
     for phase, times in res["plugin_handler_ms"].items():
@@ -682,6 +742,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bursts", type=int, default=2, help="bursts per chain")
     parser.add_argument("--scale-pods", type=int, default=20, help="ADD/DEL cycles per node in the scale step")
     parser.add_argument("--startup-runs", type=int, default=20, help="VERSION execs per program")
+    parser.add_argument("--fresh-pods", type=int, default=100, help="pods on a fresh node per mode (step 8)")
     parser.add_argument("--output", default=RESULTS)
     opts = parser.parse_args(argv)
     if os.geteuid() != 0:
