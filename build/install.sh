@@ -29,4 +29,13 @@ for old in "$bin_dir"/.aws-vpc-cni-*; do
     name=$(basename "$old")
     [ "$name" = "$target" ] || [ "$name" = "$previous" ] || rm -rf "$old"
 done
+# The reference loopback plugin: containerd and podman bring up every pod's lo with it. Installed only
+# where the node has none (an EKS AMI ships its own), from Debian's containernetworking-plugins (which
+# the image carries), as upstream's installer does.
+loopback="${LOOPBACK:-/usr/lib/cni/loopback}"
+if [ ! -e "$bin_dir/loopback" ] && [ -x "$loopback" ]; then
+    cp "$loopback" "$bin_dir/.loopback.new"
+    mv -T "$bin_dir/.loopback.new" "$bin_dir/loopback"
+    programs+=(loopback)
+fi
 echo "installed $target into $bin_dir: ${programs[*]}"

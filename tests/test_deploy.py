@@ -162,15 +162,6 @@ def test_agent_runs_writes_the_conflist_once_ready_and_is_probed(pod):
     assert _mount_for(pod, main, "/run/xtables.lock") == "/run/xtables.lock"
 
 
-def test_image_layout_matches_the_dockerfile(pod):
-    text = (DEPLOY / "Dockerfile").read_text()
-    copies = dict(re.findall(r"^COPY\s+(\S+)\s+(\S+)\s*$", text, re.M))
-    assert copies["dist/aws-vpc-cni/"].rstrip("/") == "/app/dist/aws-vpc-cni"
-    assert copies["build/install.sh"] == "/app/build/install.sh"
-    assert re.search(r'^ENTRYPOINT \["aws-vpc-cni-agent"\]$', text, re.M)
-    assert re.search(r"^FROM debian:bookworm", text, re.M)
-
-
 # --- RBAC ---------------------------------------------------------------------------------------
 
 def test_rbac_is_minimal(pod):

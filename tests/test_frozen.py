@@ -1,5 +1,6 @@
 """The PyInstaller bundle: every program by name, links elsewhere, atomic installs, and the chain (issue 8)."""
 
+import filecmp
 import json
 import os
 import shutil
@@ -120,6 +121,16 @@ def test_install_puts_links_that_find_their_bundle_from_any_folder(frozen, tmp_p
     elsewhere.mkdir()
     (elsewhere / "aws-eni-ipam").symlink_to(bin_dir / "aws-eni-ipam")  # a link to a link, in another folder
     assert version(str(elsewhere / "aws-eni-ipam"))[0] == 0
+
+
+def test_install_adds_the_reference_loopback_only_where_the_node_has_none(frozen, tmp_path):
+    bin_dir = install(BUNDLE, tmp_path / "bare")
+    assert filecmp.cmp(bin_dir / "loopback", "/usr/lib/cni/loopback", shallow=False)
+    own = tmp_path / "ami" / "opt" / "cni" / "bin"
+    own.mkdir(parents=True)
+    (own / "loopback").write_text("#!/bin/sh\n# the node's own\n")
+    install(BUNDLE, tmp_path / "ami")
+    assert (own / "loopback").read_text() == "#!/bin/sh\n# the node's own\n"
 
 
 def test_upgrade_switches_atomically_keeps_the_previous_bundle_and_removes_older(frozen, tmp_path):
