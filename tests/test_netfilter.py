@@ -66,6 +66,9 @@ DRIVER = textwrap.dedent("""
                           absent_rules=[Rule(*r) for r in d.get("absent_rules", ())])
 
     req = json.load(sys.stdin)
+    if req.get("no_scratch"):  # as in a container where neither `unshare --net` nor a user namespace works
+        import cnicore.netfilter.restore
+        cnicore.netfilter.restore._SCRATCH = ()
     while time.time() < req.get("start_at", 0):
         time.sleep(0.001)
     try:
@@ -372,6 +375,26 @@ def test_without_cap_sys_admin_the_wording_is_learnt_in_a_user_namespace(make_ne
     answer = drive(ns, lock_dir, variant, "converge", NAT_LOOSE, repeat=3, wrapper=no_sys_admin)
     assert [len(run) for run in answer["runs"]] == [3, 0, 0]
     assert rules_of(ns, variant) == NAT_LOOSE_LINES
+
+
+def test_without_any_scratch_namespace_the_wording_is_learnt_in_chains_nothing_jumps_to(make_netns, lock_dir,
+                                                                                     variant):
+    """Like the aws-node container under podman, where user namespaces are refused too: the wording is
+    learnt in stand-in chains of the table itself, which go at once; foreign rules are untouched, and
+    stand-ins a killed process left are removed."""
+    ns = make_netns("inplace")
+    ipt(ns, variant, "-t", "nat", "-A", "POSTROUTING", "-d", "192.0.2.0/24", "-j", "RETURN")
+    ipt(ns, variant, "-t", "nat", "-N", "AWSW-7fffffff-0")  # a dead process's (pid 0x7fffffff never runs)
+    answer = drive(ns, lock_dir, variant, "converge", NAT_LOOSE, repeat=3, no_scratch=True)
+    assert [len(run) for run in answer["runs"]] == [3, 0, 0], answer
+    assert [line for line in rules_of(ns, variant) if "192.0.2.0" not in line] == NAT_LOOSE_LINES
+    assert "-A POSTROUTING -d 192.0.2.0/24 -j RETURN" in rules_of(ns, variant)
+    assert not [chain for chain in chains_of(ns, variant) if chain.startswith("AWSW-")]
+    # a rule iptables refuses is named as in a scratch namespace
+    bad = {"table": "nat", "chains": {"AWS-SNAT-CHAIN-0": ["-m nosuchmatch -j RETURN"]}}
+    answer = drive(ns, lock_dir, variant, "converge", bad, no_scratch=True)
+    assert "nosuchmatch" in answer.get("error", ""), answer
+    assert not [chain for chain in chains_of(ns, variant) if chain.startswith("AWSW-")]
 
 
 def test_foreign_rules_and_chains_are_left_alone(make_netns, lock_dir, variant):

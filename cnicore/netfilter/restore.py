@@ -3,7 +3,9 @@
 Every change to a table is one `iptables-restore --noflush -w` transaction. Canonical wording is
 learnt in a scratch network namespace that lives only as long as one `unshare` child: the
 rules are restored there into empty chains and read back with iptables-save, which changes nothing
-the host can see and also tells exactly which rule iptables refuses.
+the host can see and also tells exactly which rule iptables refuses. Where no scratch namespace can
+be made (the aws-node container: NET_ADMIN only, user namespaces refused), the wording is learnt in
+the table itself, in chains of our own that nothing jumps to, removed at once (`_learn_in_place`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ _LINE_RE = re.compile(r"\bline:? (\d+)")
 # inside a new user namespace (enough for a container with only NET_ADMIN, where the kernel allows it).
 _SCRATCH = (["unshare", "--net"], ["unshare", "--user", "--map-root-user", "--net"])
 _NOISE = ("Try `", "Error occurred at line")
+_STAND_IN = "AWSW-"  # + pid in hex + "-" + n: the chains _learn_in_place learns wording in
+_JUMP_RE = re.compile(r"((?:^|\s)(?:-j|-g|--jump|--goto)\s+)(\S+)")
 
 
 class RuleRefused(NetfilterError):
@@ -119,19 +123,72 @@ class RestoreBackend:
             if not proc.stderr.startswith("unshare:"):
                 break
         else:
-            raise NetfilterError(f"cannot make a scratch network namespace to learn iptables' wording of the rules "
-                                 f"({proc.stderr.strip()}); give rules exactly as iptables-save prints them",
-                                 table=table, output=proc.stderr)
-        if proc.returncode != 0:
-            index = owner.get(failed_line(proc.stderr))
-            if index is None:
-                raise NetfilterError(f"{self.restore_tool} failed on table {table}: {iptables_message(proc.stderr)}",
-                                     table=table, output=proc.stderr)
-            chain, spec = placed[index]
-            raise RuleRefused(f"{self.restore_tool} refuses rule '-A {chain} {spec}' in table {table}: "
-                              f"{iptables_message(proc.stderr)}", table=table, rule=f"-A {chain} {spec}",
-                              output=proc.stderr, index=index)
+            return self._learn_in_place(table, chains, placed)
+        self._refused(table, placed, owner, proc)
         return _in_order(table, parse_save(proc.stdout).get(table, {}), placed)
+
+    def _learn_in_place(self, table: str, chains: list[str], placed: list[tuple[str, str]]) -> list[str]:
+        """canonicalize in the table itself: every chain named (built-in ones too) stands in as an
+        empty chain of ours, `AWSW-<pid hex>-<n>`, that no rule jumps to, so the rules match no
+        packet; read back, renamed, and removed in a second transaction (also those a killed process
+        left). Needs only NET_ADMIN."""
+        stand_in = {chain: f"{_STAND_IN}{os.getpid():x}-{n}"
+                    for n, chain in enumerate(dict.fromkeys([*chains, *(chain for chain, _ in placed)]))}
+        original = {name: chain for chain, name in stand_in.items()}
+
+        def renamed(spec: str, names: dict[str, str]) -> str:
+            return _JUMP_RE.sub(lambda m: f"{m.group(1)}{names.get(m.group(2), m.group(2))}", spec)
+
+        lines = [f"*{table}", *(f":{name} - [0:0]" for name in stand_in.values()), "COMMIT"]
+        owner = {}
+        for index, (chain, spec) in enumerate(placed):
+            lines += [f"*{table}", f"-A {stand_in[chain]} {renamed(spec, stand_in)}", "COMMIT"]
+            owner[len(lines) - 1] = owner[len(lines)] = index
+        try:
+            proc = _run([self.restore_tool, "--noflush", "-w", self.wait_arg], input="\n".join(lines) + "\n",
+                        timeout=self.wait + 30)
+            self._refused(table, placed, owner, proc)
+            saved = self.save(table)
+        finally:
+            self._remove_stand_ins(table, stand_in.values())
+        mine = {stand_in[chain]: [renamed(spec, original) for spec in saved.get(stand_in[chain], [])]
+                for chain in stand_in}
+        return _in_order(table, mine, [(stand_in[chain], spec) for chain, spec in placed])
+
+    def _remove_stand_ins(self, table: str, names) -> None:
+        """Flush and delete our stand-in chains `names` and those of processes that are gone."""
+        gone = [name for name in self.save(table) if name in names or _stand_in_of_the_dead(name)]
+        if gone:
+            script_ = "\n".join([f"*{table}", *(f"-F {n}" for n in gone), *(f"-X {n}" for n in gone), "COMMIT", ""])
+            proc = _run([self.restore_tool, "--noflush", "-w", self.wait_arg], input=script_, timeout=self.wait + 30)
+            if proc.returncode != 0:
+                raise NetfilterError(f"{self.restore_tool} could not remove the stand-in chains {gone} of table "
+                                     f"{table}: {iptables_message(proc.stderr)}", table=table, output=proc.stderr)
+
+    def _refused(self, table: str, placed: list[tuple[str, str]], owner: dict[int, int], proc) -> None:
+        """Raise what iptables-restore's failure `proc` says: RuleRefused naming the placed rule its
+        failing line came from, else a NetfilterError."""
+        if proc.returncode == 0:
+            return
+        index = owner.get(failed_line(proc.stderr))
+        if index is None:
+            raise NetfilterError(f"{self.restore_tool} failed on table {table}: {iptables_message(proc.stderr)}",
+                                 table=table, output=proc.stderr)
+        chain, spec = placed[index]
+        raise RuleRefused(f"{self.restore_tool} refuses rule '-A {chain} {spec}' in table {table}: "
+                          f"{iptables_message(proc.stderr)}", table=table, rule=f"-A {chain} {spec}",
+                          output=proc.stderr, index=index)
+
+
+def _stand_in_of_the_dead(chain: str) -> bool:
+    """`chain` is a stand-in of _learn_in_place whose process is gone."""
+    parts = chain.split("-")
+    if not chain.startswith(_STAND_IN) or len(parts) != 3 or not parts[2].isdigit():
+        return False
+    try:
+        return not os.path.exists(f"/proc/{int(parts[1], 16)}")
+    except ValueError:
+        return False
 
 
 def _in_order(table: str, saved: dict[str, list[str]], placed: list[tuple[str, str]]) -> list[str]:
