@@ -29,6 +29,7 @@ from typing import Any
 
 from . import control, netns
 from .config import DEFAULT_NAME, EC2_ADDRESS, EC2_PORT, IMDS_ADDRESS, REGION, STATE_ROOT, LabConfig, state_dir
+from .ec2model import Snapshot
 from .errors import LabError
 
 UP_TIMEOUT = 90.0
@@ -201,6 +202,13 @@ class Lab:
         lab.ec2("AssignPrivateIpAddresses", NetworkInterfaceId=..., SecondaryPrivateIpAddressCount=1).
         Raises Ec2Error with EC2's code when EC2 refuses."""
         return self._call("ec2", action=action, params=params)
+
+    def snapshot(self, since: Snapshot | None = None) -> Snapshot:
+        """EC2's state as the lab holds it now (what its IMDS and data plane follow), read without
+        an EC2 call: cheap, as the lab reads moto again only after a change. With `since`, an
+        earlier answer, that one comes back if EC2 has not changed (and nothing crosses the socket)."""
+        found = self._call("snapshot", since=None if since is None else since.taken_at)
+        return since if found is None else Snapshot.from_dict(found)
 
     # --- helpers ---------------------------------------------------------------------------------
 

@@ -143,12 +143,15 @@ class LabDaemon:
                                          self._handlers()))
 
     def _sync_loop(self) -> None:
-        """Follow EC2: at once after each change through the front, else every RESYNC_PERIOD."""
+        """Follow EC2: at once after each change, and every RESYNC_PERIOD. Every change to moto is
+        made through the front or a control operation, each marking the cache dirty, so the live
+        snapshot is EC2's state (a full read here would only slow moto down: seconds with a thousand
+        instances)."""
         while not self._stop.is_set():
-            kicked = self._kicked.wait(RESYNC_PERIOD)
+            self._kicked.wait(RESYNC_PERIOD)
             self._kicked.clear()
             try:
-                self._wiring.apply(self._cache.live() if kicked else self._cache.refresh())
+                self._wiring.apply(self._cache.live())
             except Exception:
                 log.exception("data plane sync failed; retrying")
 
@@ -170,6 +173,7 @@ class LabDaemon:
             "ec2_calls": lambda reset=False: self.front.calls.read(reset),
             "imds_calls": lambda reset=False: self.imds_calls.read(reset),
             "ec2": self._op_ec2,
+            "snapshot": self._op_snapshot,
             "ec2_timing": self._op_ec2_timing,
             "ec2_throttling": lambda reset=False: self.front.throttling.report(reset),
             "fragment_subnet": self._op_fragment_subnet,
@@ -240,6 +244,11 @@ class LabDaemon:
         elif action != ANY_ACTION and action not in self._moto.meta.service_model.operation_names:
             raise LabError(f"fault action {action!r} is not an EC2 API action")
         self.faults.add(fault)
+
+    def _op_snapshot(self, since: float | None = None) -> dict | None:
+        """The live snapshot, or None if it is still the one taken at `since`."""
+        snap = self._cache.live()
+        return None if snap.taken_at == since else snap.to_dict()
 
     def _op_ec2(self, action: str, params: dict | None = None) -> dict:
         from botocore import xform_name
@@ -326,21 +335,43 @@ class MotoBackend:
 
     def complete(self, action: str, params: dict[str, str]) -> None:
         """ModifyNetworkInterfaceAttribute's Attachment.DeleteOnTermination (the ENI pool sets it after
-        each attach)."""
+        each attach), and what terminating an instance does to its ENIs."""
+        if action == "TerminateInstances":
+            self._terminated([v for k, v in params.items() if k.startswith("InstanceId.")])
         if action != "ModifyNetworkInterfaceAttribute" or "Attachment.DeleteOnTermination" not in params:
             return
         eni = self._eni(params["NetworkInterfaceId"])
         eni.delete_on_termination = params["Attachment.DeleteOnTermination"].lower() == "true"
+
+    @staticmethod
+    def _terminated(instance_ids: list[str]) -> None:
+        """moto deletes a terminated instance's ENIs that have DeleteOnTermination and leaves the rest
+        attached. EC2 detaches the rest (they stay, "available") and deletes the primary ENI made at
+        launch (DeleteOnTermination is true by default there; moto makes it false)."""
+        backend = MotoBackend._backend()
+        for instance_id in instance_ids:
+            instance = backend.get_instance(instance_id)
+            for nic in list(instance.nics.values()):
+                if nic.id not in backend.enis:  # deleted by moto
+                    continue
+                if nic.device_index == 0:
+                    nic.delete()  # kept in instance.nics: moto describes the instance from it
+                else:
+                    instance.detach_eni(nic)
 
     def set_prefixes(self, eni_id: str, prefixes: tuple[str, ...]) -> None:
         self._eni(eni_id).ipv4_prefixes = [{"Ipv4Prefix": p} for p in prefixes]
 
     @staticmethod
     def _eni(eni_id: str):
+        return MotoBackend._backend().get_network_interface(eni_id)
+
+    @staticmethod
+    def _backend():
         from moto.core import DEFAULT_ACCOUNT_ID
         from moto.ec2.models import ec2_backends
 
-        return ec2_backends[DEFAULT_ACCOUNT_ID][cfg.REGION].get_network_interface(eni_id)
+        return ec2_backends[DEFAULT_ACCOUNT_ID][cfg.REGION]
 
 
 def _http(address, handler, **attributes) -> HttpServer:

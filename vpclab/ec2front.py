@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .counting import CallCounter
-from .ec2rules import Params, Plan, Rejection, created_eni_id, error_xml, vet, with_prefix_set
+from .ec2rules import RULES, Params, Plan, Rejection, created_eni_id, error_xml, vet, with_prefix_set
 from .faults import EC2_ERRORS, FaultBook
 from .latency import Latency
 from .state import StateCache
@@ -76,16 +76,18 @@ class Ec2Front:
         if action.startswith(READ_ONLY):
             return self._forward(headers, params)
         with self.mutating:
+            snap = self._cache.live()
             try:
-                plan = vet(action, params, self._cache.live(), self._default_type)
+                plan = vet(action, params, snap, self._default_type)
             except Rejection as r:
                 return _error(r.status, r.code, r.message)
+            response = None
             try:
                 response = self._forward_plan(headers, params, plan)
                 if response[0] == 200:
                     response = self._complete(action, dict(params), plan, response)
             finally:
-                self._cache.mark_dirty()
+                self._cache.mark_dirty(changed_enis(action, dict(params), plan, snap, response))
         self._changed()
         return response
 
@@ -128,6 +130,26 @@ class Ec2Front:
             return _error(500, "InternalError", f"An internal error has occurred. (lab: moto: {e})")
         finally:
             conn.close()
+
+
+def changed_enis(action: str, params: dict[str, str], plan: Plan, snap, response: Response | None) -> set[str] | None:
+    """The ENIs a mutating call can have changed, or None if it can have changed more (instances,
+    subnets, anything else the snapshot holds). Tags are not in the snapshot: tagging changes none."""
+    if action in ("CreateTags", "DeleteTags"):
+        return set()
+    if action not in RULES:
+        return None
+    enis = {dict(before).get("NetworkInterfaceId") for _, before in plan.before}
+    if action == "CreateNetworkInterface":
+        enis.add(created_eni_id(response[2]) if response is not None and response[0] == 200 else None)
+    elif action == "DetachNetworkInterface":
+        eni = snap.eni_by_attachment(params.get("AttachmentId", ""))
+        if eni is None:
+            return None
+        enis.add(eni.id)
+    else:
+        enis.add(params.get("NetworkInterfaceId"))
+    return {e for e in enis if e}
 
 
 def _error(status: int, code: str, message: str) -> Response:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 # EC2 keeps five addresses of every subnet: network, router (+1), DNS (+2), future use (+3), broadcast.
 RESERVED_LOW = 4
@@ -131,6 +131,28 @@ class Snapshot:
              if i["State"]["Name"] not in ("terminated", "shutting-down")},
             {e["NetworkInterfaceId"]: _eni(e) for e in enis},
         )
+
+    def to_dict(self) -> dict:
+        """As JSON can carry it (the lab's control socket); `from_dict` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Snapshot":
+        return cls(
+            d["taken_at"],
+            {k: Vpc(v["id"], tuple(v["cidrs"])) for k, v in d["vpcs"].items()},
+            {k: Subnet(**v) for k, v in d["subnets"].items()},
+            {k: Instance(**v) for k, v in d["instances"].items()},
+            {k: Eni(**{**v, "ips": tuple(v["ips"]), "groups": tuple(tuple(g) for g in v["groups"]),
+                       "prefixes": tuple(v["prefixes"])}) for k, v in d["enis"].items()},
+        )
+
+    def with_enis_read(self, taken_at: float, read: frozenset[str], enis: list[dict]) -> "Snapshot":
+        """This snapshot with the ENIs in `read` as DescribeNetworkInterfaces now shows them (`enis`);
+        one of them missing from the answer is gone."""
+        kept = {k: v for k, v in self.enis.items() if k not in read}
+        kept.update((e["NetworkInterfaceId"], _eni(e)) for e in enis)
+        return Snapshot(taken_at, self.vpcs, self.subnets, self.instances, kept)
 
 
 def _vpc(v: dict) -> Vpc:

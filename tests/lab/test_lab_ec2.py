@@ -182,3 +182,29 @@ out["flag"] = reply["NetworkInterfaces"][0]["Attachment"]["DeleteOnTermination"]
 print(json.dumps(out))
 ''' % ((eni, attachment),)
     assert python_in(fresh_lab, "node1", script) == {"wrong_attachment": "InvalidAttachmentID.NotFound", "flag": True}
+
+
+def test_terminating_an_instance_deletes_its_primary_and_delete_on_termination_enis_and_detaches_the_rest(fresh_lab):
+    """moto 5.2.5 leaves every ENI without DeleteOnTermination attached to the terminated instance,
+    the primary one too; EC2 deletes the primary (made at launch) and detaches the others."""
+    status = fresh_lab.status()
+    subnet = status["subnets"][0]["id"]
+    instance = fresh_lab.ec2("RunInstances", ImageId="ami-12c6146b", MinCount=1, MaxCount=1,
+                             InstanceType="m5.large", SubnetId=subnet)["Instances"][0]["InstanceId"]
+    kept, dropped = (fresh_lab.ec2("CreateNetworkInterface", SubnetId=subnet)["NetworkInterface"]["NetworkInterfaceId"]
+                     for _ in range(2))
+    for index, eni in ((1, kept), (2, dropped)):
+        attachment = fresh_lab.ec2("AttachNetworkInterface", NetworkInterfaceId=eni, InstanceId=instance,
+                                   DeviceIndex=index)["AttachmentId"]
+    fresh_lab.ec2("ModifyNetworkInterfaceAttribute", NetworkInterfaceId=dropped,
+                  Attachment={"AttachmentId": attachment, "DeleteOnTermination": True})
+    primary = [e.id for e in fresh_lab.snapshot().enis_of(instance) if e.device_index == 0]
+    assert len(primary) == 1
+
+    fresh_lab.ec2("TerminateInstances", InstanceIds=[instance])
+    enis = {e["NetworkInterfaceId"]: e for e in fresh_lab.ec2("DescribeNetworkInterfaces")["NetworkInterfaces"]}
+    assert primary[0] not in enis and dropped not in enis
+    assert enis[kept]["Status"] == "available" and "Attachment" not in enis[kept]
+    snap = fresh_lab.snapshot()  # the lab's own view (IMDS, data plane) follows
+    assert snap.enis_of(instance) == [] and snap.enis[kept].status == "available"
+    assert {primary[0], dropped}.isdisjoint(snap.enis)

@@ -120,13 +120,15 @@ def test_sync_follows_moves_and_detaches():
 # --- snapshot cache ------------------------------------------------------------------------------
 
 class Reads:
-    """Snapshots numbered by read, taken 'now'."""
+    """Snapshots numbered by read, taken 'now'; `asked` records what each read was asked for."""
 
     def __init__(self):
         self.count = 0
+        self.asked = []
 
-    def __call__(self):
+    def __call__(self, previous, enis):
         self.count += 1
+        self.asked.append(enis)
         return Snapshot(time.time(), {"n": self.count})
 
 
@@ -137,6 +139,42 @@ def test_live_reads_again_only_after_a_change():
     assert cache.live() is first and reads.count == 1
     cache.mark_dirty()
     assert cache.live().vpcs == {"n": 2}
+
+
+def test_a_change_naming_its_enis_reads_only_those_on_top_of_the_last_snapshot():
+    reads = Reads()
+    cache = StateCache(reads)
+    cache.mark_dirty({"eni-a"})       # nothing read yet: the first read is a whole one
+    cache.live()
+    cache.mark_dirty({"eni-a"})
+    cache.mark_dirty({"eni-b"})
+    cache.live()
+    cache.mark_dirty(set())           # tags: nothing of the snapshot changed, but it is read again
+    cache.live()
+    cache.mark_dirty({"eni-c"})
+    cache.mark_dirty()                # anything may have changed
+    cache.live()
+    cache.refresh()
+    assert reads.asked == [None, frozenset({"eni-a", "eni-b"}), frozenset(), None, None]
+
+
+def test_a_failed_read_leaves_its_enis_to_be_read():
+    asked = []
+
+    def read(previous, enis):
+        asked.append(enis)
+        if len(asked) == 2:
+            raise OSError("moto is gone")
+        return Snapshot(time.time(), {"n": len(asked)})
+
+    cache = StateCache(read)
+    cache.live()
+    cache.mark_dirty({"eni-a"})
+    with pytest.raises(OSError):
+        cache.live()
+    cache.mark_dirty({"eni-b"})
+    cache.live()
+    assert asked == [None, frozenset({"eni-a"}), frozenset({"eni-a", "eni-b"})]
 
 
 def test_stale_imds_sees_the_state_of_staleness_ago():
