@@ -54,6 +54,14 @@ def test_plugins_get_the_log_settings_of_the_environment():
         assert settings.from_conf(plugin, env) == {name: cfg[name] for name in env}, plugin["type"]
 
 
+def test_the_ipam_gets_the_prefix_delegation_settings_of_the_environment():
+    env = {"ENABLE_PREFIX_DELEGATION": "true", "WARM_PREFIX_TARGET": "3"}
+    cfg = settings.from_env(env)
+    ipam = render_conflist(cfg)["plugins"][0]["ipam"]
+    assert settings.from_conf(ipam, env) == {name: cfg[name] for name in env} == \
+        {"ENABLE_PREFIX_DELEGATION": True, "WARM_PREFIX_TARGET": 3}
+
+
 @pytest.mark.parametrize("name", sorted(n for n in os.listdir(CONFLISTS) if n.endswith(".conflist")))
 def test_every_plugin_of_every_conflist_exists(name):
     for plugin in load(name)["plugins"]:

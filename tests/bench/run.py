@@ -152,7 +152,7 @@ class Agent:
     def __init__(self, lab: api.Lab, node: str, bin_dir: str, data_dir: str, network: str, log: str, **settings):
         self.data_dir = data_dir
         self.log = log
-        env = lab.exec_env(node, {"AWS_VPC_CNI_DATA_DIR": data_dir, "AWS_VPC_CNI_AGENT_LOG_FILE": log,
+        env = lab.exec_env(node, {"AWS_VPC_CNI_DATA_DIR": data_dir, "AWS_VPC_K8S_CNI_LOG_FILE": log,
                                   **{k: str(v) for k, v in settings.items()}})
         self.stderr = open(log + ".stderr", "w")
         self.proc = subprocess.Popen(
