@@ -80,6 +80,21 @@ def request(protocol: int, kind: int, flags: int, payload: bytes) -> list[tuple[
         return transact(sock, kind, flags, payload)
 
 
+NETLINK_ROUTE = 0
+RTM_SETLINK = 19
+IFLA_AF_SPEC, IFLA_INET_CONF = 26, 1
+IPV4_DEVCONF_RP_FILTER = 8  # include/uapi/linux/ip.h
+
+
+def set_ipv4_conf(ifname: str, conf_id: int, value: int) -> None:
+    """Set one IPv4 setting of an interface (net.ipv4.conf.<ifname>.*, by its IPV4_DEVCONF_ id) over
+    rtnetlink: needs NET_ADMIN only, not a writable /proc/sys (read-only in a container that is not
+    privileged, such as the aws-node agent's). Raises OSError."""
+    index = _socket.if_nametoindex(ifname)
+    conf = attr(IFLA_AF_SPEC, attr(_socket.AF_INET, attr(IFLA_INET_CONF, attr(conf_id, struct.pack("=I", value)))))
+    request(NETLINK_ROUTE, RTM_SETLINK, NLM_F_ACK, struct.pack("=BxHiII", _socket.AF_UNSPEC, 0, index, 0, 0) + conf)
+
+
 def attr(kind: int, payload: bytes) -> bytes:
     data = _ATTR.pack(_ATTR.size + len(payload), kind) + payload
     return data + b"\0" * (-len(data) % 4)

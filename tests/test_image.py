@@ -75,6 +75,7 @@ def test_image_is_named_by_the_project_version_and_is_debian_with_both_iptables_
     links = run(podman, name, "-c", "for p in " + " ".join(PROGRAMS) + "; do readlink -f $(command -v $p); done",
                 options=shell).stdout.split()
     assert links == ["/app/dist/aws-vpc-cni/aws-vpc-cni"] * len(PROGRAMS)
+    assert run(podman, name, "--version").stdout.strip().endswith(project_version())
 
 
 def test_the_agent_in_the_image_renders_and_writes_the_conflist(image, tmp_path):

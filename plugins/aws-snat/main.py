@@ -64,7 +64,7 @@ from cnicore.netfilter import Netfilter, NetfilterError, Rule, TableState, quote
 from cnicore.netfilter.model import jump_target, split_spec
 from cnicore.netfilter.plan import compare
 from cnicore.netfilter.stamp import Stamp
-from cnicore.rawnetlink import control_socket
+from cnicore.rawnetlink import IPV4_DEVCONF_RP_FILTER, control_socket, set_ipv4_conf
 from cnicore.store import Store
 
 from aws_snat import fibrule
@@ -462,8 +462,7 @@ def _converge_rp_filter(ifname: str) -> list[str]:
     if value in ("0", "2"):  # off or loose already
         return []
     try:
-        with open(f"/proc/sys/net/ipv4/conf/{ifname}/rp_filter", "w") as f:
-            f.write("2")
+        set_ipv4_conf(ifname, IPV4_DEVCONF_RP_FILTER, 2)
     except OSError as exc:
         raise CNIError(NETLINK_FAILURE, f"cannot set rp_filter of {ifname} to 2: {exc.strerror}") from None
     return [f"rp_filter of {ifname}: {value} -> 2"]
