@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 # EC2 keeps five addresses of every subnet: network, router (+1), DNS (+2), future use (+3), broadcast.
 RESERVED_LOW = 4
@@ -68,6 +69,11 @@ class Eni:
         """Every address the VPC delivers to this ENI: its own (primary first), then its prefixes' (all 16)."""
         return self.ips + tuple(str(a) for p in self.prefixes for a in ipaddress.ip_network(p))
 
+    @cached_property
+    def taken(self) -> frozenset[int]:
+        """addresses() as integers, worked out once per ENI (snapshots share the ENIs no change touched)."""
+        return frozenset(int(ipaddress.ip_address(ip)) for ip in self.addresses())
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -96,10 +102,14 @@ class Snapshot:
 
     def free_ips(self, subnet_id: str) -> list[str]:
         """Addresses of a subnet that no ENI holds, no prefix covers and EC2 does not keep, lowest first."""
+        return [str(ipaddress.IPv4Address(n)) for n in self.free_addresses(subnet_id)]
+
+    def free_addresses(self, subnet_id: str) -> list[int]:
+        """free_ips as integers (a /16 has 65,000 of them: no text made for those not picked)."""
         net = ipaddress.ip_network(self.subnets[subnet_id].cidr)
         used = self._taken(subnet_id)
         low, high = int(net.network_address) + RESERVED_LOW, int(net.broadcast_address)
-        return [str(ipaddress.IPv4Address(n)) for n in range(low, high) if n not in used]
+        return [n for n in range(low, high) if n not in used]
 
     def free_prefixes(self, subnet_id: str) -> list[str]:
         """The aligned /28 blocks of a subnet holding no reserved address, no ENI's address and no
@@ -115,8 +125,7 @@ class Snapshot:
         return free
 
     def _taken(self, subnet_id: str) -> set[int]:
-        return {int(ipaddress.ip_address(ip)) for e in self.enis.values() if e.subnet_id == subnet_id
-                for ip in e.addresses()}
+        return set().union(*(e.taken for e in self.enis.values() if e.subnet_id == subnet_id))
 
     @classmethod
     def from_describe(cls, taken_at: float, vpcs: list[dict], subnets: list[dict],

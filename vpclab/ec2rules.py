@@ -353,10 +353,11 @@ def _check_address(subnet: Subnet, ip: str) -> None:
 
 def _pick(snap: Snapshot, subnet: Subnet, n: int, rng: random.Random, exclude: set[str] = frozenset()) -> list[str]:
     """n free addresses of the subnet, at random as EC2 hands them out."""
-    free = [ip for ip in snap.free_ips(subnet.id) if ip not in exclude]
+    excluded = {int(ipaddress.ip_address(ip)) for ip in exclude}
+    free = [a for a in snap.free_addresses(subnet.id) if a not in excluded]
     if n > len(free):
         raise Rejection("InsufficientFreeAddressesInSubnet", INSUFFICIENT_ADDRESSES)
-    return rng.sample(free, n)
+    return [str(ipaddress.IPv4Address(a)) for a in rng.sample(free, n)]
 
 
 def _get(params: Params, key: str) -> str | None:

@@ -3,8 +3,8 @@
 The lab serves IMDS only to its namespaced nodes; a simulated node has no namespace. One HTTP server
 here answers every simulated node, telling them apart by the loopback address they connect to (node
 i at 127.20.i/256.i%256: every 127/8 address is local), with the lab's own IMDS tree
-(vpclab.imds.metadata_tree) over a snapshot of EC2 that a thread reads every `refresh` wall seconds
-through the lab's control socket (the lab's own calls: no token spent, not counted). So a simulated
+(vpclab.imds.metadata_tree) over the lab's snapshot of EC2 (Lab.snapshot: no EC2 call, no token spent,
+not counted), which a thread reads again every `refresh` wall seconds. So a simulated
 node's IMDS lags EC2 by up to `refresh` x time_scale simulated seconds, as IMDS does on EC2 (seconds).
 """
 
@@ -14,7 +14,6 @@ import ipaddress
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from vpclab.ec2model import Snapshot
 from vpclab.imds import MAX_TTL, TOKEN_HEADER, TOKEN_PATH, TTL_HEADER, Tokens, lookup, metadata_tree
 
 BASE = int(ipaddress.IPv4Address("127.20.0.0"))
@@ -24,18 +23,12 @@ def node_address(index: int) -> str:
     return str(ipaddress.IPv4Address(BASE + index))
 
 
-def read_snapshot(lab) -> Snapshot:
-    return Snapshot.from_describe(0.0, lab.ec2("DescribeVpcs")["Vpcs"], lab.ec2("DescribeSubnets")["Subnets"],
-                                  lab.ec2("DescribeInstances")["Reservations"],
-                                  lab.ec2("DescribeNetworkInterfaces")["NetworkInterfaces"])
-
-
 class SimIMDS:
     def __init__(self, lab, instances: list[str], region: str, port: int = 8169, refresh: float = 1.0):
         self.lab, self.region, self.port, self.refresh = lab, region, port, refresh
         self.instances = {node_address(i): iid for i, iid in enumerate(instances)}
         self.tokens = Tokens()
-        self.snapshot = read_snapshot(lab)
+        self.snapshot = lab.snapshot()
         self._stop = threading.Event()
         self._server = ThreadingHTTPServer(("0.0.0.0", port), _Handler)
         self._server.daemon_threads = True
@@ -49,7 +42,7 @@ class SimIMDS:
         return f"http://{node_address(index)}:{self.port}"
 
     def reread(self) -> None:
-        self.snapshot = read_snapshot(self.lab)
+        self.snapshot = self.lab.snapshot(since=self.snapshot)
 
     def _follow(self) -> None:
         while not self._stop.wait(self.refresh):

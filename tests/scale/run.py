@@ -2,7 +2,8 @@
 token buckets and latencies on, in compressed time; writes scale-results.json and prints the table.
 
     python -m tests.scale.run [--nodes 1000] [--cold-nodes 200] [--pods 30] [--hour 3600]
-                              [--time-scale 4] [--policy today|budget|both]
+                              [--time-scale 4] [--policy today|budget|both] [--churn 5]
+                              [--churn-minutes 10] [--dying 5] [--death-window 3900]
 
 The simulation runs inside the lab's node1 namespace: the lab's EC2 front, with its buckets, listens
 there (its own listener in the ctl namespace spends no token and is not counted).
@@ -28,22 +29,32 @@ UPSTREAM_CALLS_PER_NODE_HOUR = 1.0
 
 
 def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale: float, policy: str,
+             churn: int, churn_minutes: int, dying: int, death_window: float, workers: int = 32,
              warmup: float = 120.0, cold_limit: float = 3600.0) -> dict:
     from vpclab.latency import Latency
 
     from .sim import Cluster
 
-    cluster = Cluster(lab, nodes, scale=scale, policy=policy)
+    def progress(phase):
+        print(f"[{policy}] {phase} (simulated {cluster.clock() - cluster.clock.epoch:.0f} s)", file=sys.stderr,
+              flush=True)
+
+    cluster = Cluster(lab, nodes, scale=scale, policy=policy, workers=workers)
     try:
+        progress(f"{nodes} nodes start")
         cluster.run(warmup)
+        progress("steady state")
         lab.ec2_calls(reset=True)
         lab.ec2_throttling(reset=True)
+        rounds = cluster.rounds
         steady = cluster.run(hour)
+        steady_round_interval = steady * nodes / max(cluster.rounds - rounds, 1)
         calls = lab.ec2_calls(reset=True)
         steady_buckets = lab.ec2_throttling(reset=True)["buckets"]
         node_hours = nodes * steady / 3600
         per_api = {a: n / node_hours for a, n in sorted(calls.items())}
 
+        progress("cold start")
         chosen = cluster.schedule_pods(min(cold_nodes, nodes), pods)
         before = cluster.node_calls()
         code11_before = cluster.code11
@@ -56,10 +67,33 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
                            + [0.0])
         floor = max(serial, bucket_floor)
         placed = cluster.all_placed(chosen)
-        throttled = sum(b["throttled"] for b in steady_buckets.values()) + sum(
-            b["throttled"] for b in cold_buckets.values())
+        errors_before_churn, code11_before_churn = sum(cluster.errors.values()), cluster.code11
+        cold_errors = errors_before_churn + (0 if placed else 1)
+
+        progress("churn")
+        churn_seconds = cluster.churn(chosen, churn, churn_minutes)
+        churn_calls = lab.ec2_calls(reset=True)
+        churn_buckets = lab.ec2_throttling(reset=True)["buckets"]
+        churn_unplaced = sum(len(c.pending) for c in chosen)
+
+        progress("dying nodes")
+        # pods die with the first; the others were growing their pool (room for one more ENI)
+        busy, idle = [c for c in chosen if not c.pending], cluster.nodes[len(chosen):]
+        states = {"attached": busy[-dying:], "created": idle[-dying:], "attached-no-dot": idle[-2 * dying:-dying]}
+        at_death = cluster.kill(states)
+        cluster.run(death_window)
+        death_buckets = lab.ec2_throttling(reset=True)["buckets"]
+        lab.ec2_calls(reset=True)
+        alive = set(lab.snapshot().enis)
+        left = {state: [e for e in enis if e in alive] for state, enis in at_death.items()}
+        progress("done")
+
+        throttled = sum(sum(b["throttled"] for b in buckets.values())
+                        for buckets in (steady_buckets, cold_buckets, churn_buckets, death_buckets))
+        live_nodes = nodes - sum(len(v) for v in states.values())
         return {
             "policy": policy, "nodes": nodes, "time_scale": scale, "steady_seconds": round(steady, 1),
+            "steady_round_interval_seconds": round(steady_round_interval, 2),
             "ec2_calls_per_node_hour": round(sum(per_api.values()), 3),
             "ec2_calls_per_node_hour_by_api": {a: round(v, 3) for a, v in per_api.items()},
             "steady_throttled": sum(b["throttled"] for b in steady_buckets.values()),
@@ -70,8 +104,24 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
             "cold_start_calls": dict(sum((after[c.index] - before[c.index] for c in chosen), Counter())),
             "cold_start_throttled": {k: b["throttled"] for k, b in cold_buckets.items() if b["throttled"]},
             "throttled_requests": throttled,
-            "code11_retries": cluster.code11 - code11_before,
-            "pod_errors": sum(cluster.errors.values()) + (0 if placed else 1),
+            "code11_retries": code11_before_churn - code11_before,
+            "cold_start_pod_errors": cold_errors,
+            "churn_pods_per_minute_per_node": churn, "churn_nodes": len(chosen),
+            "churn_seconds": round(churn_seconds, 1),
+            "churn_ec2_calls_per_node_hour": round(sum(churn_calls.values()) * 3600 / (nodes * churn_seconds), 3),
+            "churn_ec2_calls_per_churning_node_hour": {
+                a: round(n * 3600 / (len(chosen) * churn_seconds), 3) for a, n in sorted(churn_calls.items())},
+            "churn_throttled": {k: b["throttled"] for k, b in churn_buckets.items() if b["throttled"]},
+            "churn_code11_retries": cluster.code11 - code11_before_churn,
+            "churn_pods_unplaced": churn_unplaced,
+            "dead_nodes": {state: len(v) for state, v in states.items()},
+            "death_window_seconds": death_window,
+            "enis_left_at_death": {state: len(v) for state, v in at_death.items()},
+            "enis_left_after_window": {state: len(v) for state, v in left.items()},
+            "death_throttled": {k: b["throttled"] for k, b in death_buckets.items() if b["throttled"]},
+            "live_nodes": live_nodes,
+            "throttled_requests": throttled,
+            "pod_errors": sum(cluster.errors.values()) + (0 if placed else 1) + churn_unplaced,
             "agent_errors": dict(cluster.errors),
         }
     finally:
@@ -105,7 +155,9 @@ def inside(args) -> None:
         lab.reset()
         lab.set_ec2_timing(throttling=True, latency=True, time_scale=args.time_scale)
         out.append(simulate(lab, nodes=args.nodes, cold_nodes=args.cold_nodes, pods=args.pods, hour=args.hour,
-                            scale=args.time_scale, policy=policy))
+                            scale=args.time_scale, policy=policy, churn=args.churn,
+                            churn_minutes=args.churn_minutes, dying=args.dying, death_window=args.death_window,
+                            workers=args.workers))
     print(json.dumps(out))
 
 
@@ -118,12 +170,14 @@ def outside(args) -> list[dict]:
     try:
         argv = [sys.executable, "-m", "tests.scale.run", "--inside", "--lab", lab.name, "--nodes", str(args.nodes),
                 "--cold-nodes", str(args.cold_nodes), "--pods", str(args.pods), "--hour", str(args.hour),
-                "--time-scale", str(args.time_scale), "--policy", args.policy]
+                "--time-scale", str(args.time_scale), "--policy", args.policy, "--churn", str(args.churn),
+                "--churn-minutes", str(args.churn_minutes), "--dying", str(args.dying),
+                "--death-window", str(args.death_window), "--workers", str(args.workers)]
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         proc = subprocess.run(lab.exec_argv("node1", argv), env=lab.exec_env("node1"), cwd=root,
-                              capture_output=True, text=True, timeout=args.timeout)
+                              stdout=subprocess.PIPE, text=True, timeout=args.timeout)
         if proc.returncode != 0:
-            raise SystemExit(f"the simulation failed:\n{proc.stderr[-4000:]}")
+            raise SystemExit("the simulation failed (its error is above)")
         return json.loads(proc.stdout.splitlines()[-1])
     finally:
         lab.down()
@@ -137,6 +191,15 @@ def main(argv=None) -> None:
     p.add_argument("--hour", type=float, default=3600.0, help="simulated seconds of steady state")
     p.add_argument("--time-scale", type=float, default=4.0)
     p.add_argument("--policy", choices=("today", "budget", "both"), default="both")
+    p.add_argument("--churn", type=int, default=5, help="pods replaced per minute on each cold-start node")
+    p.add_argument("--churn-minutes", type=int, default=10)
+    p.add_argument("--dying", type=int, default=5, help="nodes that die in each state (attached, created, "
+                                                         "attached-no-dot)")
+    p.add_argument("--death-window", type=float, default=3900.0,
+                   help="simulated seconds the cluster runs after the deaths (the budget sweep takes ENIs "
+                        "older than an hour)")
+    p.add_argument("--workers", type=int, default=32, help="threads running node rounds (EC2's latency is "
+                                                           "spent asleep: many rounds wait side by side)")
     p.add_argument("--timeout", type=float, default=6 * 3600)
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lab", help=argparse.SUPPRESS)

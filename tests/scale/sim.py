@@ -43,6 +43,7 @@ from .imds import SimIMDS
 
 TICK = 5.0         # s: the agent's --interval
 POD_RETRY = 1.0    # s: a pod's ADD retried after code 11
+IMDS_LAG = 2.0     # s: how far a node's IMDS may trail EC2 (EC2's own IMDS trails by seconds)
 NETWORK = "aws-cni"
 CLUSTER = "scale"
 
@@ -139,12 +140,14 @@ class BudgetedNodePool(NodePool):
 
 
 class Node:
-    def __init__(self, index, instance_id, pool, store):
-        self.index, self.instance_id, self.pool, self.store = index, instance_id, pool, store
+    def __init__(self, index, instance_id, pool, store, ec2):
+        self.index, self.instance_id, self.pool, self.store, self.ec2 = index, instance_id, pool, store, ec2
         self.pending: list[str] = []     # pods waiting for an IP
         self.placed: set[str] = set()
+        self.created = 0                 # pods ever scheduled here (names stay unique)
         self.next_tick = 0.0
         self.started = False
+        self.dead = False                # its instance is terminated: no more rounds
 
     def add_pod(self, name: str, now: float) -> bool:
         """One pod ADD: True if it got an IP; False is the CNI's code 11 (no free IP, try again)."""
@@ -157,6 +160,14 @@ class Node:
             tx.write(doc)
         return True
 
+    def delete_pod(self, name: str, now: float) -> None:
+        """One pod DEL: its IP cools down in the store, as the plugin leaves it."""
+        with self.store.locked() as tx:
+            doc = tx.read()
+            Pool(doc, now, self.pool.cfg["IP_COOLDOWN_PERIOD"]).release(name, "eth0")
+            tx.write(doc)
+        self.placed.discard(name)
+
 
 class Cluster:
     """The simulated nodes, their scheduler and their counts."""
@@ -167,19 +178,22 @@ class Cluster:
         from botocore.config import Config
 
         self.lab, self.policy, self.scale = lab, policy, scale
+        self.rng = random.Random(seed)
         self.clock = SimClock(scale)
         self.errors = Counter()   # pod-facing errors other than code 11
         self.code11 = 0
+        self.rounds = 0           # node rounds run (a lagging scheduler runs fewer than one per TICK)
         status = lab.status()
         self.vpc_id = status["vpc_id"]
-        subnet, sg = status["subnets"][0]["id"], status["security_group_id"]
+        self.subnet, self.security_group = subnet, sg = status["subnets"][0]["id"], status["security_group_id"]
         reply = lab.ec2("RunInstances", ImageId="ami-12c6146b", MinCount=nodes, MaxCount=nodes,
                         InstanceType=instance_type, SubnetId=subnet, SecurityGroupIds=[sg])
         instances = [i["InstanceId"] for i in reply["Instances"]]
-        self.imds = SimIMDS(lab, instances, status["region"])
+        self.imds = SimIMDS(lab, instances, status["region"], refresh=min(1.0, IMDS_LAG / scale))
         client = boto3.session.Session().client(
             "ec2", region_name=status["region"],
             config=Config(retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=workers * 2))
+        self.client = client
         ec2_class = shared_ec2(client)
         self.data = tempfile.mkdtemp(prefix="avc-scale-")
         rng = random.Random(seed)
@@ -196,7 +210,7 @@ class Cluster:
             else:
                 pool = NodePool(cfg, Quiet(), **kw)
             store = Store(os.path.join(self.data, f"n{i}"), NETWORK)
-            self.nodes.append(Node(i, iid, pool, store))
+            self.nodes.append(Node(i, iid, pool, store, ec2))
         self.workers = workers
         self._lock = threading.Lock()
 
@@ -210,7 +224,7 @@ class Cluster:
         return the simulated seconds it took."""
         start = self.clock()
         end = start + seconds
-        heap = [(max(n.next_tick, start) if n.started else start, n.index) for n in self.nodes]
+        heap = [(max(n.next_tick, start) if n.started else start, n.index) for n in self.nodes if not n.dead]
         heapq.heapify(heap)
         done = threading.Event()
 
@@ -225,6 +239,7 @@ class Cluster:
                     time.sleep(wait)
                 node = self.nodes[index]
                 self._step(node)
+                self.rounds += 1
                 with self._lock:
                     heapq.heappush(heap, (self._next(node), index))
                 if self.clock() >= end or (until is not None and until()):
@@ -267,8 +282,54 @@ class Cluster:
     def schedule_pods(self, nodes: int, pods: int) -> list[Node]:
         chosen = self.nodes[:nodes]
         for node in chosen:
-            node.pending += [f"pod-{node.index}-{len(node.placed) + len(node.pending) + k}" for k in range(pods)]
+            self.schedule_pods_on(node, pods)
         return chosen
+
+    def churn(self, nodes, per_minute: int, minutes: int) -> float:
+        """Every simulated minute, each of `nodes` deletes `per_minute` of its pods (at random) and
+        gets as many new ones; then runs until they are placed. Returns the simulated seconds."""
+        start = self.clock()
+        for _ in range(minutes):
+            for node in nodes:
+                for pod in self.rng.sample(sorted(node.placed), min(per_minute, len(node.placed))):
+                    node.delete_pod(pod, self.clock())
+                self.schedule_pods_on(node, per_minute)
+            self.run(60.0)
+        self.run(600.0, until=lambda: self.all_placed(nodes))
+        return self.clock() - start
+
+    def kill(self, nodes_by_state: dict[str, list[Node]]) -> dict[str, list[str]]:
+        """Nodes die (their instances terminated) in one of three states; returns the ENIs each state
+        leaves behind at death (secondary ENIs only), as EC2 then lists them.
+        - "attached": its ENIs attached with DeleteOnTermination set, as the agent leaves them;
+        - "created": the agent died between CreateNetworkInterface and AttachNetworkInterface
+          (an ENI made by the agent's own EC2 code, tagged as ours, never attached);
+        - "attached-no-dot": it died between AttachNetworkInterface and setting DeleteOnTermination."""
+        snap = self.lab.snapshot()
+        made = {}
+        for state, nodes in nodes_by_state.items():
+            for node in nodes:
+                if state == "attached":
+                    continue
+                eni = node.ec2.create_eni(self.subnet, [self.security_group])
+                if state == "attached-no-dot":
+                    self.client.attach_network_interface(NetworkInterfaceId=eni.eni_id, InstanceId=node.instance_id,
+                                                         DeviceIndex=len(snap.enis_of(node.instance_id)))
+                made[node.instance_id] = eni.eni_id
+        owned = {node.instance_id: state for state, nodes in nodes_by_state.items() for node in nodes}
+        before = {iid: {e.id for e in snap.enis_of(iid) if e.device_index} | ({made[iid]} if iid in made else set())
+                  for iid in owned}
+        for node in (n for nodes in nodes_by_state.values() for n in nodes):
+            node.dead = True
+        self.lab.ec2("TerminateInstances", InstanceIds=sorted(owned))
+        self.imds.reread()
+        left = set(self.lab.snapshot().enis)
+        return {state: sorted(e for n in nodes for e in before[n.instance_id] if e in left)
+                for state, nodes in nodes_by_state.items()}
+
+    def schedule_pods_on(self, node: Node, pods: int) -> None:
+        node.pending += [f"pod-{node.index}-{node.created + k}" for k in range(pods)]
+        node.created += pods
 
     def all_placed(self, nodes) -> bool:
         return all(not n.pending for n in nodes)
