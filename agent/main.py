@@ -289,7 +289,8 @@ class Agent:
         calls = self.pool.ec2_calls()
         return {"node": doc.get("node", {}), "enis": pool.eni_stats() if doc else [], "figures": figures,
                 "blocked": agent.get("blocked"), "last_error": agent.get("last_error"),
-                "ec2_calls": calls, "ticks": self.ticks, "startup_error": self.startup_error,
+                "ec2_calls": calls, "ec2_errors": self.pool.ec2_errors(), "ec2_latency": self.pool.ec2_latency(),
+                "ticks": self.ticks, "startup_error": self.startup_error,
                 "in_progress": dict(self.in_progress), "errors": dict(self.errors), "ready": self.ready}
 
     def read_doc(self) -> dict | None:

@@ -9,7 +9,7 @@ reads the family back as `x`); gauges and summaries keep upstream's names exactl
 
 from __future__ import annotations
 
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
 # upstream's names, types and labels
 ENI_ALLOCATED = "awscni_eni_allocated"
@@ -20,6 +20,9 @@ ASSIGNED_IPS = "awscni_assigned_ip_addresses"
 ASSIGNED_PER_ENI = "awscni_assigned_ip_per_eni"
 TOTAL_PREFIXES = "awscni_total_ipv4_prefixes"
 EC2_REQUESTS = "awscni_ec2api_req_count"
+EC2_ERRORS = "awscni_ec2api_error_count"
+API_ERRORS = "awscni_aws_api_error_count"
+API_LATENCY = "awscni_aws_api_latency_ms"
 IN_PROGRESS = "awscni_ipamd_action_inprogress"
 IPAMD_ERRORS = "awscni_ipamd_error_count"
 # ours
@@ -50,6 +53,20 @@ class StatusCollector:
         for action, count in sorted(status.get("ec2_calls", {}).items()):
             requests.add_metric([action], count)
         yield requests
+        failed = CounterMetricFamily(EC2_ERRORS, "The number of errors encountered in EC2 API calls", labels=["fn"])
+        by_code = CounterMetricFamily(API_ERRORS, "The number of times AWS API returns an error", labels=["api", "error"])
+        per_action: dict[str, int] = {}
+        for action, code, count in status.get("ec2_errors", []):
+            by_code.add_metric([action, code], count)
+            per_action[action] = per_action.get(action, 0) + count
+        for action, count in sorted(per_action.items()):
+            failed.add_metric([action], count)
+        yield failed
+        yield by_code
+        latency = SummaryMetricFamily(API_LATENCY, "AWS API call latency in ms", labels=["api", "error", "status"])
+        for action, error, http_status, count, total_ms in status.get("ec2_latency", []):
+            latency.add_metric([action, error, http_status], count_value=count, sum_value=total_ms)
+        yield latency
         in_progress = GaugeMetricFamily(IN_PROGRESS, "The number of ipamd actions in progress", labels=["fn"])
         for action, count in sorted(status.get("in_progress", {}).items()):
             in_progress.add_metric([action], count)

@@ -126,6 +126,9 @@ class EC2:
         self._client = None
         self.calls: Counter[str] = Counter()           # HTTP requests sent, per action
         self.errors: Counter[tuple[str, str]] = Counter()  # (action, error code) per failed request
+        # (action, "true"/"false" for failed, HTTP status) -> [requests, milliseconds], as upstream's
+        # awscni_aws_api_latency_ms labels them (status "0": no HTTP answer)
+        self.latency: dict[tuple[str, str, str], list] = {}
         self.last_error: EC2Error | None = None
 
     # --- the instance's ENIs ----------------------------------------------------------------
@@ -357,17 +360,29 @@ class EC2:
             if attempt:
                 self._sleep(self.retry.delay(attempt, self._rng))
             self.calls[action] += 1
+            started = time.monotonic()
             try:
-                return method(**params)
+                answer = method(**params)
             except ClientError as e:
                 error = _classify(action, e.response)
+                self._timed(action, started, e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
             except BotoCoreError as e:
                 error = _classify_client_side(action, e)
+                self._timed(action, started, 0)
+            else:
+                self._timed(action, started, answer.get("ResponseMetadata", {}).get("HTTPStatusCode", 200), ok=True)
+                return answer
             self.errors[(action, error.code)] += 1
             self.last_error = error
             if not isinstance(error, (EC2Throttled, EC2Unreachable)):
                 raise error
         raise self.last_error
+
+
+    def _timed(self, action: str, started: float, status: int, ok: bool = False) -> None:
+        entry = self.latency.setdefault((action, "false" if ok else "true", str(status)), [0, 0.0])
+        entry[0] += 1
+        entry[1] += (time.monotonic() - started) * 1000
 
 
 def _classify(action: str, response: dict) -> EC2Error:

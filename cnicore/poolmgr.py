@@ -90,6 +90,15 @@ class NodePool:
         """EC2 requests this process has sent, per action."""
         return dict(self._ec2.calls) if self._ec2 is not None else {}
 
+    def ec2_errors(self) -> list[list]:
+        """EC2 requests of this process that failed: [action, error code, count] rows."""
+        return sorted([*key, count] for key, count in self._ec2.errors.items()) if self._ec2 is not None else []
+
+    def ec2_latency(self) -> list[list]:
+        """Time spent in this process's EC2 requests: [action, failed "true"/"false", HTTP status,
+        requests, milliseconds] rows."""
+        return sorted([*key, *value] for key, value in self._ec2.latency.items()) if self._ec2 is not None else []
+
     # --- the document -------------------------------------------------------------------------
     def new_document(self) -> dict:
         """A fresh document: node facts from IMDS, limits from the shipped table (or EC2)."""

@@ -28,6 +28,7 @@ def test_status_metrics_and_introspection_as_upstream(fresh_lab, tmp_path):
     node.start_agent(metrics=None, introspection=None)  # the defaults: metrics on all addresses, introspection local
     try:
         node.wait_for(lambda: node.agent_status()["figures"]["short"] == 0, what="a warm pool")
+        fresh_lab.fault("CreateNetworkInterface", error="InternalError", count=1)  # retried: one error to count
         assert node.ipam("ADD", cid="pod0")[0] == 0  # 8 free < 9: the agent attaches a second ENI
         status = node.wait_for(lambda: (lambda s: s if len(s["enis"]) == 2 and s["figures"]["short"] == 0 else None)(
             node.agent_status()), what="the second ENI")
@@ -49,6 +50,16 @@ def test_status_metrics_and_introspection_as_upstream(fresh_lab, tmp_path):
         assert metrics["awscni_assigned_ip_per_eni"] == ("gauge", {(("eni", k),): v for k, v in per_eni.items()})
         kind, requests = metrics["awscni_ec2api_req_count"]
         assert kind == "counter" and requests[(("fn", "AttachNetworkInterface"),)] >= 1
+        assert metrics["awscni_ec2api_error_count"] == ("counter", {(("fn", "CreateNetworkInterface"),): 1})
+        assert metrics["awscni_aws_api_error_count"] == (
+            "counter", {(("api", "CreateNetworkInterface"), ("error", "InternalError")): 1})
+        latency = {family.name: family for family in text_string_to_metric_families(
+            node.http_get(f"http://{primary_ip}:61678/metrics").stdout)}["awscni_aws_api_latency_ms"]
+        counts = {(s.labels["api"], s.labels["error"], s.labels["status"]): s.value
+                  for s in latency.samples if s.name.endswith("_count")}
+        assert latency.type == "summary" and counts[("AttachNetworkInterface", "false", "200")] >= 1, counts
+        assert [k for k in counts if k[:2] == ("CreateNetworkInterface", "true")] == [
+            ("CreateNetworkInterface", "true", "500")], counts
         assert metrics["awscni_ipamd_action_inprogress"][0] == "gauge"
         assert metrics["awscni_ipamd_error_count"][0] == "counter"
         assert metrics["aws_vpc_cni_py_pool_short"] == ("gauge", {(): 0})
