@@ -169,26 +169,12 @@ class EC2:
 
     def unassign_prefixes(self, eni_id: str, prefixes) -> None:
         _check_id("eni", eni_id)
-        prefixes = list(prefixes)
-        if not prefixes:
-            raise ValueError("no prefixes given to unassign")
-        for prefix in prefixes:
-            try:
-                ipaddress.IPv4Network(prefix)
-            except ValueError:
-                raise ValueError(f"not an IPv4 prefix: {prefix!r}") from None
+        prefixes = _checked_list(prefixes, ipaddress.IPv4Network, "prefixes", "an IPv4 prefix")
         self._call("UnassignPrivateIpAddresses", NetworkInterfaceId=eni_id, Ipv4Prefixes=prefixes)
 
     def unassign_ips(self, eni_id: str, ips) -> None:
         _check_id("eni", eni_id)
-        ips = list(ips) if not isinstance(ips, str) else [ips]
-        if not ips:
-            raise ValueError("no IPs given to unassign")
-        for ip in ips:
-            try:
-                ipaddress.IPv4Address(ip)
-            except ValueError:
-                raise ValueError(f"not an IPv4 address: {ip!r}") from None
+        ips = _checked_list(ips, ipaddress.IPv4Address, "IPs", "an IPv4 address")
         self._call("UnassignPrivateIpAddresses", NetworkInterfaceId=eni_id, PrivateIpAddresses=ips)
 
     # --- growing and shrinking by whole ENIs ------------------------------------------------
@@ -383,6 +369,19 @@ class EC2:
         entry = self.latency.setdefault((action, "false" if ok else "true", str(status)), [0, 0.0])
         entry[0] += 1
         entry[1] += (time.monotonic() - started) * 1000
+
+
+def _checked_list(values, parse, plural: str, singular: str) -> list[str]:
+    """`values` (one string or several) as a list, each accepted by `parse`; ValueError otherwise."""
+    values = [values] if isinstance(values, str) else list(values)
+    if not values:
+        raise ValueError(f"no {plural} given to unassign")
+    for value in values:
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError(f"not {singular}: {value!r}") from None
+    return values
 
 
 def _classify(action: str, response: dict) -> EC2Error:

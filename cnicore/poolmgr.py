@@ -305,7 +305,7 @@ class NodePool:
                 # after a switch of mode, the other kind's free addresses go back first (their slots)
                 decision = self.decide(doc)
                 drain = warmpool.Decision(decision.figures, release=warmpool.drain_steps(decision))
-                releasing, releasing_prefixes = self._take_releases(doc, drain), self._take_prefix_releases(doc, drain)
+                releasing, releasing_prefixes = self._take_releases(doc, drain), self._take_releases(doc, drain, prefixes=True)
                 if releasing or releasing_prefixes:
                     tx.write(doc)
         if doc is None:  # the node's first ADD: facts from IMDS, ENIs from EC2
@@ -370,7 +370,7 @@ class NodePool:
                 tx.write(doc)
                 return decision
             releasing = self._take_releases(doc, decision)
-            releasing_prefixes = self._take_prefix_releases(doc, decision)
+            releasing_prefixes = self._take_releases(doc, decision, prefixes=True)
             freeing = self._take_free_eni(doc, decision)
             tx.write(doc)
         calls = sum(self.ec2_calls().values())
@@ -420,32 +420,22 @@ class NodePool:
             self._record_error(doc, exc)
             return None
 
-    def _take_releases(self, doc: dict, decision) -> dict[str, list[str]]:
-        """Take the free IPs to give back out of the pool (under the lock) so no pod gets them."""
+    def _take_releases(self, doc: dict, decision, prefixes: bool = False) -> dict[str, list[str]]:
+        """Take the free IPs (or prefixes, with their addresses) to give back out of the pool, under
+        the lock, so no pod gets them; the highest go back."""
         pool = Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"])
+        kind = warmpool.ReleasePrefixes if prefixes else warmpool.ReleaseIPs
         taken: dict[str, list[str]] = {}
         for step in decision.release:
-            if not isinstance(step, warmpool.ReleaseIPs):
+            if not isinstance(step, kind):
                 continue
-            free = pool.free_ips(step.eni_id)
-            free = free[len(free) - min(step.count, len(free)):]  # the highest addresses go back
-            for ip in free:
-                del pool.enis[step.eni_id]["ips"][ip]
-            if free:
-                taken[step.eni_id] = free
-        return taken
-
-    def _take_prefix_releases(self, doc: dict, decision) -> dict[str, list[str]]:
-        """Take the free prefixes to give back (and their addresses) out of the pool, under the lock."""
-        pool = Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"])
-        taken: dict[str, list[str]] = {}
-        for step in decision.release:
-            if not isinstance(step, warmpool.ReleasePrefixes):
-                continue
-            free = pool.free_prefixes(step.eni_id)
-            free = free[len(free) - min(step.count, len(free)):]  # the highest prefixes go back
-            for prefix in free:
-                pool.remove_prefix(step.eni_id, prefix)
+            free = pool.free_prefixes(step.eni_id) if prefixes else pool.free_ips(step.eni_id)
+            free = free[len(free) - min(step.count, len(free)):]
+            for item in free:
+                if prefixes:
+                    pool.remove_prefix(step.eni_id, item)
+                else:
+                    del pool.enis[step.eni_id]["ips"][item]
             if free:
                 taken[step.eni_id] = free
         return taken
