@@ -163,30 +163,30 @@ def _max_eni(value, warn) -> int | None:
 _MAX_COOLDOWN = _INT64_MAX // 1_000_000_000  # seconds a Go time.Duration holds
 
 
-def _cooldown(value, warn) -> int:
-    """Upstream's init refuses a bad or negative IP_COOLDOWN_PERIOD (it is the one it validates)."""
+def _whole(value, *, unit: str = "", high: int = _INT64_MAX) -> int:
+    """A whole number (of `unit`) from 0 to `high`, or ValueError saying so."""
+    of_unit = f" of {unit}" if unit else ""
     try:
         number = _int_value(value)
     except _Default as exc:
         if str(exc):
-            raise ValueError("must be a whole number of seconds, 0 or more") from None
+            raise ValueError(f"must be a whole number{of_unit}, 0 or more") from None
         raise
-    if not 0 <= number <= _MAX_COOLDOWN:
-        raise ValueError(f"must be between 0 and {_MAX_COOLDOWN} seconds")
+    if number < 0:
+        raise ValueError(f"must be a whole number{of_unit}, 0 or more")
+    if number > high:
+        raise ValueError(f"must be between 0 and {high} {unit}".rstrip())
     return number
+
+
+def _cooldown(value, warn) -> int:
+    """Upstream's init refuses a bad or negative IP_COOLDOWN_PERIOD (it is the one it validates)."""
+    return _whole(value, unit="seconds", high=_MAX_COOLDOWN)
 
 
 def _log_rotation(value, warn) -> int:
     """Ours (upstream hard-codes lumberjack's figures): a whole number, 0 or more."""
-    try:
-        number = _int_value(value)
-    except _Default as exc:
-        if str(exc):
-            raise ValueError("must be a whole number, 0 or more") from None
-        raise
-    if number < 0:
-        raise ValueError("must be a whole number, 0 or more")
-    return number
+    return _whole(value)
 
 
 def _go_bool(value, warn) -> bool:
