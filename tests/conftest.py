@@ -18,6 +18,32 @@ def pytest_sessionstart(session):
 
 def pytest_sessionfinish(session, exitstatus):
     netns.sweep(RUN_PREFIX)
+    remove_cni_cache_entries(str(session.config._tmp_path_factory.getbasetemp()))
+
+
+CNI_CACHE = "/var/lib/cni/results"  # libcni's result cache, where cnitool writes each ADD's result
+
+
+def remove_cni_cache_entries(marker: str) -> list[str]:
+    """Remove libcni's cache entries of our networks whose network configuration names `marker` (this
+    run's temporary folder: only conflists this run wrote do): what an ADD left that no DEL took
+    back (a cnitool killed on purpose, pods a test leaves to the lab's reset)."""
+    import base64
+    import json
+    gone = []
+    for name in os.listdir(CNI_CACHE) if os.path.isdir(CNI_CACHE) else ():
+        if not name.startswith("aws-vpc"):
+            continue
+        path = os.path.join(CNI_CACHE, name)
+        try:
+            with open(path) as f:
+                config = base64.b64decode(json.load(f).get("config", "")).decode(errors="replace")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if marker in config:
+            os.unlink(path)
+            gone.append(name)
+    return gone
 
 
 @pytest.fixture
