@@ -119,19 +119,23 @@ def sweep(prefix: str) -> list[str]:
 def sweep_orphans(tag: str = "t") -> list[str]:
     """Delete namespaces left by dead processes that used `new_prefix(tag)`."""
     gone = []
-    head = f"avc{tag}"
     for name in listed_all():
-        owner = name.split("-", 1)[0]
-        if not owner.startswith(head) or not PREFIX_RE.match(owner):
-            continue
-        try:
-            pid = int(owner[len(head):], 36)
-        except ValueError:
-            continue
-        if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+        if owner_gone(name.split("-", 1)[0], tag):
             delete(name)
             gone.append(name)
     return gone
+
+
+def owner_gone(prefix: str, tag: str = "t") -> bool:
+    """`prefix` is one `new_prefix(tag)` made for a process that has ended."""
+    head = f"avc{tag}"
+    if not prefix.startswith(head) or not PREFIX_RE.match(prefix):
+        return False
+    try:
+        pid = int(prefix[len(head):], 36)
+    except ValueError:
+        return False
+    return pid != os.getpid() and not os.path.exists(f"/proc/{pid}")
 
 
 def listed_all() -> list[str]:
