@@ -319,7 +319,7 @@ def decide(enis: Sequence[ENIState], settings: PoolSettings, limits: InstanceLim
     if settings.mode != MODE_ENI_TARGET and release_due:
         rest = [e for e in enis if e.eni_id != free_eni]
         over = measure(rest, settings, limits).over
-        release = _prefix_release_plan(rest, over) if settings.prefix_delegation else _release_plan(rest, over)
+        release = _release_plan(rest, over, prefixes=settings.prefix_delegation)
     return Decision(figures, release=drain + release, free_eni=free_eni)
 
 
@@ -391,25 +391,14 @@ def _eni_to_free(enis: Sequence[ENIState], settings: PoolSettings, limits: Insta
     return None
 
 
-def _release_plan(enis: Sequence[ENIState], over: int) -> tuple[ReleaseIPs, ...]:
-    """Give back `over` free IPs, from the highest device index down, so low ENIs stay full and
-    high ones empty out and can be freed."""
+def _release_plan(enis: Sequence[ENIState], over: int, prefixes: bool = False) -> tuple:
+    """Give back `over` free IPs (or prefixes), from the highest device index down, so low ENIs stay
+    full and high ones empty out and can be freed."""
     plan = []
     for eni in sorted(enis, key=lambda e: -e.device_index):
-        count = min(eni.free_secondary, over)
+        count = min(eni.free_prefixes if prefixes else eni.free_secondary, over)
         if count:
-            plan.append(ReleaseIPs(eni.eni_id, count))
-            over -= count
-    return tuple(plan)
-
-
-def _prefix_release_plan(enis: Sequence[ENIState], over: int) -> tuple[ReleasePrefixes, ...]:
-    """Give back `over` free prefixes, from the highest device index down."""
-    plan = []
-    for eni in sorted(enis, key=lambda e: -e.device_index):
-        count = min(eni.free_prefixes, over)
-        if count:
-            plan.append(ReleasePrefixes(eni.eni_id, count))
+            plan.append((ReleasePrefixes if prefixes else ReleaseIPs)(eni.eni_id, count))
             over -= count
     return tuple(plan)
 
