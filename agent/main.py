@@ -54,11 +54,13 @@ ADD_GRACE = 120.0  # s a reservation may exist without its host veth when no liv
 
 
 def process_alive(owner) -> bool:
-    """Whether the process `owner` ([pid, start time], see cnicore.pool) still runs."""
+    """Whether the process `owner` ([pid, start time], see cnicore.pool) still runs (a zombie has
+    ended: only its parent has not reaped it yet)."""
     try:
         pid, started = owner
         with open(f"/proc/{int(pid)}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19]) == started
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19]) == started and fields[0] not in (b"Z", b"X")
     except (OSError, IndexError, TypeError, ValueError):
         return False
 
@@ -111,8 +113,9 @@ class Agent:
 
     def converge_attachments(self) -> None:
         """Reservations against the attachments alive on the host: a pod on the host is recorded as
-        holding its IP; a reservation whose pod is gone is released, unless its ADD is in flight
-        (its owner process lives, or, with no owner known, it is younger than ADD_GRACE); a release
+        holding its IP; a reservation whose pod is gone is released, unless its ADD was in flight when
+        the host was listed (its owner process lived, or, with no owner known, it was younger than
+        ADD_GRACE); a release
         a DEL could not write is written now.
 
         The host is listed without the store lock, between two reads of the store; an entry that a
@@ -124,6 +127,11 @@ class Agent:
         if before is None:
             return
         seen = {ip: dict(entry) for eni in before["enis"].values() for ip, entry in eni["ips"].items()}
+        # judged before the host is listed: an ADD that ends during the listing made its veth after
+        # the listing looked, and its owner is gone by the time the listing is applied
+        now = time.time()
+        in_flight = {ip for ip, entry in seen.items() if entry["state"] == ASSIGNED and (
+            process_alive(entry.get("owner")) or (not entry.get("owner") and now - entry["since"] <= ADD_GRACE))}
         on_host = {}
         for veth in netlink.list_host_veths(self.cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
             att = veth.attachment
@@ -155,7 +163,7 @@ class Agent:
                     continue  # alive, or assigned after the host was listed (an ADD in flight)
                 if any(h[:3] == (cid, ifname, ip) and h[3] >= entry["since"] for h in handed):
                     why = "a DEL could not write it"
-                elif process_alive(entry.get("owner")) or (not entry.get("owner") and now - entry["since"] <= ADD_GRACE):
+                elif ip in in_flight:
                     continue
                 else:
                     why = "its pod is gone"

@@ -316,6 +316,81 @@ def test_a_del_completing_while_the_agent_reconciles_is_not_undone(fresh_lab, tm
     assert_clean(node)
 
 
+# An IPAM plugin whose ADD holds its answer until told to go on: its caller (the main plugin of the
+# ADD) is then stopped right after the IP was reserved and before the pod's veth exists.
+HELD_IPAM = """#!/bin/sh
+[ "$CNI_COMMAND" = ADD ] || exec {ipam}
+answer=$({ipam}); rc=$?
+: > {dir}/reserved
+read go < {dir}/go
+printf '%s' "$answer"
+exit $rc
+"""
+
+ADD_RACE_SCRIPT = r"""
+import os, time
+from cnicore import netlink, settings
+from cnicore.log import Logger
+from aws_vpc_cni_agent import main as agent_main
+
+listing = netlink.list_host_veths
+
+def ended(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except FileNotFoundError:
+        return True
+
+def list_then_finish_the_add(prefix):
+    found = listing(prefix)  # the ADD's veth does not exist yet in this listing...
+    with open(os.environ["GO"], "w") as go:
+        go.write("go\n")
+    while not ended(int(os.environ["ADD_PID"])):
+        time.sleep(0.01)
+    return found  # ...and the ADD has completed (veth made, its processes gone) before it is applied
+
+netlink.list_host_veths = list_then_finish_the_add
+cfg = settings.from_env(os.environ)
+agent = agent_main.Agent(cfg, "aws-vpc", Logger("race", os.environ["LOG"], "DEBUG"), 1.0)
+agent.converge_attachments()
+"""
+
+
+def test_an_add_completing_while_the_agent_lists_the_host_keeps_its_ip(fresh_lab, tmp_path, make_netns):
+    """The agent reads the store (the IP reserved), lists the host before the ADD made the veth, and
+    the ADD completes before the agent applies the listing: its IP must stay the pod's (released,
+    it would be handed to the next pod while this one uses it)."""
+    held_dir = tmp_path / "held"
+    held_dir.mkdir()
+    os.mkfifo(held_dir / "go")
+    (held_dir / "aws-eni-ipam").write_text(HELD_IPAM.format(ipam=os.path.join(BIN, "aws-eni-ipam"), dir=held_dir))
+    (held_dir / "aws-eni-ipam").chmod(0o755)
+    node = ChainNode(fresh_lab, "node1", tmp_path, plugins=("aws-vpc-bridge",), cni_path_first=str(held_dir))
+    pod = Pod("addrace", make_netns("race"))
+    argv = fresh_lab.exec_argv("node1", [CNITOOL, "add", NETWORK, pod.path])
+    proc = subprocess.Popen(argv, env=node.env(pod), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_until(lambda: (held_dir / "reserved").exists() or proc.poll() is not None, 60, "the IP reserved")
+        assert proc.poll() is None, proc.communicate()
+        env = {"GO": str(held_dir / "go"), "ADD_PID": str(proc.pid), "LOG": node.log_file + ".race",
+               "AWS_VPC_CNI_DATA_DIR": node.data_dir, "PYTHONPATH": os.environ.get("PYTHONPATH", ROOT)}
+        race = fresh_lab.exec("node1", [sys.executable, "-c", ADD_RACE_SCRIPT], env=env, check=False, timeout=120)
+        assert race.returncode == 0, race.stderr
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out + err
+        pod.state, pod.ip = UP, json.loads(out)["ips"][0]["address"].split("/")[0]
+        holders = held(node.store())
+        assert list(holders) == [(pod.cid, "eth0")] and holders[(pod.cid, "eth0")][0][0] == pod.ip, holders
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        cleanup(node, [pod], None)
+    assert_clean(node)
+
+
 def test_an_add_in_flight_longer_than_the_grace_keeps_its_ip(fresh_lab, tmp_path):
     """A reservation without its veth whose ADD's main plugin still runs (here: stopped in a shell that
     sleeps after its IPAM call) is an ADD in flight, however old; once that process is gone, it goes."""
