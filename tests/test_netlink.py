@@ -608,6 +608,63 @@ def test_gc_lists_host_veths_with_attachments_and_rule_ips(vpc):
     assert vpc.run(netlink.list_pod_rule_ips) == {"10.0.0.51"}
 
 
+class _CountingSocket:
+    """A netlink socket that counts the requests sent on it (into `sent`, shared by several)."""
+
+    def __init__(self, sock, sent: list[int]):
+        self.sock, self.sent = sock, sent
+
+    def send(self, data: bytes) -> int:
+        self.sent[0] += 1
+        return self.sock.send(data)
+
+    def recv(self, size: int) -> bytes:
+        return self.sock.recv(size)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _dump_links_while_others_come_and_go(stable: int, most: int) -> tuple[int, int, int]:
+    """In this namespace: `stable` veths, then link dumps while a churn of other veths runs, until a
+    dump was asked again (or `most` dumps); (dumps, requests sent, dumps missing a stable veth)."""
+    import subprocess
+    import threading
+    netns.run(["ip", "-batch", "-"], input="".join(f"link add st{i} type veth peer name sp{i}\n" for i in range(stable)))
+    done = threading.Event()
+
+    def churn():
+        n = 0
+        while not done.is_set():
+            subprocess.run(["ip", "-batch", "-"], input=f"link add ch{n % 40} type veth peer name cp{n % 40}\n"
+                           f"link del ch{(n + 20) % 40}\n", capture_output=True, text=True)
+            n += 1
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    dumps = missing = 0
+    sent = [0]
+    try:
+        while dumps < most and sent[0] == dumps:
+            dumps += 1
+            with netlink._host() as host:
+                host.sock = _CountingSocket(host.sock, sent)  # the listing's requests, counted
+                names = {link.name for link in host.links("veth")}
+            missing += any(f"st{i}" not in names for i in range(stable))
+    finally:
+        done.set()
+        thread.join()
+    return dumps, sent[0], missing
+
+
+def test_a_link_dump_the_kernel_marks_interrupted_is_asked_again(make_netns):
+    """Links that come and go during a dump make the kernel mark it NLM_F_DUMP_INTR (entries may be
+    missing: the agent would take a running pod for gone); such a dump is asked again."""
+    dumps, sent, missing = in_netns(make_netns("dump"), _dump_links_while_others_come_and_go, 150, 5000)
+    assert sent > dumps, f"no dump was marked interrupted in {dumps} dumps"
+    assert missing == 0
+
+
 def _killed_after_creating_the_pair(net: netlink.PodNetwork) -> None:
     """What an ADD killed right after its first change leaves: the pair, the host end down and unaliased."""
     calls = []
