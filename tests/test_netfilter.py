@@ -501,6 +501,20 @@ def test_a_rule_iptables_refuses_is_named_and_nothing_changes(make_netns, lock_d
     assert "GOOD" not in chains_of(ns, variant)
 
 
+def test_a_table_holding_a_base_chain_iptables_cannot_read_is_refused_by_name(make_netns, lock_dir):
+    """A base chain made with nft under a name iptables does not know (on PREROUTING's hook) stays
+    unreadable however often iptables-nft-save is asked: the answer names the table, nothing changes."""
+    ns = make_netns("taint")
+    netns.run(["nft", "add", "table", "ip", "nat"], netns=ns)
+    netns.run(["nft", "add", "chain", "ip", "nat", "foreign_pre",
+               "{ type nat hook prerouting priority -100; policy accept; }"], netns=ns)
+    before = netns.run(["nft", "list", "ruleset"], netns=ns).stdout
+    answer = drive(ns, lock_dir, "nft", "converge", {"table": "nat", "chains": {"GOOD": ["-j RETURN"]},
+                                                    "rules": [["POSTROUTING", "-j GOOD"]]})
+    assert "contains incompatible base-chains" in answer["error"] and answer["table"] == "nat", answer
+    assert netns.run(["nft", "list", "ruleset"], netns=ns).stdout == before
+
+
 def test_waiting_too_long_for_our_lock_is_an_error(make_netns, lock_dir):
     ns = make_netns("lock")
     os.makedirs(lock_dir)

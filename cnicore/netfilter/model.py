@@ -116,7 +116,8 @@ def parse_save(text: str) -> dict[str, dict[str, list[str]]]:
     chains: dict[str, list[str]] | None = None
     for line in text.splitlines():
         if line.startswith("# Table") and "incompatible" in line:
-            raise NetfilterError(f"iptables cannot read this table: {line[2:]}", output=text)
+            raise NetfilterError(f"iptables cannot read this table: {line[2:]}", output=text,
+                                 table=line.split("`", 1)[-1].split("'", 1)[0])
         if not line or line.startswith("#") or line == "COMMIT":
             continue
         if line.startswith("*"):

@@ -25,6 +25,8 @@ _LINE_RE = re.compile(r"\bline:? (\d+)")
 # inside a new user namespace (enough for a container with only NET_ADMIN, where the kernel allows it).
 _SCRATCH = (["unshare", "--net"], ["unshare", "--user", "--map-root-user", "--net"])
 _NOISE = ("Try `", "Error occurred at line")
+SAVE_TRIES = 3  # iptables-save runs before a table's "incompatible base-chains" is believed (see save)
+_TAINTED = "contains incompatible base-chains"
 _STAND_IN = "AWSW-"  # + pid in hex + "-" + n: the chains _learn_in_place learns wording in
 _JUMP_RE = re.compile(r"((?:^|\s)(?:-j|-g|--jump|--goto)\s+)(\S+)")
 
@@ -83,14 +85,23 @@ class RestoreBackend:
         return contextlib.nullcontext()
 
     def save(self, table: str) -> dict[str, list[str]]:
-        """The table's chains and rules as iptables-save prints them ({chain: [spec]})."""
+        """The table's chains and rules as iptables-save prints them ({chain: [spec]}).
+
+        iptables-nft 1.8.9 can say a table "contains incompatible base-chains" when it is not: a
+        chain dump that raced another writer listed a base chain twice, and the flag stays set
+        after iptables re-reads the table at the new generation (nft-cache.c: flush_cache does not
+        reset `tainted`). Seen once in a 16-way ADD/DEL load. A table that says so SAVE_TRIES times
+        in a row is taken at its word."""
         # iptables-legacy-save -t creates a missing table in the kernel, so read all of them instead.
         args = [self.save_tool, "-t", table] if self.variant == "nft" else [self.save_tool]
-        proc = _run(args, timeout=self.wait + 30)
-        if proc.returncode != 0:
-            raise NetfilterError(f"{self.save_tool} failed: {iptables_message(proc.stderr)}", table=table,
-                                 output=proc.stderr)
-        return parse_save(proc.stdout).get(table, {})
+        for attempt in range(1, SAVE_TRIES + 1):
+            proc = _run(args, timeout=self.wait + 30)
+            if proc.returncode != 0:
+                raise NetfilterError(f"{self.save_tool} failed: {iptables_message(proc.stderr)}", table=table,
+                                     output=proc.stderr)
+            if attempt < SAVE_TRIES and _TAINTED in proc.stdout:
+                continue
+            return parse_save(proc.stdout).get(table, {})
 
     def apply(self, table: str, ops: list[Op]) -> None:
         """Apply `ops` to `table` in one transaction."""
