@@ -29,7 +29,6 @@ ENI_DESCRIPTION_PREFIX = "aws-K8S-"
 TAG_INSTANCE_ID = "node.k8s.amazonaws.com/instance_id"
 TAG_CREATED_AT = "node.k8s.amazonaws.com/createdAt"
 TAG_CLUSTER_NAME = "cluster.k8s.amazonaws.com/name"
-LEAKED_ENI_MIN_AGE = 300.0  # an unattached ENI younger than this may be on its way to an attach
 DESCRIBE_PAGE_SIZE = 1000
 
 THROTTLING_CODES = frozenset({"RequestLimitExceeded", "Throttling", "ThrottlingException",
@@ -237,38 +236,6 @@ class EC2:
                 raise ValueError(f"refusing to detach {eni_id}: it is the instance's primary ENI")
             self._call("DetachNetworkInterface", AttachmentId=eni.attachment_id)
         self._delete(eni_id)
-
-    def leaked_enis(self) -> list[ENI]:
-        """Unattached ENIs this CNI created (our tag and description, this cluster's when
-        CLUSTER_NAME is set) that are older than LEAKED_ENI_MIN_AGE. One without a readable
-        creation time gets one now, so that it is judged later, as upstream does."""
-        filters = [{"Name": "tag-key", "Values": [TAG_INSTANCE_ID]},
-                   {"Name": "status", "Values": ["available"]}]
-        if self.cluster_name:
-            filters.append({"Name": f"tag:{TAG_CLUSTER_NAME}", "Values": [self.cluster_name]})
-        leaked = []
-        for eni in self._describe_enis(Filters=filters):
-            if not eni.description.startswith(ENI_DESCRIPTION_PREFIX):
-                continue
-            created = _parse_rfc3339(eni.tags.get(TAG_CREATED_AT, ""))
-            if created is None:
-                self._call("CreateTags", Resources=[eni.eni_id],
-                           Tags=[{"Key": TAG_CREATED_AT, "Value": _rfc3339(self._clock())}])
-            elif self._clock() - created >= LEAKED_ENI_MIN_AGE:
-                leaked.append(eni)
-        return leaked
-
-    def delete_leaked_enis(self) -> list[str]:
-        """Delete every leaked ENI; return the IDs deleted. One failure does not stop the rest
-        (it is kept in `last_error`)."""
-        deleted = []
-        for eni in self.leaked_enis():
-            try:
-                self._delete(eni.eni_id)
-            except EC2Error:
-                continue
-            deleted.append(eni.eni_id)
-        return deleted
 
     def instance_type_limits(self, instance_type: str) -> InstanceLimits:
         """DescribeInstanceTypes, the fallback for types the shipped table lacks."""

@@ -29,8 +29,8 @@ REASON_INTERVAL = "interval"
 EC2_READ_INTERVAL = 3600.0  # s: the longest a node goes without reading EC2's view
 INTERVAL_JITTER = 0.2       # each interval is drawn in [1 - j, 1 + j] times EC2_READ_INTERVAL
 IMDS_GRACE = 30.0           # s: a disagreement younger than this is IMDS catching up
-BACKOFF_BASE = 2.0          # s: the first pause after EC2 throttled
-BACKOFF_MAX = 300.0         # s: the longest pause
+BACKOFF_BASE = 1.0          # s: the first pause after EC2 throttled
+BACKOFF_MAX = 16.0          # s: the longest pause; a throttled node then probes EC2 every 8-16 s
 
 
 class EC2Budget:
@@ -103,6 +103,16 @@ class EC2Budget:
         """An EC2 call succeeded: the backoff is over."""
         self._delay = 0.0
         self._backoff_until = 0.0
+
+    # --- the backoff as the store keeps it (the plugins' slow path and a restarted agent share it) --
+    def backoff_state(self) -> dict | None:
+        """{"delay", "until"} while a backoff is on, else None."""
+        return {"delay": self._delay, "until": self._backoff_until} if self._delay else None
+
+    def restore_backoff(self, state: dict | None) -> None:
+        """Take up a backoff another process (or this one, earlier) recorded with `backoff_state`."""
+        self._delay = float((state or {}).get("delay") or 0.0)
+        self._backoff_until = float((state or {}).get("until") or 0.0) if self._delay else 0.0
 
 
 def disagreements(store: Mapping[str, set[str] | frozenset[str]],

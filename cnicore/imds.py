@@ -152,9 +152,7 @@ class IMDS:
         device = field("device-number")
         if not device.isdigit():
             raise IMDSError(f"IMDS returned a malformed device number {device!r} at {base}device-number")
-        ipv4s = tuple(_ipv4(ip, base + "local-ipv4s") for ip in lines("local-ipv4s"))
-        if not ipv4s:
-            raise IMDSError(f"IMDS lists no address at {base}local-ipv4s")
+        ipv4s = self.local_ipv4s(mac)
         return ENIMetadata(
             mac=mac,
             device_number=int(device),
@@ -162,10 +160,35 @@ class IMDS:
             local_ipv4s=ipv4s,
             subnet_id=field("subnet-id"),
             subnet_cidr=_cidr(field("subnet-ipv4-cidr-block"), base + "subnet-ipv4-cidr-block"),
-            vpc_id=field("vpc-id"),
+            vpc_id=self.vpc_id(mac),
             vpc_cidrs=self.vpc_cidrs(mac),
             security_group_ids=lines("security-group-ids"),
         )
+
+    def local_ipv4s(self, mac: str) -> tuple[str, ...]:
+        """The ENI's IPv4 addresses, its primary first (not those of its /28 prefixes)."""
+        path = f"network/interfaces/macs/{mac.lower()}/local-ipv4s"
+        ipv4s = tuple(_ipv4(ip, path) for ip in self.get(path).splitlines() if ip.strip())
+        if not ipv4s:
+            raise IMDSError(f"IMDS lists no address at {path}")
+        return ipv4s
+
+    def ipv4_prefixes(self, mac: str) -> tuple[str, ...]:
+        """The ENI's delegated /28 prefixes; none when IMDS has no ipv4-prefix (EC2 leaves it out then)."""
+        path = f"network/interfaces/macs/{mac.lower()}/ipv4-prefix"
+        try:
+            text = self.get(path)
+        except IMDSNotFound:
+            return ()
+        return tuple(_cidr(c.strip(), path) for c in text.splitlines() if c.strip())
+
+    def vpc_id(self, mac: str) -> str:
+        """The VPC of the ENI `mac`."""
+        path = f"network/interfaces/macs/{mac.lower()}/vpc-id"
+        vpc = self.get(path).strip()
+        if not vpc.startswith("vpc-"):
+            raise IMDSError(f"IMDS returned a malformed VPC ID {vpc!r} at {path}")
+        return vpc
 
     def vpc_cidrs(self, mac: str) -> tuple[str, ...]:
         """The IPv4 CIDR blocks of the VPC of the ENI `mac` (a block associated later shows up here)."""

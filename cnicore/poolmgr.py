@@ -7,11 +7,15 @@ aws-eni-ipam's no-agent slow path runs `grow_for_add()` the same way: it holds t
 to read and to merge, and a lock of its own (`<network>.grow.lock`) so that one ADD grows at a time;
 a DEL or a warm ADD never waits for EC2 (with 5 s of EC2 latency a grow takes half a minute).
 
-When EC2 throttles (or answers 5xx, or not at all) after the per-request retries of `cnicore.ec2`,
-the pool backs off: no EC2 call, from the agent's ticks (however often plugins nudge) or from the
-slow path, before `agent.backoff.until`; the delay doubles from BACKOFF_BASE to BACKOFF_MAX (equal
-jitter) while the errors last and is dropped at the first EC2 round that succeeds. A pool short of
-IPs meanwhile says so (`blocked`: what EC2 answered, when the next attempt is).
+When the pool calls EC2 is `cnicore.ec2budget`'s (issue #16: every node of a cluster draws from the
+same per-account token buckets): each round of the agent compares IMDS (free, per node) with the
+store and reads EC2's view (DescribeNetworkInterfaces) only at start, after an EC2 action of its
+own, when IMDS has disagreed with the store for longer than IMDS_GRACE, or on a long jittered
+interval. When EC2 throttles (or answers 5xx, or not at all) after the per-request retries of
+`cnicore.ec2`, the pool backs off: no EC2 call, from the agent's ticks (however often plugins nudge)
+or from the slow path, before `agent.backoff.until`; the delay doubles (ec2budget.BACKOFF_BASE to
+BACKOFF_MAX, equal jitter) while the errors last and is dropped at the first EC2 round that
+succeeds. A pool short of IPs meanwhile says so (`blocked`: what EC2 answered, when the next attempt is).
 
 What the agent last did lives in the document's `agent` section, so a plugin can say why the pool
 is empty and a restarted agent keeps its pauses:
@@ -31,10 +35,10 @@ deliver. EC2 may list more than the store, for a while:
   with them) and the pool gives back its surplus again. They are never lost, nor handed out while
   EC2 may be taking them away.
 An ENI a kill left created but never attached, or detached but not deleted, is deleted by the
-leaked-ENI sweep (`EC2.delete_leaked_enis`, ENIs older than 5 minutes) that `tick` runs once per
-REFRESH_INTERVAL; an ENI of ours that the store adopts from EC2's view without this process having
-attached it (a kill between AttachNetworkInterface and ModifyNetworkInterfaceAttribute) gets
-DeleteOnTermination on the next tick (`adopted`).
+leaked-ENI sweep (`cnicore.leaksweep`: detached ENIs of this VPC and cluster, created by us more than
+an hour ago) that `tick` runs about hourly; an ENI of ours that the store adopts from EC2's view
+without this process having attached it (a kill between AttachNetworkInterface and
+ModifyNetworkInterfaceAttribute) gets DeleteOnTermination on the next tick (`adopted`).
 """
 
 from __future__ import annotations
@@ -47,13 +51,11 @@ import time
 
 from . import instance_limits, warmpool
 from .ec2 import ENI_DESCRIPTION_PREFIX  # cnicore.ec2 imports boto3 only when it calls EC2
-from .pool import ASSIGNED, Pool, new_document
+from .ec2budget import BACKOFF_MAX, EC2Budget, disagreements  # noqa: F401 (BACKOFF_MAX: the pool's, for users)
+from .pool import ASSIGNED, Pool, new_document, prefix_addresses
 from .store import Store
 
 NO_MANAGE_TAG = "node.k8s.amazonaws.com/no_manage"  # upstream: an ENI so tagged is not the CNI's
-REFRESH_INTERVAL = 60.0  # s between two reads of EC2's view when the agent did nothing itself
-BACKOFF_BASE = 1.0       # s: the first pause after EC2 throttled (or failed with 5xx, or did not answer)
-BACKOFF_MAX = 16.0       # s: the longest pause; a throttled node then probes EC2 every 8-16 s
 
 
 class NodePool:
@@ -67,9 +69,10 @@ class NodePool:
         self._imds = imds
         self._ec2 = ec2
         self._allocated: set[str] = set()  # ENIs this process attached (and set DeleteOnTermination on)
-        self._swept_at: float | None = None  # the last leaked-ENI sweep of this process
         self._throttled = False  # EC2 throttled, failed with 5xx or did not answer in this round
-        self._rng = random.Random()
+        self._rng: random.Random | None = None  # seeded by the instance ID (see `budget`)
+        self._budget: EC2Budget | None = None
+        self._sweep = None  # cnicore.leaksweep.LeakSweep, once the node's VPC is known
 
     # --- AWS access (created on first use: boto3 is imported only then) -------------------------
     @property
@@ -85,6 +88,16 @@ class NodePool:
             node = doc["node"]
             self._ec2 = EC2(node["instance_id"], region=node["region"], cluster_name=self.cfg["CLUSTER_NAME"])
         return self._ec2
+
+    def budget(self, doc: dict) -> EC2Budget:
+        """The node's EC2 budget; its RNG is seeded by the instance ID, so that a cluster's nodes,
+        started together, spread their reads, backoffs and sweeps out. Its backoff is the document's
+        (`agent.backoff`), which the plugins' slow path and a restarted agent share."""
+        if self._budget is None:
+            self._rng = random.Random(doc["node"]["instance_id"])
+            self._budget = EC2Budget(self.clock, self._rng)
+        self._budget.restore_backoff(doc.get("agent", {}).get("backoff"))
+        return self._budget
 
     def ec2_calls(self) -> dict[str, int]:
         """EC2 requests this process has sent, per action."""
@@ -108,7 +121,8 @@ class NodePool:
                 "region": ident.region, "availability_zone": ident.availability_zone,
                 "primary_mac": primary.mac, "primary_eni": primary.interface_id, "primary_ip": primary.primary_ip,
                 "subnet_id": primary.subnet_id, "subnet_cidr": primary.subnet_cidr,
-                "security_groups": list(primary.security_group_ids), "vpc_cidrs": list(primary.vpc_cidrs)}
+                "security_groups": list(primary.security_group_ids), "vpc_id": primary.vpc_id,
+                "vpc_cidrs": list(primary.vpc_cidrs)}
         doc = new_document(node)
         limits = instance_limits.lookup(ident.instance_type, self.ec2(doc))
         doc["node"].update(max_enis=limits.max_enis, ipv4_per_eni=limits.ipv4_per_eni)
@@ -191,6 +205,7 @@ class NodePool:
         node = doc["node"]
         try:
             for step in steps:
+                self.budget(doc).acted()
                 if isinstance(step, warmpool.AssignIPs):
                     ec2.assign_ips(step.eni_id, step.count)
                 elif isinstance(step, warmpool.AssignPrefixes):
@@ -224,19 +239,16 @@ class NodePool:
     # --- backing off from a throttling EC2 -----------------------------------------------------
     def backoff_left(self, doc: dict) -> float:
         """Seconds before the pool may call EC2 again (0: now)."""
-        backoff = doc.get("agent", {}).get("backoff") or {}
-        return max(0.0, backoff.get("until", 0.0) - self.clock())
+        return self.budget(doc).backoff_left()
 
     def _after_ec2_round(self, doc: dict, calls_before: int) -> None:
         """Lengthen the pause after a throttled round; drop it after a round whose calls succeeded."""
-        agent = doc["agent"]
+        budget = self.budget(doc)
         if self._throttled:
-            previous = agent.get("backoff") or {}
-            recent = self.clock() - previous.get("until", 0.0) < 2 * BACKOFF_MAX
-            delay = min(BACKOFF_MAX, 2 * previous["delay"]) if previous and recent else BACKOFF_BASE
-            agent["backoff"] = {"delay": delay, "until": self.clock() + delay / 2 + self._rng.uniform(0, delay / 2)}
+            budget.throttled()
         elif sum(self.ec2_calls().values()) > calls_before:
-            agent["backoff"] = None
+            budget.succeeded()
+        doc["agent"]["backoff"] = budget.backoff_state()
 
     def blocked_reason(self, doc: dict, decision: warmpool.Decision) -> str | None:
         """Why the pool is short and cannot grow now, in words an operator acts on."""
@@ -281,6 +293,7 @@ class NodePool:
             self.apply_ec2_view(fresh, enis)
             fresh.setdefault("agent", {})["last_refresh"] = self.clock()
             tx.write(fresh)
+        self.budget(fresh).read()
         return fresh
 
     def _load(self, store: Store) -> None:
@@ -358,11 +371,20 @@ class NodePool:
         return decision
 
     def tick(self, store: Store) -> warmpool.Decision:
-        """One round of the agent's loop: decide, act on EC2 without the lock, merge EC2's view."""
+        """One round of the agent's loop: compare IMDS with the store, decide, act on EC2 without the
+        lock, and read and merge EC2's view when the budget says so."""
         self._throttled = False
         self._load(store)
+        with store.locked(shared=True) as tx:
+            doc = tx.read()
+        node = self._node_view(doc)  # IMDS: free, every round
+        agrees = self._imds_agrees(doc)
+        budget = self.budget(doc)
+        if agrees is not None:
+            budget.compared(agrees)
         with store.locked() as tx:
             doc = tx.read()
+            doc["node"].update(node or {})
             decision = self.decide(doc)
             if self.backoff_left(doc):  # EC2 throttled us: no call before the pause is over
                 doc["agent"]["blocked"] = self._blocked_entry(doc, decision)
@@ -378,16 +400,34 @@ class NodePool:
         self._release(doc, releasing_prefixes, prefixes=True)
         self.grow(doc, decision.grow)
         self._free_eni(doc, freeing)
-        refresh_due = self.clock() - doc["agent"].get("last_refresh", 0) >= REFRESH_INTERVAL
-        enis = None
         if not self._throttled:
             self._repair_adopted(doc)
             self._sweep_leaked(doc)
-        if not self._throttled and (decision.grow or releasing or releasing_prefixes or freeing or refresh_due):
-            enis = self._ec2_view(doc)
+        enis = self._ec2_view(doc) if not self._throttled and budget.read_due() else None
         self._after_ec2_round(doc, calls)
         doc["agent"]["last_tick"] = self.clock()
-        return self._merge(store, doc, enis, self._node_view(doc) if refresh_due else None)
+        decision = self._merge(store, doc, enis)
+        if enis is not None:
+            budget.read()
+        return decision
+
+    def _imds_agrees(self, doc: dict) -> bool | None:
+        """Whether IMDS lists the store's ENIs with the store's secondary IPs and /28 prefixes (the
+        primary IP and a prefix's addresses apart); None (no comparison) when IMDS fails."""
+        from .imds import IMDSError
+        store, imds = {}, {}
+        try:
+            attached = set(self.imds.macs())
+            for eni in doc["enis"].values():
+                mac = eni["mac"]
+                in_prefixes = {ip for prefix in eni.get("prefixes", ()) for ip in prefix_addresses(prefix)}
+                store[mac] = {ip for ip in eni["ips"] if ip not in in_prefixes} | set(eni.get("prefixes", ()))
+                if mac in attached:
+                    imds[mac] = set(self.imds.local_ipv4s(mac)[1:]) | set(self.imds.ipv4_prefixes(mac))
+        except IMDSError as exc:
+            self.log.warn(f"IMDS not compared with the store this round: {exc}")
+            return None
+        return not disagreements(store, imds)
 
     def _blocked_entry(self, doc: dict, decision: warmpool.Decision) -> dict | None:
         reason = self.blocked_reason(doc, decision) if decision.figures.short or decision.blocked else None
@@ -399,16 +439,21 @@ class NodePool:
 
     def _node_view(self, doc: dict) -> dict | None:
         """The node facts that change while the node runs: the VPC's CIDR blocks (one associated
-        later must not be SNATed; aws-snat reads them from the store). None when IMDS does not say."""
+        later must not be SNATed; aws-snat reads them from the store), and the VPC's ID for a document
+        written before it was kept. None when IMDS does not say."""
         from .imds import IMDSError
+        mac = doc["node"]["primary_mac"]
         try:
-            cidrs = self.imds.vpc_cidrs(doc["node"]["primary_mac"])
+            cidrs = self.imds.vpc_cidrs(mac)
             if not cidrs:
                 raise IMDSError("IMDS lists no VPC CIDR block for the primary ENI")
+            node = {"vpc_cidrs": list(cidrs)}
+            if not doc["node"].get("vpc_id"):
+                node["vpc_id"] = self.imds.vpc_id(mac)
         except IMDSError as exc:
             self.log.warn(f"node facts not refreshed: {exc}")
             return None
-        return {"vpc_cidrs": list(cidrs)}
+        return node
 
     def _ec2_view(self, doc: dict):
         """The instance's ENIs as EC2 lists them (see `ec2_view`), or None (error recorded) if EC2
@@ -454,6 +499,7 @@ class NodePool:
     def _release(self, doc: dict, releasing: dict[str, list[str]], prefixes: bool = False) -> None:
         from .ec2 import EC2Error
         for eni_id, ips in releasing.items():
+            self.budget(doc).acted()
             try:
                 if prefixes:
                     self.ec2(doc).unassign_prefixes(eni_id, ips)
@@ -479,24 +525,26 @@ class NodePool:
             del adopted[eni_id]
 
     def _sweep_leaked(self, doc: dict) -> None:
-        """Delete ENIs of ours attached to nothing (left by a kill mid-allocate or mid-free), at most
-        once per REFRESH_INTERVAL; `EC2.leaked_enis` spares those younger than 5 minutes."""
+        """Delete ENIs of ours attached to nothing (left by a kill mid-allocate or mid-free) when the
+        node's sweep is due (`cnicore.leaksweep`: about hourly, jittered; this VPC and cluster only)."""
         from .ec2 import EC2Error
-        if self._swept_at is not None and self.clock() - self._swept_at < REFRESH_INTERVAL:
-            return
-        self._swept_at = self.clock()
+        from .leaksweep import LeakSweep
+        vpc_id = doc["node"].get("vpc_id")
+        if not vpc_id:
+            return  # IMDS has not told the VPC yet: the sweep waits (it must filter by VPC)
+        if self._sweep is None:
+            self._sweep = LeakSweep(self.ec2(doc), vpc_id, self.cfg["CLUSTER_NAME"], self.log, clock=self.clock,
+                                    rng=self._rng)
         try:
-            deleted = self.ec2(doc).delete_leaked_enis()
+            self._sweep.maybe_run()
         except EC2Error as exc:
             self._record_error(doc, exc)
-            return
-        if deleted:
-            self.log.info("deleted leaked ENIs", enis=deleted)
 
     def _free_eni(self, doc: dict, eni_id: str | None) -> None:
         from .ec2 import EC2Error
         if eni_id is None:
             return
+        self.budget(doc).acted()
         try:
             self.ec2(doc).free_eni(eni_id)
             self.log.info("freed an idle ENI", eni=eni_id)

@@ -27,7 +27,7 @@ import pytest
 
 from conftest import RUN_PREFIX
 from cnicore import instance_limits
-from cnicore.ec2 import (EC2, ENI_DESCRIPTION_PREFIX, LEAKED_ENI_MIN_AGE, TAG_CLUSTER_NAME, TAG_CREATED_AT,
+from cnicore.ec2 import (EC2, ENI_DESCRIPTION_PREFIX, TAG_CLUSTER_NAME, TAG_CREATED_AT,
                          TAG_INSTANCE_ID, EC2Error, EC2LimitExceeded, EC2Throttled, EC2Unreachable,
                          ENINotFound, InsufficientAddresses, PrefixesUnsupported, RetryPolicy)
 from cnicore.instance_limits import InstanceLimitsError
@@ -493,39 +493,6 @@ def test_delete_waits_out_a_detach_in_progress(vpc):
     vpc.lab.front.fail("DeleteNetworkInterface", "InvalidNetworkInterface.InUse", times=2)
     vpc.run(ec2.free_eni, eni.eni_id)
     assert ec2.calls["DeleteNetworkInterface"] == 3 and vpc.our_enis() == []
-
-
-def test_leaked_enis_are_found_and_deleted(vpc):
-    now = time.time()
-    old, young = (datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-                  for t in (now - LEAKED_ENI_MIN_AGE - 60, now - 60))
-
-    def make(description, **tags):
-        spec = [{"ResourceType": "network-interface", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
-        return vpc.admin("create_network_interface", SubnetId=vpc.subnet_id, Groups=[vpc.sg_id],
-                         Description=description, TagSpecifications=spec)["NetworkInterface"]["NetworkInterfaceId"]
-
-    ours = f"aws-K8S-{vpc.instance_id}"
-    leaked = make(ours, **{TAG_INSTANCE_ID: vpc.instance_id, TAG_CREATED_AT: old, TAG_CLUSTER_NAME: "c1"})
-    young_one = make(ours, **{TAG_INSTANCE_ID: vpc.instance_id, TAG_CREATED_AT: young, TAG_CLUSTER_NAME: "c1"})
-    untimed = make(ours, **{TAG_INSTANCE_ID: vpc.instance_id, TAG_CLUSTER_NAME: "c1"})
-    foreign = make("someone else's", **{TAG_INSTANCE_ID: vpc.instance_id, TAG_CREATED_AT: old, TAG_CLUSTER_NAME: "c1"})
-    other_cluster = make(ours, **{TAG_INSTANCE_ID: vpc.instance_id, TAG_CREATED_AT: old, TAG_CLUSTER_NAME: "c2"})
-    untagged = make(ours)
-    attached = make(ours, **{TAG_INSTANCE_ID: vpc.instance_id, TAG_CREATED_AT: old, TAG_CLUSTER_NAME: "c1"})
-    vpc.admin("attach_network_interface", NetworkInterfaceId=attached, InstanceId=vpc.instance_id, DeviceIndex=1)
-
-    ec2 = EC2(vpc.instance_id, cluster_name="c1")
-    assert [e.eni_id for e in vpc.run(ec2.leaked_enis)] == [leaked]
-    untimed_tags = {t["Key"]: t["Value"] for t in vpc.eni(untimed)["TagSet"]}
-    assert abs(datetime.fromisoformat(untimed_tags[TAG_CREATED_AT]).timestamp() - now) < 5  # judged later
-
-    assert vpc.run(ec2.delete_leaked_enis) == [leaked]
-    left = {e["NetworkInterfaceId"] for e in vpc.admin("describe_network_interfaces")["NetworkInterfaces"]}
-    assert leaked not in left
-    assert {young_one, untimed, foreign, other_cluster, untagged, attached} <= left
-    # without CLUSTER_NAME, the other cluster's leaked ENI is fair game too (as upstream)
-    assert [e.eni_id for e in vpc.run(EC2(vpc.instance_id).leaked_enis)] == [other_cluster]
 
 
 def test_instance_type_limits_from_describe_instance_types(vpc, monkeypatch):
