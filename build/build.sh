@@ -58,7 +58,7 @@ DATAS = [(os.path.join(root, f), os.path.relpath(root, SRC)) for pkg in OURS
          for root, _, files in os.walk(os.path.join(SRC, pkg)) for f in files
          if not f.endswith((".py", ".pyc")) and "__pycache__" not in root]
 
-# our distribution's metadata: `aws-vpc-cni-agent --version` reads the version from it
+# our distribution's metadata: "aws-vpc-cni-agent --version" reads the version from it
 from PyInstaller.utils.hooks import copy_metadata
 DATAS += copy_metadata("aws-vpc-cni-py")
 

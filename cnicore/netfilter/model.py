@@ -6,7 +6,6 @@ the canonical form iptables-save prints (`RestoreBackend.canonicalize` learns it
 
 from __future__ import annotations
 
-import re
 from collections import namedtuple
 
 from ..errors import NETFILTER_FAILURE, CNIError
@@ -19,8 +18,11 @@ BUILTIN_CHAINS = {
     "security": ("INPUT", "FORWARD", "OUTPUT"),
 }
 VERDICTS = ("ACCEPT", "DROP", "RETURN", "QUEUE")
-# User chain names: at most 28 characters (XT_EXTENSION_MAXNAMELEN - 1); we allow a safe alphabet.
-CHAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,27}$")
+CHAIN_MAX = 28  # XT_EXTENSION_MAXNAMELEN - 1
+# Checked by hand, not with `re`: importing it (with enum and functools) is ~3 ms of every plugin exec.
+_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_CHAIN_CHARS = _ALNUM | frozenset("_.:+-")
+_BARE_VALUE_CHARS = _ALNUM | frozenset("_-")
 _ADDRESS_OPTIONS = ("-s", "--source", "-d", "--destination")
 _JUMP_OPTIONS = ("-j", "--jump", "-g", "--goto")
 
@@ -64,11 +66,17 @@ class Drift(namedtuple("Drift", "table chain problem spec", defaults=("",))):
         return f"{where}: {self.spec}" if self.spec else where
 
 
+def is_chain_name(name) -> bool:
+    """A user chain name we write: 1 to 28 letters, digits or _.:+-, starting with a letter or digit."""
+    return (isinstance(name, str) and 0 < len(name) <= CHAIN_MAX and name[0] in _ALNUM
+            and all(c in _CHAIN_CHARS for c in name))
+
+
 def quote(value: str) -> str:
     """`value` as iptables-save prints an option value (xtables_save_string), e.g. a comment."""
-    if value and re.fullmatch(r"[A-Za-z0-9_-]+", value):
+    if value and all(c in _BARE_VALUE_CHARS for c in value):
         return value
-    return '"' + re.sub(r'(["\\\'])', r"\\\1", value) + '"'
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("'", "\\'") + '"'
 
 
 def split_spec(spec: str) -> list[str]:
@@ -158,7 +166,7 @@ def _check_chain_names(state: TableState) -> None:
     for role, names in (("owned chain", state.chains), ("shared chain", state.shared_chains),
                         ("absent chain", state.absent_chains)):
         for name in names:
-            if not isinstance(name, str) or not CHAIN_RE.match(name):
+            if not is_chain_name(name):
                 raise NetfilterError(f"{table}: invalid {role} name {name!r}: 1 to 28 letters, digits or _.:+-, "
                                      "starting with a letter or digit", table=table)
             if name in builtin or name in VERDICTS:
@@ -173,7 +181,7 @@ def _check_rules(state: TableState, role: str, rules, absent_chains: set[str]) -
     for rule in rules:
         if not isinstance(rule, Rule):
             raise NetfilterError(f"{table}: {role} {rule!r} is not a Rule(chain, spec)", table=table)
-        if not isinstance(rule.chain, str) or not (rule.chain in BUILTIN_CHAINS[table] or CHAIN_RE.match(rule.chain)):
+        if not isinstance(rule.chain, str) or not (rule.chain in BUILTIN_CHAINS[table] or is_chain_name(rule.chain)):
             raise NetfilterError(f"{table}: invalid chain {rule.chain!r} for {role} {rule.spec!r}", table=table)
         if rule.chain in state.chains:
             raise NetfilterError(f"{table}/{rule.chain}: chain is owned, so {rule.spec!r} belongs in its rule "

@@ -27,8 +27,6 @@ ADD replaces the container's chain instead of adding to whatever an earlier ADD 
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from _socket import AF_INET, AF_INET6
 from collections import namedtuple
 
@@ -36,7 +34,7 @@ from cnicore import settings, skel
 from cnicore.errors import CHECK_FAILED, CNIError, INVALID_CONFIG, NETLINK_FAILURE, PLUGIN_NOT_AVAILABLE
 from cnicore.hashes import sha512
 from cnicore.netfilter import Netfilter, NetfilterError, Rule, TableState, any_chain_exists, quote
-from cnicore.netfilter.model import jump_target, split_spec
+from cnicore.netfilter.model import CHAIN_MAX, is_chain_name, jump_target, split_spec
 
 # The reference plugin's names: other portmap instances on the node share them, never change them.
 TOP_DNAT_CHAIN = "CNI-HOSTPORT-DNAT"
@@ -48,9 +46,9 @@ DEFAULT_MARK_BIT = 13           # Kubernetes uses 14 and 15, Calico 20-31
 PROTOCOLS = ("tcp", "udp", "sctp")
 MULTIPORT_MAX = 15              # ports per `-m multiport --dports`
 COMMENT_MAX = 255               # iptables' comment limit, as the reference trims
-CHAIN_MAX = 28
-_CHAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,27}")  # as cnicore.netfilter accepts them
-_ENTRY_COMMENT = re.compile(r'^dnat name: "(?P<name>[^"]*)" id: "(?P<id>[^"]*)"$')
+_ENTRY_COMMENT = r'^dnat name: "(?P<name>[^"]*)" id: "(?P<id>[^"]*)"$'
+# `re` and `ipaddress` are imported where mappings are handled (~6 ms per exec otherwise): most pods
+# have none.
 
 
 # (namedtuples, not dataclasses: `dataclasses` imports inspect, ast, dis and tokenize, ~7 ms per exec)
@@ -146,6 +144,7 @@ def dnat_rules(conf: Conf, address) -> list[str]:
 
 def enable_localnet_routing(pod_ip) -> None:
     """route_localnet=1 on the host interface that routes to the pod, as the reference does."""
+    import re
     import subprocess  # only for pods with port mappings (~3-6 ms to import)
 
     try:
@@ -242,13 +241,15 @@ def cmd_gc(args: skel.CmdArgs) -> None:
 
 def attached_chains(present: dict[str, list[str]], network: str):
     """(containerID, CNI-DN chain) of every entry rule of `network` in CNI-HOSTPORT-DNAT."""
+    import re
+    entry_comment = re.compile(_ENTRY_COMMENT)
     for spec in present.get(TOP_DNAT_CHAIN, []):
         try:
             words = split_spec(spec)
         except ValueError:
             continue
         comments = [value for option, value in zip(words, words[1:]) if option == "--comment"]
-        found = _ENTRY_COMMENT.match(comments[0]) if comments else None
+        found = entry_comment.match(comments[0]) if comments else None
         if found and found["name"] == network and jump_target(spec) == dnat_chain(network, found["id"]):
             yield found["id"], jump_target(spec)
 
@@ -279,7 +280,7 @@ def parse_conf(args: skel.CmdArgs) -> Conf:
         mark_bit = DEFAULT_MARK_BIT
     if not _is_int(mark_bit) or not 0 <= mark_bit <= 31:
         raise _bad("markMasqBit must be between 0 and 31", mark_bit)
-    if external is not None and not (isinstance(external, str) and _CHAIN_NAME.fullmatch(external)):
+    if external is not None and not is_chain_name(external):
         raise _bad("externalSetMarkChain must be a chain name of at most 28 letters, digits or _.:+-", external)
     conditions = {4: _conditions(raw, "conditionsV4"), 6: _conditions(raw, "conditionsV6")}
     runtime = skel.go_field(raw, "runtimeConfig") or {}
@@ -308,6 +309,7 @@ def _mapping(entry, n: int) -> Mapping:
         raise _bad(f"{where}.protocol must be one of {', '.join(PROTOCOLS)}", protocol)
     address = None
     if host_ip not in (None, ""):
+        import ipaddress
         try:
             if not isinstance(host_ip, str) or "%" in host_ip:
                 raise ValueError  # a number or a zone would pass ipaddress, not Go's net.ParseIP
@@ -335,6 +337,7 @@ def netfilter_settings(raw: dict) -> tuple[str, str]:
 def container_addresses(prev_result: dict, ifname: str) -> list:
     """The pod's first IPv4 and first IPv6 address, skipping those of other known interfaces and of
     host-side ones, as the reference picks them (an address with no interface index counts)."""
+    import ipaddress
     interfaces = prev_result.get("interfaces", [])
     found = {}
     for ip in prev_result.get("ips", []):
@@ -386,6 +389,7 @@ class Netfilters:
 
 def _word(word: str) -> str:
     """One argument of conditionsV4/V6 as a rule word: quoted only when it must be."""
+    import re
     return word if re.fullmatch(r"[^\s\"'\\]+", word) else quote(word)
 
 
