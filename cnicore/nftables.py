@@ -30,10 +30,12 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETCHAIN, NFT_MSG_NEWCHAIN = 4, 3
 NFT_MSG_NEWRULE, NFT_MSG_GETRULE = 6, 7
-NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 4, 7
 # Rule attributes that say where a rule sits or how it was made, not what it does.
 _RULE_PLACE = {3, 6, 8, 9, 10}  # HANDLE, POSITION, ID, POSITION_ID, CHAIN_ID
 NFTA_LIST_ELEM, NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 1, 2
+NFTA_MATCH_NAME, NFTA_MATCH_INFO = 1, 3
+NFTNL_UDATA_RULE_COMMENT = 0  # a comment kept in the rule's user data (nft's own `comment`)
 NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 15, 16
 NFTA_GEN_ID = 1
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME = 1, 3
@@ -80,12 +82,19 @@ def chain_exists(family: int, table: str, chain: str, sock: Socket | None = None
     return any(kind == _kind(NFT_MSG_NEWCHAIN) for kind, _ in answers)
 
 
-def chains_digest(family: int, table: str, chains, sock: Socket | None = None) -> str:
+def chains_digest(family: int, table: str, chains, sock: Socket | None = None, *, shared=(),
+                  comments=frozenset()) -> str:
     """A digest of what `chains` of nf_tables table `table` hold: whether each exists, and its rules
     in order, without their handles and positions and without counter values (they move with
     traffic). Equal digests, the same rules in these chains. Other chains and tables do not count.
     (A rule whose expressions keep other state that moves, e.g. quota or last, makes every digest
-    differ: never a false "unchanged".)"""
+    differ: never a false "unchanged".)
+
+    In the chains of `shared` (built-in chains other programs write to as well: the reference
+    bridge adds a rule to nat POSTROUTING per pod), a rule whose comment can be read and is not one
+    of `comments` is left out: a caller whose rules all carry one of `comments` sees its own rules,
+    in order, and rules without a readable comment; another program's commented rules coming and
+    going do not move the digest."""
     digest = blake2b(digest_size=16)
     own = sock is None
     sock = open_nfnetlink() if own else sock
@@ -104,7 +113,12 @@ def chains_digest(family: int, table: str, chains, sock: Socket | None = None) -
             for kind, body in answers:
                 if kind != _kind(NFT_MSG_NEWRULE):
                     continue
-                for key, value in _attribute_list(body[_NFGEN.size:]):
+                rule = _attribute_list(body[_NFGEN.size:])
+                if chain in shared:
+                    found = _comments(rule)
+                    if found and not found & comments:
+                        continue  # another program's rule
+                for key, value in rule:
                     if key in _RULE_PLACE:
                         continue
                     if key == NFTA_RULE_EXPRESSIONS:
@@ -126,6 +140,28 @@ def _attribute_list(data) -> list[tuple[int, bytes]]:
             break
         found.append((kind & 0x3FFF, bytes(data[offset + 4:offset + length])))
         offset += (length + 3) & ~3
+    return found
+
+
+def _comments(rule: list[tuple[int, bytes]]) -> set[str]:
+    """The comments of a rule (its attributes): iptables-nft's `-m comment` (an xt match whose info
+    is the comment, NUL-padded) and nft's user-data comment. Empty when none can be read."""
+    found = set()
+    for key, value in rule:
+        if key == NFTA_RULE_EXPRESSIONS:
+            for elem_key, element in _attribute_list(value):
+                expression = dict(_attribute_list(element)) if elem_key == NFTA_LIST_ELEM else {}
+                if expression.get(NFTA_EXPR_NAME) == b"match\0":
+                    match = dict(_attribute_list(expression.get(NFTA_EXPR_DATA, b"")))
+                    if match.get(NFTA_MATCH_NAME) == b"comment\0" and NFTA_MATCH_INFO in match:
+                        found.add(match[NFTA_MATCH_INFO].split(b"\0", 1)[0].decode(errors="replace"))
+        elif key == NFTA_RULE_USERDATA:
+            offset = 0
+            while offset + 2 <= len(value):
+                kind, length = value[offset], value[offset + 1]
+                if kind == NFTNL_UDATA_RULE_COMMENT:
+                    found.add(value[offset + 2:offset + 2 + length].split(b"\0", 1)[0].decode(errors="replace"))
+                offset += 2 + length
     return found
 
 

@@ -630,6 +630,33 @@ def test_a_stamped_add_stays_fast_while_others_rewrite_their_rules(node, mode):
             node.sh(f"{ipt} -t nat -A KUBE-SERVICES -d 10.96.0.{n + 2}/32 -j RETURN")  # and in nat
 
 
+@pytest.mark.parametrize("nft_mode", [("nft", "nft"), ("auto", "nft")], ids=lambda m: f"{m[0]}-{m[1]}")
+def test_others_commented_rules_in_the_built_in_chains_leave_the_stamp_holding(node, nft_mode):
+    """The reference bridge (ipMasq) adds and removes a commented rule in nat POSTROUTING per pod, and
+    kube-proxy has its commented jumps in PREROUTING: in nf_tables only our own rules there count (and
+    any without a comment, which could be ours reworded), so the stamp holds through the others'."""
+    conf = stamped(node, nft_mode)
+    ipt = "iptables-nft -w -t nat"
+    for n in range(3):
+        node.sh(f"{ipt} -A POSTROUTING -s 172.30.0.{n}/32 -m comment --comment 'name: \"cbr0\" id: \"c{n}\"' "
+                f"-j MASQUERADE")
+        node.sh(f"{ipt} -I PREROUTING 1 -m comment --comment 'kube rule {n}' -j RETURN")
+        assert node.run("ADD", conf, path=NO_IPTABLES) == (0, PREV)
+        node.sh(f"{ipt} -D POSTROUTING -s 172.30.0.{n}/32 -m comment --comment 'name: \"cbr0\" id: \"c{n}\"' "
+                f"-j MASQUERADE")
+        assert node.run("ADD", conf, path=NO_IPTABLES) == (0, PREV)
+    node.sh(f"{ipt} -D POSTROUTING {SNAT_JUMP}")  # ours, amid the others': the stamp no longer holds
+    rc, err = node.run("ADD", conf, path=NO_IPTABLES)
+    assert rc == 1 and err["code"] == 103, err
+    assert node.run("ADD", conf) == (0, PREV)  # repairs
+    assert mine(node, "nft")["nat"]["POSTROUTING"] == DEFAULT_NAT["POSTROUTING"]
+    assert node.run("ADD", conf) == (0, PREV)  # finds it all in place: stamps
+    assert node.run("ADD", conf, path=NO_IPTABLES) == (0, PREV)
+    node.sh(f"{ipt} -A POSTROUTING -s 172.30.9.9/32 -j MASQUERADE")  # no comment: judged like ours
+    rc, err = node.run("ADD", conf, path=NO_IPTABLES)
+    assert rc == 1 and err["code"] == 103, err
+
+
 @pytest.mark.parametrize("cache", ["kept", "corrupt", "foreign"])
 def test_the_primary_interface_is_found_again_when_the_mac_moves(node, cache):
     """The interface found by MAC is remembered in the data dir and used while it still has that MAC."""

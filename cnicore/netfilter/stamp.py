@@ -7,7 +7,10 @@ detection) read could have changed:
 
     nft     a digest of the nf_tables chains the verification reads (cnicore.nftables.chains_digest:
             whether each exists, its rules in order, counters left out): rules elsewhere (kube-proxy
-            rewrites its chains all the time) do not move it
+            rewrites its chains all the time) do not move it; in the built-in chains the caller
+            shares with others (`shared`), only its own rules count (those with one of `comments`,
+            and any whose comment cannot be read): the verification judges no other rule there,
+            and the reference bridge adds and removes one in nat POSTROUTING per pod
     legacy  a digest of the legacy tables those chains are in (counters left out): x_tables can
             only be read a table at a time
     auto    (and iptc) which step of the variant detection decides, and what it rests on: with
@@ -44,36 +47,40 @@ from . import xtables
 FORMAT = "netfilter-stamp-v1"
 
 
-def fingerprint(mode: str, chains) -> str | None:
+def fingerprint(mode: str, chains, shared=None, comments=frozenset()) -> str | None:
     """What verifying the rules of `chains` ({table: [chain, ...]}, IPv4) in `mode` depends on, now;
-    None when it cannot be read (then nothing may be skipped)."""
+    None when it cannot be read (then nothing may be skipped). `shared` ({table: [chain, ...]}, among
+    `chains`) and `comments`: see the module's docstring (nft only: legacy tables are read whole)."""
+    nft = (chains, shared or {}, frozenset(comments))
     try:
         if mode == "nft":
-            return f"nft {_nft_chains(chains)}"
+            return f"nft {_nft_chains(*nft)}"
         if mode == "legacy":
             return f"legacy {xtables.fingerprint(sorted(chains), ipv6=False)}"
-        return _detected(mode, chains)
+        return _detected(mode, nft)
     except OSError:
         return None
 
 
-def _nft_chains(chains) -> str:
+def _nft_chains(chains, shared, comments) -> str:
     with nftables.open_nfnetlink() as sock:
-        return " ".join(nftables.chains_digest(nftables.NFPROTO_IPV4, table, names, sock)
+        return " ".join(nftables.chains_digest(nftables.NFPROTO_IPV4, table, names, sock,
+                                               shared=shared.get(table, ()), comments=comments)
                         for table, names in sorted(chains.items()))
 
 
-def _detected(mode: str, chains) -> str:
+def _detected(mode: str, nft) -> str:
     """'auto' (and 'iptc'): what the detection's answer rests on, plus the rules in the variant it
     picks. Which of the detection's steps decides is part of the value, and each step reads only
     what decides it, so that a legacy node with kubelet's hint does not digest its whole filter
     table, and an nft node's fingerprint does not move with rules elsewhere (kube-proxy's)."""
     from .detect import KUBELET_CHAINS, nft_hint
+    chains = nft[0]
     if nft_hint():  # nft, whatever else either variant holds
-        return f"{mode} nft-hint {_nft_chains(chains)}"
+        return f"{mode} nft-hint {_nft_chains(*nft)}"
     names = {ipv6: xtables.table_names(ipv6) for ipv6 in (False, True)}
     if not any(names.values()):  # nft: legacy holds no rule at all
-        return f"{mode} no-legacy {_nft_chains(chains)}"
+        return f"{mode} no-legacy {_nft_chains(*nft)}"
     if any(chain in KUBELET_CHAINS for ipv6 in (False, True) if "mangle" in names[ipv6]
            for chain in xtables.user_chains("mangle", ipv6)):  # legacy; the hint is in a mangle table
         return (f"{mode} legacy-hint {xtables.fingerprint(sorted({*chains, 'mangle'}), ipv6=False)} "
@@ -87,15 +94,19 @@ def _detected(mode: str, chains) -> str:
 
 
 class Stamp:
-    def __init__(self, path: str, mode: str, key: str, chains):
-        """`chains`: {table: [chain, ...]}, every chain the verification reads (IPv4)."""
+    def __init__(self, path: str, mode: str, key: str, chains, shared=None, comments=frozenset()):
+        """`chains`: {table: [chain, ...]}, every chain the verification reads (IPv4); `shared`
+        ({table: [chain, ...]}) the built-in ones among them where only rules with one of `comments`
+        (or without a readable comment) are judged (see the module's docstring)."""
         self.path = path
         self.mode = mode
         self.chains = {table: tuple(names) for table, names in chains.items()}
+        self.shared = {table: tuple(names) for table, names in (shared or {}).items()}
+        self.comments = frozenset(comments)
         self.key = sha256(f"{FORMAT}\n{mode}\n{nftables.netns_id()}\n{key}".encode()).hexdigest()
 
     def fingerprint(self) -> str | None:
-        return fingerprint(self.mode, self.chains)
+        return fingerprint(self.mode, self.chains, self.shared, self.comments)
 
     def holds(self, current: str | None) -> bool:
         """Whether the stamp says our rules were verified at exactly this fingerprint."""

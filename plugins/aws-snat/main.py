@@ -29,9 +29,10 @@ external SNAT both nat chains go (marking pod traffic to the primary ENI would m
 the pod IP is not the primary ENI's).
 
 Cost: in the steady state, no iptables at all: a stamp in the data dir (cnicore.netfilter.stamp)
-records the fingerprint (a digest of our nf_tables chains, or of the legacy tables) at which
-a verification last found every rule in place for exactly these desired rules, settings and mode; if
-the fingerprint is unchanged, nothing that verification reads can have changed, and only rule 1024 (one
+records the fingerprint (a digest of our nf_tables chains and of our rules in the built-in ones, or
+of the legacy tables) at which a verification last found every rule in place for exactly these
+desired rules, settings and mode; if the fingerprint is unchanged, nothing that verification judges
+can have changed, and only rule 1024 (one
 rtnetlink dump) and rp_filter (a sysctl read) are looked at. Otherwise one iptables-save per table
 (the rules are written exactly as iptables-save prints them, so they compare as text) verifies, and a
 table that differs gets one iptables-restore transaction (two when a rule must move, see `plan`).
@@ -88,7 +89,7 @@ SWEPT_CHAINS = {"nat": ("PREROUTING", "POSTROUTING"), "mangle": ("PREROUTING",)}
 OUR_COMMENTS = {SNAT_JUMP_COMMENT, SNAT_COMMENT, CONNMARK_JUMP_COMMENT, CONNMARK_COMMENT, NODEPORT_COMMENT}
 RANDOM_FLAG = {"prng": " --random-fully", "hashrandom": " --random", "none": ""}
 STAMP_FILE = "aws-snat.stamp"  # in the data dir
-STAMP_VERSION = 1
+STAMP_VERSION = 2  # 2: the built-in chains' digest counts only our rules (see stamp)
 IFACE_FILE = "aws-snat.primary-interface"  # in the data dir: "<MAC> <interface name>"
 SIOCGIFHWADDR = 0x8927
 _HEX = frozenset("0123456789abcdef")
@@ -368,8 +369,10 @@ def stamp(cfg: dict, want: Desired) -> Stamp:
         names = [*SWEPT_CHAINS[state.table], *state.chains, *state.absent_chains,
                  *(rule.chain for rule in (*state.rules, *state.absent_rules))]
         chains[state.table] = list(dict.fromkeys(names))
+    # in the built-in chains `plan` judges only rules with our comments: others' rules there (the
+    # reference bridge's per-pod masquerade rule in POSTROUTING) do not void the stamp
     return Stamp(os.path.join(cfg["AWS_VPC_CNI_DATA_DIR"], STAMP_FILE), cfg["AWS_VPC_CNI_NETFILTER_MODE"], key,
-                 chains)
+                 chains, shared=SWEPT_CHAINS, comments=OUR_COMMENTS)
 
 
 def converge(cfg: dict, want: Desired, stamped: Stamp | None = None, trust_stamp: bool = True) -> list[str]:
