@@ -21,7 +21,12 @@ What it does, in order (everything inside a VPC lab made for this run, removed a
      other right after the frozen agent starts, in prefix mode on node1 (ENABLE_PREFIX_DELEGATION=true,
      WARM_PREFIX_TARGET=1) and in secondary-IP mode on node2 (default settings); an ADD the
      pool cannot serve yet (code 11) is retried as a runtime would. Wall time from the agent's start
-     to the last pod's answer, and every EC2 call the node made (agent and plugins) meanwhile.
+     to the last pod's answer, and every EC2 call the node made (agent and plugins) meanwhile;
+  9. through containerd's CRI (tests/cri_world.py's harness, containerd as kubelet drives it): two
+     private containerds in node1, one on our conflist and one on the reference's, the same installed
+     binaries in one bin dir; --cri-cycles pod cycles per side, alternating side by side, each timed
+     from the bench as RunPodSandbox + PodSandboxStatus (as kubelet asks after it) + StopPodSandbox
+     + RemovePodSandbox.
 
 Each timed operation is one cnitool exec started by a driver process that lives in the node's
 namespace (tests/bench/driver.py): wall time from fork to reap, and CPU seconds as the
@@ -52,6 +57,7 @@ from vpclab import api, netns
 from .stats import percentile, ratio, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # step 9's harness, tests/cri_world.py, and what it imports
 CNITOOL = os.path.join(ROOT, ".tools", "bin", "cnitool")
 REF_PLUGINS = "/usr/lib/cni"
 RESULTS = os.path.join(ROOT, "bench-results.json")
@@ -71,12 +77,17 @@ FRESH_MODES = {"prefix": ({"ENABLE_PREFIX_DELEGATION": "true", "WARM_PREFIX_TARG
                           {"enablePrefixDelegation": True, "warmPrefixTarget": 1}),
                "secondary_ip": ({}, {})}
 
-TARGETS = (  # key, limit, what
-    ("add_p50_ratio", 4.0, "ADD p50, ours / reference"),
-    ("del_p50_ratio", 3.0, "DEL p50, ours / reference"),
-    ("burst_ratio", 5.0, "32 concurrent ADDs, ours / reference"),
-    ("scale_ratio", 1.2, "ADD p50, 700 assigned / 1 assigned"),
+CRI_REFERENCE_PLUGINS = ("bridge", "host-local", "portmap", "loopback")  # containerd runs loopback for every pod
+
+TARGETS = (  # key, limit, what (issue 19's targets)
+    ("add_p50_ratio", 1.5, "ADD p50, ours / reference"),
+    ("del_p50_ratio", 1.0, "DEL p50, ours / reference"),
+    ("burst_ratio", 1.5, "32 concurrent ADDs, ours / reference"),
+    ("cpu_add_ratio", 1.5, "CPU per ADD, ours / reference"),
+    ("cpu_del_ratio", 1.5, "CPU per DEL, ours / reference"),
+    ("scale_ratio", 1.1, "ADD p50, 700 assigned / 1 assigned"),
     ("ec2_calls_per_warm_op", 0.0, "EC2 calls per warm ADD/DEL"),
+    ("cri_cycle_ratio", 1.1, "CRI pod cycle p50, ours / reference"),
 )
 
 
@@ -277,6 +288,7 @@ class Bench:
         self.lab: api.Lab | None = None
         self.drivers: dict[str, Driver] = {}
         self.agents: dict[str, Agent] = {}
+        self.containerds: dict = {}  # chain key -> cri_world.Containerd (step 9)
         self.pod_count = 0
         self.results: dict = {"machine": machine(), "source": source(),
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -570,6 +582,40 @@ class Bench:
                 f"({retries} ADDs retried)")
         return out
 
+    def cri_cycles(self, n: int) -> dict:
+        """Step 9: pod cycles through containerd's CRI, ours and the reference alternating (see the
+        module's docstring)."""
+        say(f"CRI: {n} RunPodSandbox + StopPodSandbox + RemovePodSandbox cycles per chain through containerd")
+        import cri_world  # the containerd harness of the tests (grpc and the CRI stubs): this step only
+        bin_dir = os.path.join(self.tmp, "cri-bin")  # as a node has it: our programs and the reference's
+        os.makedirs(bin_dir)
+        for name in PROGRAMS:
+            os.symlink(os.path.join(self.bin_dir, name), os.path.join(bin_dir, name))
+        for name in CRI_REFERENCE_PLUGINS:
+            os.symlink(os.path.join(REF_PLUGINS, name), os.path.join(bin_dir, name))
+        sides = {}
+        for chain in (self.ours["node1"], self.ref):
+            containerd = self.containerds[chain.key] = cri_world.Containerd(
+                self.lab, "node1", os.path.join(self.tmp, f"cri-{chain.key}"), bin_dir, chain.conf_dir,
+                f"{self.prefix}-cri-{chain.key}")
+            containerd.start()
+            sides[chain.key] = containerd
+        walls = {key: [] for key in sides}
+        order = list(sides)
+        for i in range(n + 1):  # the first cycle of each side is untimed (image unpacked, caches warm)
+            for key in (order if i % 2 == 0 else order[::-1]):
+                containerd = sides[key]
+                t0 = time.perf_counter()
+                sandbox = containerd.run_pod(f"cri-{key}-{i}")
+                containerd.stop_pod(sandbox)
+                containerd.remove_pod(sandbox)
+                if i:
+                    walls[key].append(time.perf_counter() - t0)
+        out = {key: {k: round(v, 1) for k, v in summary(w).items()} for key, w in walls.items()}
+        out["ratio"] = ratio(out["ours"]["p50"], out["ref"]["p50"])
+        say(f"CRI pod cycle p50: ours {out['ours']['p50']:.0f} ms, reference {out['ref']['p50']:.0f} ms")
+        return out
+
     # --- all of it ------------------------------------------------------------------------------
     def run(self) -> dict:
         opts = self.opts
@@ -597,6 +643,7 @@ class Bench:
             "scale_1_assigned": handler_times(self.log_file["node1"], self.phase_pods["scale_b_node1"]),
             "scale_700_assigned": handler_times(self.log_file["node2"], self.phase_pods["scale_b_node2"]),
         }
+        res["cri"] = self.cri_cycles(opts.cri_cycles)
         res["fresh_node"] = self.fresh_nodes(opts.fresh_pods)
         for mode, figures in res["fresh_node"].items():
             res[f"fresh_{mode}_seconds"] = figures["seconds"]
@@ -623,11 +670,18 @@ class Bench:
                                                   res["scale"]["store_only"]["node1"]["add"]), 2),
             "scale_del_ratio": round(ratio(scale["node2"]["del"], scale["node1"]["del"]), 2),
             "ec2_calls_per_warm_op": round(plugin_calls / warm_ops, 4) if warm_ops else float("nan"),
+            "ref_cri_cycle_p50_ms": res["cri"]["ref"]["p50"], "ours_cri_cycle_p50_ms": res["cri"]["ours"]["p50"],
+            "cri_cycle_ratio": round(res["cri"]["ratio"], 2),
         })
+        # issue 19's names for the CPU ratios (the first round's add_cpu_ratio/del_cpu_ratio stay)
+        res["cpu_add_ratio"], res["cpu_del_ratio"] = res["add_cpu_ratio"], res["del_cpu_ratio"]
         return res
 
     # --- clean-up -------------------------------------------------------------------------------
     def cleanup(self) -> None:
+        for containerd in self.containerds.values():  # before the lab: their sandboxes DEL through it
+            with suppress(Exception):
+                containerd.stop()
         for driver in self.drivers.values():
             with suppress(Exception):
                 driver.close()
@@ -673,7 +727,10 @@ def remove_cache_files(prefix: str) -> None:
 
 
 def sweep_dead_runs() -> None:
-    """Leftovers of bench runs killed with -9: labs (owner gone), namespaces, cache files."""
+    """Leftovers of bench runs killed with -9: containerd cgroup trees, labs (owner gone), namespaces,
+    cache files."""
+    import cri_world
+    cri_world.sweep_orphans(TAG)
     api.sweep_orphans()
     netns.sweep_orphans(TAG)
     head = f"avc{TAG}"
@@ -716,6 +773,9 @@ def table(res: dict) -> str:
                  f"{sc['store_and_host']['node2']['add']} (store only: {sc['store_only']['node1']['add']} vs "
                  f"{sc['store_only']['node2']['add']})")
     ec2 = res["ec2"]
+    cri = res["cri"]
+    lines.append(f"CRI pod cycle (Run + Status + Stop + Remove) p50 ms: ours {cri['ours']['p50']}, reference "
+                 f"{cri['ref']['p50']} (p90 {cri['ours']['p90']} vs {cri['ref']['p90']}, {cri['ours']['n']} each)")
     lines.append(f"EC2 calls during {ec2['warm_ops']} warm ops: lab {sum(ec2['lab_calls'].values())}, "
                  f"agents {ec2['agent_calls']}, plugins {ec2['plugin_calls']}")
     for mode, fresh in res["fresh_node"].items():
@@ -742,6 +802,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bursts", type=int, default=2, help="bursts per chain")
     parser.add_argument("--scale-pods", type=int, default=20, help="ADD/DEL cycles per node in the scale step")
     parser.add_argument("--startup-runs", type=int, default=20, help="VERSION execs per program")
+    parser.add_argument("--cri-cycles", type=int, default=20, help="CRI pod cycles per chain (step 9)")
     parser.add_argument("--fresh-pods", type=int, default=100, help="pods on a fresh node per mode (step 8)")
     parser.add_argument("--output", default=RESULTS)
     opts = parser.parse_args(argv)
