@@ -853,7 +853,9 @@ def repair_node(pods) -> list[str]:
     `pods`: (pod IP, SecondaryEni or None) of the attachments that hold their veth. Each secondary ENI
     is checked as CHECK checks it (up, its address, its table) and set up again as ADD does, without
     the subnet route the kernel puts back into main when the link comes up; rules 512 and 1536 that
-    are missing are added (one dump of the rules for all pods)."""
+    are missing are added (one dump of the rules for all pods). A pod's DEL may run meanwhile (it
+    deletes the veth, with it the /32 route, then the rules): rules added for an IP that no route
+    leads to any more are the gone pod's, and are taken back."""
     repaired, failed = [], []
     with _host() as host:
         for eni in dict.fromkeys(eni for _, eni in pods if eni is not None):
@@ -873,10 +875,14 @@ def repair_node(pods) -> list[str]:
                 failed.append(str(exc))
         rules = set(host.rules())
         for pod_ip, eni in pods:
-            for rule in _pod_rules(pod_ip, eni):
-                if rule not in rules:
-                    host.add_rule(rule)
-                    repaired.append(f"rule {_rule_text(rule)}: missing")
+            added = [rule for rule in _pod_rules(pod_ip, eni) if rule not in rules]
+            for rule in added:
+                host.add_rule(rule)
+            if added and _main_route_to(host, pod_ip) is None:
+                for rule in added:
+                    host.delete_rule(rule)
+            else:
+                repaired += [f"rule {_rule_text(rule)}: missing" for rule in added]
     if failed:
         raise DataPathError(f"repaired {repaired or 'nothing'}, but not: {'; '.join(failed)}")
     return repaired

@@ -12,8 +12,10 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from labnode import BIN, CNITOOL, NETWORK, ROOT
-from reliability_world import DOWN, UP, AgentProcess, ChainNode, Pod, assert_clean, held, wait_until
+from reliability_world import DOWN, UP, AgentProcess, ChainNode, Pod, assert_clean, check_node, held, wait_until
 
 TICK = 0.3
 
@@ -291,13 +293,15 @@ def list_then_del(prefix):
 netlink.list_host_veths = list_then_del
 cfg = settings.from_env(os.environ)
 agent = agent_main.Agent(cfg, "aws-vpc", Logger("race", os.environ["LOG"], "DEBUG"), 1.0)
-agent.reconcile()
+getattr(agent, os.environ["STEP"])()
 """
 
 
-def test_a_del_completing_while_the_agent_reconciles_is_not_undone(fresh_lab, tmp_path, make_netns):
+@pytest.mark.parametrize("step", ["reconcile", "_repair_data_path"])
+def test_a_del_completing_while_the_agent_reconciles_is_not_undone(fresh_lab, tmp_path, make_netns, step):
     """The agent lists the host, then a DEL completes, then the agent applies the listing: the IP
-    the DEL released must not be re-reserved for the gone pod."""
+    the DEL released must not be re-reserved for the gone pod (reconcile), and the rules the DEL
+    removed must not be put back for it (the data-path repair)."""
     node = ChainNode(fresh_lab, "node1", tmp_path)
     pods = [Pod(f"race{i}", make_netns("race")) for i in range(2)]
     try:
@@ -305,12 +309,14 @@ def test_a_del_completing_while_the_agent_reconciles_is_not_undone(fresh_lab, tm
             add(node, pod)
         argv = fresh_lab.exec_argv("node1", [CNITOOL, "del", NETWORK, pods[0].path])
         env = {"DEL_ARGV": json.dumps(argv), "DEL_ENV": json.dumps(node.env(pods[0])), "LOG": node.log_file + ".race",
-               "AWS_VPC_CNI_DATA_DIR": node.data_dir, "IP_COOLDOWN_PERIOD": "0", "PYTHONPATH": os.environ.get("PYTHONPATH", ROOT)}
+               "STEP": step, "AWS_VPC_CNI_DATA_DIR": node.data_dir, "IP_COOLDOWN_PERIOD": "0",
+               "PYTHONPATH": os.environ.get("PYTHONPATH", ROOT)}
         proc = fresh_lab.exec("node1", [sys.executable, "-c", RACE_SCRIPT], env=env, check=False, timeout=120)
         assert proc.returncode == 0, proc.stderr
         pods[0].state, pods[0].ip = DOWN, None
         holders = held(node.store())
         assert {ips[0][0] for ips in holders.values()} == {pods[1].ip}, holders
+        check_node(node, pods)  # no rule for the gone pod's IP
     finally:
         cleanup(node, pods, None)
     assert_clean(node)
