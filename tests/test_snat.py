@@ -657,6 +657,32 @@ def test_others_commented_rules_in_the_built_in_chains_leave_the_stamp_holding(n
     assert rc == 1 and err["code"] == 103, err
 
 
+def test_the_stamp_holds_while_the_reference_chain_adds_and_deletes_pods_on_the_node(node, make_netns, tmp_path):
+    """The Go reference chain (bridge with ipMasq, host-local, portmap: containerd's default conflist)
+    run by cnitool on the same node between our ADDs: its per-pod masquerade rule comes and goes in
+    nat POSTROUTING, and our ADDs still run no iptables (`make bench` alternates the two chains so)."""
+    conf = stamped(node, ("auto", "nft"))
+    ref_dir = tmp_path / "ref-net.d"
+    ref_dir.mkdir()
+    (ref_dir / "10-ref.conflist").write_text(json.dumps({"cniVersion": "1.0.0", "name": "ref", "plugins": [
+        {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": True,
+         "ipam": {"type": "host-local", "ranges": [[{"subnet": "172.30.0.0/16"}]], "dataDir": str(tmp_path / "hl")}},
+        {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True}]}))
+    env = dict(os.environ, NETCONFPATH=str(ref_dir), CNI_PATH="/usr/lib/cni", CNI_CACHE_DIR=str(tmp_path / "cache"))
+
+    def cnitool(command, pod):
+        subprocess.run(["ip", "netns", "exec", node.ns, os.path.join(ROOT, ".tools", "bin", "cnitool"), command,
+                        "ref", f"/var/run/netns/{pod}"], env=env, check=True, capture_output=True, timeout=60)
+
+    pods = [make_netns(f"refpod{n}") for n in range(2)]
+    for pod in pods:
+        cnitool("add", pod)
+        assert node.run("ADD", conf, path=NO_IPTABLES) == (0, PREV)
+    for pod in pods:
+        cnitool("del", pod)
+        assert node.run("ADD", conf, path=NO_IPTABLES) == (0, PREV)
+
+
 @pytest.mark.parametrize("cache", ["kept", "corrupt", "foreign"])
 def test_the_primary_interface_is_found_again_when_the_mac_moves(node, cache):
     """The interface found by MAC is remembered in the data dir and used while it still has that MAC."""
