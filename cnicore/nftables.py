@@ -23,7 +23,7 @@ import os
 import struct
 from _socket import AF_INET, SOL_SOCKET
 
-from cnicore.hashes import blake2b
+from cnicore import hashes  # each digest loads when first used (a shared library each)
 from cnicore.rawnetlink import NLM_F_ACK, NLM_F_DUMP, Socket, attr, attributes, control_socket, open_socket, transact
 
 NETLINK_NETFILTER = 12
@@ -95,7 +95,7 @@ def chains_digest(family: int, table: str, chains, sock: Socket | None = None, *
     of `comments` is left out: a caller whose rules all carry one of `comments` sees its own rules,
     in order, and rules without a readable comment; another program's commented rules coming and
     going do not move the digest."""
-    digest = blake2b(digest_size=16)
+    digest = hashes.blake2b(digest_size=16)
     own = sock is None
     sock = open_nfnetlink() if own else sock
     try:

@@ -6,6 +6,7 @@ to the configuration's version; a `prevResult` is read in the configuration's ve
 
 from __future__ import annotations
 
+from . import ipv4
 from .errors import CNIError, DECODING_FAILURE, INCOMPATIBLE_VERSION
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -38,7 +39,6 @@ def parse(obj, version: str) -> dict:
     """Validate a result (e.g. prevResult) written in `version`; return it in the internal shape."""
     if not isinstance(obj, dict):
         raise CNIError(DECODING_FAILURE, "prevResult is not a JSON object")
-    import ipaddress  # here, not at the top: ~1 ms per exec, and most execs parse no result
     legacy = not at_least(version, "1.0.0")
     out = {k: v for k, v in obj.items() if k != "cniVersion"}
     interfaces = out.get("interfaces", [])
@@ -57,14 +57,14 @@ def parse(obj, version: str) -> dict:
             # a string in CIDR form, as Go's net.ParseCIDR reads it: not a number, no IPv6 zone
             if not isinstance(ip.get("address"), str) or "%" in ip["address"]:
                 raise ValueError
-            addr = ipaddress.ip_interface(ip["address"])
+            addr_version = ip_version(ip["address"])
         except (KeyError, TypeError, ValueError):
             raise CNIError(DECODING_FAILURE, f"prevResult has an invalid address: {ip.get('address')!r}") from None
         family = ip.pop("version", None)
         if legacy and family not in ("4", "6"):
             raise CNIError(DECODING_FAILURE, f"prevResult ip {ip['address']} needs version \"4\" or \"6\" "
                                              f"in a {version} result")
-        if family is not None and family != str(addr.version):
+        if family is not None and family != str(addr_version):
             raise CNIError(DECODING_FAILURE, f"prevResult ip {ip['address']} is not IPv{family}")
         index = ip.get("interface")
         if index is not None and (type(index) is not int or not 0 <= index < len(interfaces)):
@@ -98,6 +98,15 @@ def convert(result: dict, version: str) -> dict:
 def _ip_for(ip: dict, legacy: bool) -> dict:
     ip = {k: v for k, v in ip.items() if k != "version"}
     if legacy:
-        import ipaddress
-        ip = {"version": str(ipaddress.ip_interface(ip["address"]).version), **ip}
+        ip = {"version": str(ip_version(ip["address"])), **ip}
     return ip
+
+
+def ip_version(address: str) -> int:
+    """4 or 6: the family of an address in CIDR form, as ipaddress.ip_interface reads it (ValueError
+    if it does not). Every chained plugin reads a prevResult, on DEL too: the usual "a.b.c.d/n" is
+    read without importing ipaddress (cnicore.ipv4)."""
+    if ipv4.plain_cidr(address) is not None:
+        return 4
+    import ipaddress
+    return ipaddress.ip_interface(address).version

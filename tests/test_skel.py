@@ -476,3 +476,19 @@ def test_the_core_a_plugin_imports_on_every_exec_stays_lean():
                                 capture_output=True, text=True, check=True).stdout.split())
     assert not loaded & {"json", "re", "dataclasses", "typing", "socket", "ipaddress", "contextlib", "enum",
                          "inspect", "collections"}, sorted(loaded)
+
+
+@pytest.mark.parametrize("package, directory", [("aws_snat", "aws-snat"), ("portmap_compat", "portmap-compat")])
+def test_the_chained_plugins_start_without_the_heavy_stdlib(tmp_path, package, directory):
+    """aws-snat and portmap-compat run on every pod ADD and DEL, mostly with nothing to do (the stamp
+    holds, the pod has no host ports): importing them loads none of json, re, collections, ipaddress,
+    functools, contextlib, subprocess, hashlib or the digests' shared libraries (each 1-3 ms of CPU
+    per exec; issue 19). They come in when work needs them: iptables, mappings, node facts."""
+    (tmp_path / package).symlink_to(os.path.join(os.path.dirname(TESTS), "plugins", directory))
+    code = (f"import sys; sys.path[:0] = [{str(tmp_path)!r}, {os.path.dirname(TESTS)!r}]; before = set(sys.modules); "
+            f"import {package}.main; print(' '.join(sorted(set(sys.modules) - before)))")
+    loaded = set(subprocess.run([sys.executable, "-S", "-I", "-c", code], capture_output=True, text=True,
+                                check=True).stdout.split())
+    assert f"{package}.main" in loaded
+    assert not loaded & {"json", "re", "collections", "ipaddress", "functools", "contextlib", "enum", "subprocess",
+                         "hashlib", "typing", "dataclasses", "socket", "_sha256", "_sha512", "_blake2"}, sorted(loaded)

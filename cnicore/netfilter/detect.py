@@ -12,20 +12,18 @@ Steps 1 and 2, and step 3 when no legacy table exists at all (legacy then holds 
 wins or ties), are answered without an exec: four nf_tables chain look-ups, the legacy table
 names, and the legacy tables' chain names (`xtables`). Only step 3 with legacy tables present runs
 the four iptables-save of the wrapper. `detect` says which step decided (`Detected.basis`).
+aws-snat's stamp asks steps 1 and 2 on every ADD in mode 'auto': this module imports nothing for
+step 3 (re, the iptables programs) until it runs.
 """
 
 from __future__ import annotations
 
-import re
-from collections import namedtuple
-
-from .restore import tool
+from ..record import record
 
 KUBELET_CHAINS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
-_RULE_LINE = re.compile(r"^-", re.MULTILINE)
 
 
-Detected = namedtuple("Detected", "variant basis")
+Detected = record("Detected", "variant basis")
 Detected.__doc__ = "variant: 'nft' or 'legacy'; basis: 'nft-hint', 'legacy-hint', 'no-legacy' or 'counted'."
 
 
@@ -51,7 +49,7 @@ def detect() -> Detected:
         pass  # as the wrapper: count the rules
     legacy = _saved("legacy", False) + _saved("legacy", True)
     nft = _saved("nft", False) + _saved("nft", True)
-    variant = "legacy" if len(_RULE_LINE.findall(legacy)) > len(_RULE_LINE.findall(nft)) else "nft"
+    variant = "legacy" if _rule_lines(legacy) > _rule_lines(nft) else "nft"
     return Detected(variant, "counted")
 
 
@@ -66,8 +64,15 @@ def nft_hint() -> bool:
         return False  # nf_tables not usable: as iptables-nft-save failing, "no rules"
 
 
+def _rule_lines(saved: str) -> int:
+    """The wrapper's count: lines of iptables-save output that start with '-'."""
+    return sum(line.startswith("-") for line in saved.split("\n"))
+
+
 def _saved(variant: str, ipv6: bool, *args: str) -> str:
     import subprocess  # only when a variant must be read by its save program (~3-6 ms to import)
+
+    from .restore import tool
 
     try:
         proc = subprocess.run([tool(variant, ipv6, "save"), *args], capture_output=True, text=True, timeout=30)

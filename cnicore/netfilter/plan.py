@@ -7,16 +7,17 @@ nothing more) and, when that finds differences, asks iptables itself for the can
 
 from __future__ import annotations
 
-from collections import Counter, namedtuple
+from collections import Counter
 from collections.abc import Callable
 
+from ..record import record
 from .model import Drift, TableState, jump_target
 
 # Order of the lines in one transaction: declare chains, unlink and drop chains, then add rules.
 _PHASE = {":": 0, "-N": 0, "-D": 1, "-F": 2, "-X": 3, "-A": 4, "-I": 4}
 
 
-class Op(namedtuple("Op", "verb chain spec", defaults=("",))):
+class Op(record("Op", "verb chain spec", defaults=("",))):
     """One iptables-restore line: ':' (create or flush a user chain), -N, -A, -I (at the top), -D, -F, -X."""
 
     __slots__ = ()

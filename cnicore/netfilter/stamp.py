@@ -41,7 +41,7 @@ import os
 
 from .. import nftables
 from ..fsutil import make_dirs
-from ..hashes import sha256
+from .. import hashes  # each digest loads when first used (a shared library each)
 from . import xtables
 
 FORMAT = "netfilter-stamp-v1"
@@ -103,7 +103,7 @@ class Stamp:
         self.chains = {table: tuple(names) for table, names in chains.items()}
         self.shared = {table: tuple(names) for table, names in (shared or {}).items()}
         self.comments = frozenset(comments)
-        self.key = sha256(f"{FORMAT}\n{mode}\n{nftables.netns_id()}\n{key}".encode()).hexdigest()
+        self.key = hashes.sha256(f"{FORMAT}\n{mode}\n{nftables.netns_id()}\n{key}".encode()).hexdigest()
 
     def fingerprint(self) -> str | None:
         return fingerprint(self.mode, self.chains, self.shared, self.comments)

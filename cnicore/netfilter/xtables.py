@@ -25,7 +25,7 @@ import os
 import struct
 from _socket import AF_INET, AF_INET6
 
-from ..hashes import blake2b
+from .. import hashes  # each digest loads when first used (a shared library each)
 from ..rawnetlink import Socket, control_socket
 
 SOL_IP, SOL_IPV6 = 0, 41
@@ -79,7 +79,7 @@ def fingerprint(tables=None, ipv6: bool = False) -> str:
     """A digest of the rules of the given legacy tables (default: all that exist), counters left
     out; a table given but missing counts as absent. Equal digests, equal rules."""
     present = table_names(ipv6)
-    digest = blake2b(digest_size=16)
+    digest = hashes.blake2b(digest_size=16)
     for table in sorted(present if tables is None else tables):
         if table not in present:
             digest.update(f"-{table}\n".encode())

@@ -12,9 +12,9 @@ import errno
 import os
 import struct
 from _socket import AF_INET, NETLINK_ROUTE
-from collections import namedtuple
 
 from cnicore.rawnetlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, attr, attributes, request
+from cnicore.record import record
 
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 FR_ACT_TO_TBL = 1
@@ -34,7 +34,7 @@ class RuleError(Exception):
     """The kernel refused a request (the message names it and the errno text)."""
 
 
-class FwmarkRule(namedtuple("FwmarkRule", "priority mark mask table protocol", defaults=(RT_TABLE_MAIN, RTPROT_BOOT))):
+class FwmarkRule(record("FwmarkRule", "priority mark mask table protocol", defaults=(RT_TABLE_MAIN, RTPROT_BOOT))):
     """`<priority>: from all fwmark <mark>/<mask> lookup <table>`; `protocol` says who made it (deleting
     with it set spares same-looking rules of others)."""
 

@@ -28,13 +28,12 @@ ADD replaces the container's chain instead of adding to whatever an earlier ADD 
 from __future__ import annotations
 
 from _socket import AF_INET, AF_INET6
-from collections import namedtuple
 
-from cnicore import settings, skel
+from cnicore import hashes, settings, skel
 from cnicore.errors import CHECK_FAILED, CNIError, INVALID_CONFIG, NETLINK_FAILURE, PLUGIN_NOT_AVAILABLE
-from cnicore.hashes import sha512
 from cnicore.netfilter import Netfilter, NetfilterError, Rule, TableState, any_chain_exists, quote
 from cnicore.netfilter.model import CHAIN_MAX, is_chain_name, jump_target, split_spec
+from cnicore.record import record
 
 # The reference plugin's names: other portmap instances on the node share them, never change them.
 TOP_DNAT_CHAIN = "CNI-HOSTPORT-DNAT"
@@ -51,11 +50,11 @@ _ENTRY_COMMENT = r'^dnat name: "(?P<name>[^"]*)" id: "(?P<id>[^"]*)"$'
 # have none.
 
 
-# (namedtuples, not dataclasses: `dataclasses` imports inspect, ast, dis and tokenize, ~7 ms per exec)
-Mapping = namedtuple("Mapping", "host_port container_port protocol host_ip")
+# (cnicore.record, not dataclasses or namedtuple: they import inspect, ast, ... or collections, 3-7 ms per exec)
+Mapping = record("Mapping", "host_port container_port protocol host_ip")
 Mapping.__doc__ = "One hostPort mapping; `host_ip` an ipaddress address, or None for every address."
-Conf = namedtuple("Conf", "network container_id snat mark_bit external_setmark_chain conditions mappings mode "
-                         "data_dir")
+Conf = record("Conf", "network container_id snat mark_bit external_setmark_chain conditions mappings mode "
+                     "data_dir")
 Conf.__doc__ = """The plugin's configuration: `conditions` maps the IP version to extra words for the entry
 rules, `mode` is the netfilter mode (auto, nft, legacy, iptc), `data_dir` holds the netfilter lock."""
 
@@ -367,7 +366,7 @@ def old_snat_chain(network: str, container_id: str) -> str:
 
 
 def _chain_name(prefix: str, network: str, container_id: str) -> str:
-    return ("CNI-" + prefix + sha512((network + container_id).encode()).hexdigest())[:CHAIN_MAX]
+    return ("CNI-" + prefix + hashes.sha512((network + container_id).encode()).hexdigest())[:CHAIN_MAX]
 
 
 class Netfilters:
