@@ -291,8 +291,9 @@ def test_agent_killed_around_each_ec2_action_converges_and_agrees_with_ec2(fresh
     (5 pods -> 27 IPs on 3 ENIs) and shrinking (-> 7 IPs on ENI 0), restarted each time: the store never
     lists what EC2 does not hold, the pods keep their IPs, and each uninterrupted run converges to
     exactly EC2's view. ENIs a kill left created-but-unattached or detached-but-not-deleted are
-    deleted by the leaked-ENI sweep once old enough; an ENI attached before a kill carries
-    DeleteOnTermination."""
+    deleted by the agent's leaked-ENI sweep once old enough (run directly: it is due about hourly);
+    an ENI attached before a kill carries DeleteOnTermination."""
+    import sys
     crashbin = write_wrappers(str(tmp_path / "crashbin"))
     crash_log = str(tmp_path / "crash.log")
     node = ChainNode(fresh_lab, "node1", tmp_path, plugins=BRIDGE_ONLY)
@@ -334,14 +335,24 @@ def test_agent_killed_around_each_ec2_action_converges_and_agrees_with_ec2(fresh
         print("agent kill points:", fired)
         leaked = leaked_enis(fresh_lab, node.instance_id)
         assert leaked, "the kills after CreateNetworkInterface and DetachNetworkInterface left no unattached ENI"
-        for eni in leaked:  # as if the sweep's 5 minutes (cnicore.ec2.LEAKED_ENI_MIN_AGE) had passed
+        for eni in leaked:  # as if the sweep's hour (cnicore.leaksweep.MIN_AGE) had passed, in a named cluster
             fresh_lab.ec2("CreateTags", Resources=[eni["NetworkInterfaceId"]],
-                          Tags=[{"Key": "node.k8s.amazonaws.com/createdAt", "Value": "2020-01-01T00:00:00Z"}])
+                          Tags=[{"Key": "node.k8s.amazonaws.com/createdAt", "Value": "2020-01-01T00:00:00Z"},
+                                {"Key": "cluster.k8s.amazonaws.com/name", "Value": "reliability"}])
+        # the agent's sweep (NodePool._sweep_leaked: LeakSweep.maybe_run, due at a random point of the
+        # first hour), run now, from the node, as the agent builds it
+        sweep = ("import json, sys\nfrom cnicore.ec2 import EC2\nfrom cnicore.leaksweep import LeakSweep\n"
+                 "class Log:\n    def info(self, msg, **kw): pass\n    warn = info\n"
+                 "print(json.dumps(LeakSweep(EC2(sys.argv[1], cluster_name='reliability'), sys.argv[2], "
+                 "'reliability', Log()).run()))")
+        proc = fresh_lab.exec(node.node, [sys.executable, "-c", sweep, node.instance_id, fresh_lab.status()["vpc_id"]],
+                              check=False, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(json.loads(proc.stdout.splitlines()[-1])) == sorted(e["NetworkInterfaceId"] for e in leaked)
+        assert not leaked_enis(fresh_lab, node.instance_id)
         agent = AgentProcess(node, **GROW)
         try:
-            node.wait_for(lambda: not leaked_enis(fresh_lab, node.instance_id), timeout=30,
-                          what=f"the agent to delete the leaked ENIs {[e['NetworkInterfaceId'] for e in leaked]}")
-            assert _settled(node, 27)
+            node.wait_for(lambda: _settled(node, 27), timeout=30, what="the agent to settle at 27 IPs")
         finally:
             agent.kill()
         check_store_agrees_with_ec2(node, exact=True)

@@ -2,7 +2,7 @@
 token buckets and latencies on, in compressed time; writes scale-results.json and prints the table.
 
     python -m tests.scale.run [--nodes 1000] [--cold-nodes 200] [--pods 30] [--hour 3600]
-                              [--time-scale 4] [--policy today|budget|both] [--churn 5]
+                              [--time-scale 4] [--churn 5]
                               [--churn-minutes 10] [--dying 5] [--death-window 3900]
 
 The simulation runs inside the lab's node1 namespace: the lab's EC2 front, with its buckets, listens
@@ -28,18 +28,17 @@ TARGETS = {"ec2_calls_per_node_hour": 2.0, "cold_start_ratio": 1.5, "pod_errors"
 UPSTREAM_CALLS_PER_NODE_HOUR = 1.0
 
 
-def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale: float, policy: str,
-             churn: int, churn_minutes: int, dying: int, death_window: float, workers: int = 32,
+def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale: float, churn: int, churn_minutes: int, dying: int, death_window: float, workers: int = 32,
              warmup: float = 120.0, cold_limit: float = 3600.0) -> dict:
     from vpclab.latency import Latency
 
     from .sim import Cluster
 
     def progress(phase):
-        print(f"[{policy}] {phase} (simulated {cluster.clock() - cluster.clock.epoch:.0f} s)", file=sys.stderr,
+        print(f"[scale] {phase} (simulated {cluster.clock() - cluster.clock.epoch:.0f} s)", file=sys.stderr,
               flush=True)
 
-    cluster = Cluster(lab, nodes, scale=scale, policy=policy, workers=workers)
+    cluster = Cluster(lab, nodes, scale=scale, workers=workers)
     try:
         progress(f"{nodes} nodes start")
         cluster.run(warmup)
@@ -92,7 +91,7 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
                         for buckets in (steady_buckets, cold_buckets, churn_buckets, death_buckets))
         live_nodes = nodes - sum(len(v) for v in states.values())
         return {
-            "policy": policy, "nodes": nodes, "time_scale": scale, "steady_seconds": round(steady, 1),
+            "nodes": nodes, "time_scale": scale, "steady_seconds": round(steady, 1),
             "steady_round_interval_seconds": round(steady_round_interval, 2),
             "ec2_calls_per_node_hour": round(sum(per_api.values()), 3),
             "ec2_calls_per_node_hour_by_api": {a: round(v, 3) for a, v in per_api.items()},
@@ -120,7 +119,6 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
             "enis_left_after_window": {state: len(v) for state, v in left.items()},
             "death_throttled": {k: b["throttled"] for k, b in death_buckets.items() if b["throttled"]},
             "live_nodes": live_nodes,
-            "throttled_requests": throttled,
             "pod_errors": sum(cluster.errors.values()) + (0 if placed else 1) + churn_unplaced,
             "agent_errors": dict(cluster.errors),
         }
@@ -128,19 +126,18 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
         cluster.close()
 
 
-def table(results: list[dict]) -> str:
-    rows = [("figure", *[r["policy"] for r in results], "upstream", "target")]
-    rows.append(("EC2 calls per node-hour (steady)", *[f"{r['ec2_calls_per_node_hour']:.2f}" for r in results],
+def table(r: dict) -> str:
+    rows = [("figure", "agent", "upstream", "target")]
+    rows.append(("EC2 calls per node-hour (steady)", f"{r['ec2_calls_per_node_hour']:.2f}",
                  f"~{UPSTREAM_CALLS_PER_NODE_HOUR:g}", "<= 2"))
-    apis = sorted({a for r in results for a in r["ec2_calls_per_node_hour_by_api"]})
-    for api in apis:
-        rows.append((f"  {api}", *[f"{r['ec2_calls_per_node_hour_by_api'].get(api, 0):.2f}" for r in results], "", ""))
-    rows.append(("cold start s (all pods placed)", *[str(r["cold_start_seconds"]) for r in results], "", ""))
-    rows.append(("cold start floor s", *[str(r["cold_start_floor_seconds"]) for r in results], "", ""))
-    rows.append(("cold start / floor", *[str(r["cold_start_ratio"]) for r in results], "", "<= 1.5"))
-    rows.append(("requests throttled", *[str(r["throttled_requests"]) for r in results], "", ""))
-    rows.append(("code-11 retries (apart)", *[str(r["code11_retries"]) for r in results], "", ""))
-    rows.append(("errors that reached a pod", *[str(r["pod_errors"]) for r in results], "", "0"))
+    for api, rate in sorted(r["ec2_calls_per_node_hour_by_api"].items()):
+        rows.append((f"  {api}", f"{rate:.2f}", "", ""))
+    rows.append(("cold start s (all pods placed)", str(r["cold_start_seconds"]), "", ""))
+    rows.append(("cold start floor s", str(r["cold_start_floor_seconds"]), "", ""))
+    rows.append(("cold start / floor", str(r["cold_start_ratio"]), "", "<= 1.5"))
+    rows.append(("requests throttled", str(r["throttled_requests"]), "", ""))
+    rows.append(("code-11 retries (apart)", str(r["code11_retries"]), "", ""))
+    rows.append(("errors that reached a pod", str(r["pod_errors"]), "", "0"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
 
@@ -149,19 +146,14 @@ def inside(args) -> None:
     from vpclab.api import Lab
 
     lab = Lab.attach(args.lab)
-    policies = ["today", "budget"] if args.policy == "both" else [args.policy]
-    out = []
-    for policy in policies:
-        lab.reset()
-        lab.set_ec2_timing(throttling=True, latency=True, time_scale=args.time_scale)
-        out.append(simulate(lab, nodes=args.nodes, cold_nodes=args.cold_nodes, pods=args.pods, hour=args.hour,
-                            scale=args.time_scale, policy=policy, churn=args.churn,
-                            churn_minutes=args.churn_minutes, dying=args.dying, death_window=args.death_window,
-                            workers=args.workers))
-    print(json.dumps(out))
+    lab.reset()
+    lab.set_ec2_timing(throttling=True, latency=True, time_scale=args.time_scale)
+    print(json.dumps(simulate(lab, nodes=args.nodes, cold_nodes=args.cold_nodes, pods=args.pods, hour=args.hour,
+                              scale=args.time_scale, churn=args.churn, churn_minutes=args.churn_minutes,
+                              dying=args.dying, death_window=args.death_window, workers=args.workers)))
 
 
-def outside(args) -> list[dict]:
+def outside(args) -> dict:
     from vpclab import api, netns
 
     api.sweep_orphans()
@@ -170,7 +162,7 @@ def outside(args) -> list[dict]:
     try:
         argv = [sys.executable, "-m", "tests.scale.run", "--inside", "--lab", lab.name, "--nodes", str(args.nodes),
                 "--cold-nodes", str(args.cold_nodes), "--pods", str(args.pods), "--hour", str(args.hour),
-                "--time-scale", str(args.time_scale), "--policy", args.policy, "--churn", str(args.churn),
+                "--time-scale", str(args.time_scale), "--churn", str(args.churn),
                 "--churn-minutes", str(args.churn_minutes), "--dying", str(args.dying),
                 "--death-window", str(args.death_window), "--workers", str(args.workers)]
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -190,14 +182,13 @@ def main(argv=None) -> None:
     p.add_argument("--pods", type=int, default=30)
     p.add_argument("--hour", type=float, default=3600.0, help="simulated seconds of steady state")
     p.add_argument("--time-scale", type=float, default=4.0)
-    p.add_argument("--policy", choices=("today", "budget", "both"), default="both")
     p.add_argument("--churn", type=int, default=5, help="pods replaced per minute on each cold-start node")
     p.add_argument("--churn-minutes", type=int, default=10)
     p.add_argument("--dying", type=int, default=5, help="nodes that die in each state (attached, created, "
                                                          "attached-no-dot)")
     p.add_argument("--death-window", type=float, default=3900.0,
-                   help="simulated seconds the cluster runs after the deaths (the budget sweep takes ENIs "
-                        "older than an hour)")
+                   help="simulated seconds the cluster runs after the deaths (the sweep takes ENIs older "
+                        "than an hour)")
     p.add_argument("--workers", type=int, default=32, help="threads running node rounds (EC2's latency is "
                                                            "spent asleep: many rounds wait side by side)")
     p.add_argument("--timeout", type=float, default=6 * 3600)
@@ -207,16 +198,15 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.inside:
         return inside(args)
-    results = outside(args)
-    main_result = results[-1]
+    result = outside(args)
     with open(args.out, "w") as f:
-        json.dump({"nodes": main_result["nodes"],
-                   "ec2_calls_per_node_hour": main_result["ec2_calls_per_node_hour"],
-                   "cold_start_ratio": main_result["cold_start_ratio"],
-                   "throttled_requests": main_result["throttled_requests"],
-                   "pod_errors": main_result["pod_errors"],
-                   "runs": results}, f, indent=1)
-    print(table(results))
+        json.dump({"nodes": result["nodes"],
+                   "ec2_calls_per_node_hour": result["ec2_calls_per_node_hour"],
+                   "cold_start_ratio": result["cold_start_ratio"],
+                   "throttled_requests": result["throttled_requests"],
+                   "pod_errors": result["pod_errors"],
+                   "run": result}, f, indent=1)
+    print(table(result))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ the buckets refill at AWS's documented rates in simulated time, and every figure
 Wall-clock cost (moto, Python) is multiplied by S in simulated time: S must stay low enough that a
 tick's own compute is small against the 5 s tick interval.
 
-`policy`: "today" runs NodePool as the agent does (EC2 read every 60 s, leak sweep every 60 s);
-"budget" swaps in cnicore.ec2budget and cnicore.leaksweep through BudgetedNodePool below.
+Each node runs NodePool as the agent does: its EC2 budget (cnicore.ec2budget: IMDS compared with the
+store every round, EC2 read at start, after an action, on a lasting disagreement or a long jittered
+interval) and its leak sweep (cnicore.leaksweep), seeded by the node's instance ID.
 """
 
 from __future__ import annotations
@@ -32,9 +33,7 @@ from collections import Counter
 
 from cnicore import settings as user_settings
 from cnicore.ec2 import EC2, EC2Error
-from cnicore.ec2budget import EC2Budget, disagreements
 from cnicore.imds import IMDS, IMDSError
-from cnicore.leaksweep import LeakSweep
 from cnicore.pool import Pool, PoolExhausted
 from cnicore.poolmgr import NodePool
 from cnicore.store import Store
@@ -85,60 +84,6 @@ def shared_ec2(client):
     return SharedClientEC2
 
 
-class BudgetedNodePool(NodePool):
-    """NodePool with the agent's refresh schedule swapped for cnicore.ec2budget and its leak sweep
-    for cnicore.leaksweep (the wiring poolmgr does not have yet): each round compares IMDS with the
-    store, lets EC2Budget decide whether EC2's view is read (through the document's last_refresh,
-    which NodePool.tick consults), and skips EC2 altogether while the budget backs off."""
-
-    def __init__(self, cfg, log, *, budget: EC2Budget, vpc_id: str, rng, **kw):
-        super().__init__(cfg, log, **kw)
-        self.budget = budget
-        self._vpc_id, self._sweep_rng = vpc_id, rng
-        self._sweep = None
-
-    def reconcile(self, store):
-        doc = super().reconcile(store)
-        self.budget.read()
-        return doc
-
-    def tick(self, store):
-        with store.locked(shared=True) as tx:
-            doc = tx.read()
-        try:
-            imds = {e.interface_id: set(e.secondary_ips) for e in self.imds.enis().values()}
-            self.budget.compared(not disagreements({k: set(v["ips"]) for k, v in doc["enis"].items()}, imds))
-        except IMDSError:
-            self.budget.compared(False)
-        if not self.budget.may_act():
-            return None
-        reason = self.budget.read_due()
-        with store.locked() as tx:
-            doc = tx.read()
-            marker = 0.0 if reason else self.clock()
-            doc["agent"]["last_refresh"] = marker
-            tx.write(doc)
-        decision = super().tick(store)
-        with store.locked(shared=True) as tx:
-            read = tx.read()["agent"].get("last_refresh") != marker
-        if self._throttled:
-            self.budget.throttled()
-        else:
-            self.budget.succeeded()
-            if read:
-                self.budget.read()
-        return decision
-
-    def _sweep_leaked(self, doc):
-        if self._sweep is None:
-            self._sweep = LeakSweep(self.ec2(doc), self._vpc_id, self.cfg["CLUSTER_NAME"], self.log,
-                                    clock=self.clock, rng=self._sweep_rng)
-        try:
-            self._sweep.maybe_run()
-        except EC2Error as exc:
-            self._record_error(doc, exc)
-
-
 class Node:
     def __init__(self, index, instance_id, pool, store, ec2):
         self.index, self.instance_id, self.pool, self.store, self.ec2 = index, instance_id, pool, store, ec2
@@ -172,19 +117,18 @@ class Node:
 class Cluster:
     """The simulated nodes, their scheduler and their counts."""
 
-    def __init__(self, lab, nodes: int, *, scale: float, policy: str = "today", workers: int = 8,
-                 seed: int = 1, instance_type: str = "m5.xlarge"):
+    def __init__(self, lab, nodes: int, *, scale: float, workers: int = 8, seed: int = 1,
+                 instance_type: str = "m5.xlarge"):
         import boto3
         from botocore.config import Config
 
-        self.lab, self.policy, self.scale = lab, policy, scale
+        self.lab, self.scale = lab, scale
         self.rng = random.Random(seed)
         self.clock = SimClock(scale)
         self.errors = Counter()   # pod-facing errors other than code 11
         self.code11 = 0
         self.rounds = 0           # node rounds run (a lagging scheduler runs fewer than one per TICK)
         status = lab.status()
-        self.vpc_id = status["vpc_id"]
         self.subnet, self.security_group = subnet, sg = status["subnets"][0]["id"], status["security_group_id"]
         reply = lab.ec2("RunInstances", ImageId="ami-12c6146b", MinCount=nodes, MaxCount=nodes,
                         InstanceType=instance_type, SubnetId=subnet, SecurityGroupIds=[sg])
@@ -203,12 +147,7 @@ class Cluster:
             ec2 = ec2_class(iid, region=status["region"], cluster_name=CLUSTER, sleep=self.clock.sleep,
                             clock=self.clock, rng=random.Random(rng.random()))
             imds = IMDS(self.imds.endpoint(i), timeout=5.0)
-            kw = dict(imds=imds, ec2=ec2, clock=self.clock)
-            if policy == "budget":
-                pool = BudgetedNodePool(cfg, Quiet(), budget=EC2Budget(self.clock, random.Random(rng.random())),
-                                        vpc_id=self.vpc_id, rng=random.Random(rng.random()), **kw)
-            else:
-                pool = NodePool(cfg, Quiet(), **kw)
+            pool = NodePool(cfg, Quiet(), imds=imds, ec2=ec2, clock=self.clock)
             store = Store(os.path.join(self.data, f"n{i}"), NETWORK)
             self.nodes.append(Node(i, iid, pool, store, ec2))
         self.workers = workers
