@@ -51,7 +51,7 @@ import time
 
 from . import instance_limits, warmpool
 from .ec2 import ENI_DESCRIPTION_PREFIX  # cnicore.ec2 imports boto3 only when it calls EC2
-from .ec2budget import BACKOFF_MAX, EC2Budget, disagreements  # noqa: F401 (BACKOFF_MAX: the pool's, for users)
+from .ec2budget import EC2Budget, disagreements
 from .pool import ASSIGNED, Pool, new_document, prefix_addresses
 from .store import Store
 

@@ -181,20 +181,25 @@ def test_rbac_is_minimal(pod):
 # --- IAM ----------------------------------------------------------------------------------------
 
 def _ec2_actions_called() -> set[str]:
-    """The first argument of every `_call(...)` in cnicore/ec2.py, which must be a string literal."""
-    tree = ast.parse((ROOT / "cnicore" / "ec2.py").read_text())
+    """The first argument of every `_call(...)` in cnicore (which must be a string literal), and
+    CreateTags where a call tags what it creates (TagSpecifications: EC2 authorises the tagging
+    as ec2:CreateTags with ec2:CreateAction set)."""
     actions = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
+    for source in sorted((ROOT / "cnicore").rglob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
             if name != "_call":
                 continue
             first = node.args[0] if node.args else None
             assert isinstance(first, ast.Constant) and isinstance(first.value, str), (
-                f"cnicore/ec2.py:{node.lineno}: _call's action must be a string literal, "
+                f"{source.relative_to(ROOT)}:{node.lineno}: _call's action must be a string literal, "
                 "so this test can list it in deploy/iam-policy.json")
             actions.add(first.value)
+            if any(keyword.arg == "TagSpecifications" for keyword in node.keywords):
+                actions.add("CreateTags")
     return actions
 
 

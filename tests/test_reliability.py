@@ -564,7 +564,7 @@ def test_ec2_throttled_or_failing_warm_add_and_every_del_go_on_and_the_pool_reco
     the agent's clock, however fast the machine): ADDs keep getting warm IPs and every DEL works; once
     the pool is dry an ADD answers 11 saying EC2 throttles, as the agent's status does; the agent backs
     off (its EC2 requests stay few) and the pool refills within one backoff cap after the fault ends."""
-    from cnicore.poolmgr import BACKOFF_MAX
+    from cnicore.ec2budget import BACKOFF_MAX
     node, agent = _warm_node(fresh_lab, tmp_path)
     pods = [Pod(f"t{i}", make_netns("t")) for i in range(6)]
     fillers = [f"fill{i}" for i in range(_free(node) - 2)]
