@@ -238,7 +238,7 @@ class EC2:
         self._delete(eni_id)
 
     def instance_type_limits(self, instance_type: str) -> InstanceLimits:
-        """DescribeInstanceTypes, the fallback for types the shipped table lacks."""
+        """DescribeInstanceTypes: the limits of a type the shipped table lacks (`poolmgr.type_limits`)."""
         answer = self._call("DescribeInstanceTypes", InstanceTypes=[instance_type])
         found = answer.get("InstanceTypes") or []
         if not found:

@@ -124,7 +124,7 @@ class NodePool:
                 "security_groups": list(primary.security_group_ids), "vpc_id": primary.vpc_id,
                 "vpc_cidrs": list(primary.vpc_cidrs)}
         doc = new_document(node)
-        limits = instance_limits.lookup(ident.instance_type, self.ec2(doc))
+        limits = type_limits(ident.instance_type, self.ec2(doc))
         doc["node"].update(max_enis=limits.max_enis, ipv4_per_eni=limits.ipv4_per_eni)
         return doc
 
@@ -560,6 +560,21 @@ def _insufficient_reason(code: str, node: dict) -> str:
                 f"prefix (the subnet is fragmented or full; AWS recommends a subnet CIDR reservation "
                 f"for prefixes)")
     return f"EC2 answered {code} for {subnet}: the subnet is out of addresses"
+
+
+def type_limits(instance_type: str, ec2) -> instance_limits.InstanceLimits:
+    """An instance type's limits: the shipped table's, else DescribeInstanceTypes' through `ec2` (a
+    type newer than the table). Raises InstanceLimitsError when neither tells them."""
+    from .ec2 import EC2Error
+    limits = instance_limits.from_table(instance_type)
+    if limits is not None:
+        return limits
+    try:
+        return ec2.instance_type_limits(instance_type)
+    except EC2Error as exc:
+        raise instance_limits.InstanceLimitsError(
+            f"instance type {instance_type!r} is not in the shipped limits table and "
+            f"DescribeInstanceTypes failed: {exc}") from exc
 
 
 def grow_for_add(store: Store, cfg: dict, network: str, log, locked: bool = False) -> None:
