@@ -14,7 +14,7 @@
 #   3. `podman load` of that archive into the storage podman's environment names (by default the
 #      machine's; CONTAINERS_STORAGE_CONF / CONTAINERS_CONF select another); the image the tag named
 #      before is removed when nothing else uses it.
-# Run after `make build`. Installs mmdebstrap (Debian's package) when missing. tests/test_image.py builds
+# Run after `make build`. Installs mmdebstrap (Debian's package) when missing. tests/lab/test_image.py builds
 # the image with this script into a private podman and runs the DaemonSet's pod from it on a lab node.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)

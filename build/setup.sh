@@ -13,7 +13,7 @@ say() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- Debian packages -----------------------------------------------------------------------------
 # Every command the plugins, the lab, the demo and the tests run comes from one of these (or from
-# Debian's required base); tests/test_setup.py checks that against the code.
+# Debian's required base); tests/unit/test_setup.py checks that against the code.
 # gcc and libc6-dev: build.sh compiles the bundle's launcher (build/launcher.c); it also needs the
 # Python headers, which a Debian Python gets from python3-dev. nftables: the nft command the netfilter
 # tests write other tables with. containerd, runc, podman, busybox-static: the real-runtime tests (the
@@ -95,7 +95,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 
 # --- CRI client stubs ----------------------------------------------------------------------------
-# tests/cri_world.py speaks kubelet's CRI (runtime.v1) to containerd: Python gRPC stubs generated
+# tests/support/cri_world.py speaks kubelet's CRI (runtime.v1) to containerd: Python gRPC stubs generated
 # from the api.proto vendored in Debian's containerd source package, the version the installed
 # containerd serves. Its gogoproto options only steer Go code generation, and protoc would need
 # gogo.proto for them: those lines are dropped.

@@ -6,7 +6,7 @@ accelerator (_json) the way the json package drives it, and leaves everything el
 an input or object the fast path does not take as json would (any error, a BOM or UTF-16/32 input,
 a type other than dict, list, str, int, bool and None for an indented dump, ...) is handed to
 json.loads or json.dumps, imported then. So results, and errors with their messages, are json's;
-tests/test_jsonio.py compares the two on generated documents and byte strings.
+tests/unit/test_jsonio.py compares the two on generated documents and byte strings.
 """
 
 try:

@@ -8,7 +8,7 @@ a conflist holds values as the agent renders them: what the agent reads with a w
 used, a value clamped, a list entry skipped) a plugin refuses, since only a hand-edited conflist has it.
 
 Each upstream setting is read as upstream's code reads it (aws/amazon-vpc-cni-k8s: pkg/ipamd/ipamd.go,
-pkg/networkutils/network.go, pkg/utils/logger, cmd/aws-vpc-cni/main.go; tests/test_settings_upstream.py
+pkg/networkutils/network.go, pkg/utils/logger, cmd/aws-vpc-cni/main.go; tests/unit/test_settings_upstream.py
 cites file and line for each rule): Go's strconv spellings, a value upstream falls back from is the
 default here too (with a warning naming the setting), a bad entry of a list is skipped with a warning
 naming it, and only what upstream refuses or what cannot work at all is an error. An empty variable

@@ -50,7 +50,7 @@ MIN_VERSION = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
 
 class Pattern:
     """A name check with the interface of the compiled regular expression it stands for: `match`
-    is truthy exactly when that pattern's match is (tests/test_skel.py compares them on generated
+    is truthy exactly when that pattern's match is (tests/unit/test_skel.py compares them on generated
     names). Not `re`: importing re, with enum, functools and collections, is ~4 ms of every plugin
     exec."""
 

@@ -1,4 +1,13 @@
-"""Shared fixtures: every namespace a test makes carries this run's prefix and is removed afterwards."""
+"""Shared fixtures: every namespace a test makes carries this run's prefix and is removed afterwards.
+
+Every test lives in one tier, by its directory, and gets that tier's marker (`pytest -m unit` etc.):
+- tests/unit: pure code, and the node logic with fake EC2, IMDS and clock; no root, no namespaces
+  (`make test-unit` runs it with every capability dropped, so a test that needs one fails there);
+- tests/ns: network namespaces of its own, links, routes, rules, netfilter; no VPC lab;
+- tests/lab: the VPC lab (tests/lab/test_lab_* test the lab itself).
+A test outside these directories, or one asking for a fixture above its tier, stops the collection.
+Helpers the tiers share live in tests/support.
+"""
 
 import itertools
 import os
@@ -12,8 +21,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_PREFIX = netns.new_prefix("t")
 
 
-def pytest_sessionstart(session):
-    netns.sweep_orphans("t")
+TIERS = ("unit", "ns", "lab")
+NAMESPACE_FIXTURES = {"make_netns", "orphans_swept"}  # the lab's fixtures exist only in tests/lab
+FORBIDDEN_FIXTURES = {"unit": NAMESPACE_FIXTURES, "ns": set(), "lab": set()}
+
+
+def pytest_collection_modifyitems(config, items):
+    tests_dir = os.path.join(ROOT, "tests")
+    for item in items:
+        where = os.path.relpath(str(item.path), tests_dir)
+        tier = where.split(os.sep)[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(f"tests/{where}: every test lives in a tier: tests/unit, tests/ns or tests/lab")
+        above = FORBIDDEN_FIXTURES[tier] & set(item.fixturenames)
+        if above:
+            raise pytest.UsageError(f"{item.nodeid}: a tests/{tier} test cannot use {', '.join(sorted(above))}: "
+                                    "move it to the tier that provides it")
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -46,8 +70,15 @@ def remove_cni_cache_entries(marker: str) -> list[str]:
     return gone
 
 
+@pytest.fixture(scope="session")
+def orphans_swept():
+    """Namespaces left by test runs that died are removed before this run makes any (only when a test
+    needs namespaces: the unit tier runs without the privilege to)."""
+    netns.sweep_orphans("t")
+
+
 @pytest.fixture
-def make_netns():
+def make_netns(orphans_swept):
     """Factory: make_netns('role') -> namespace name, deleted when the test ends (pass or fail)."""
     made = []
     counter = itertools.count()
@@ -70,39 +101,3 @@ def cnitool():
         path = shutil.which("cnitool")
     assert path, "cnitool is missing: run build/setup.sh"
     return path
-
-
-# --- the VPC lab ------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def lab():
-    """One lab for the session: 2 m5.large nodes, the internet host and an extra host 198.51.100.10.
-    It removes itself if this process dies."""
-    from vpclab import api
-    api.sweep_orphans()
-    lab = api.Lab.up(name=netns.new_prefix("l"), nodes=2, extra_hosts=["198.51.100.0/24"], owner_pid=os.getpid())
-    yield lab
-    lab.down()
-
-
-# What the plugins leave in a lab node besides links, routes and pod rules (which their DELs remove):
-# nat and mangle rules in both iptables variants, rule 1024, eth0's rp_filter.
-CLEAN_NODE = """
-for v in nft legacy; do for t in nat mangle; do iptables-$v -w -t $t -F; iptables-$v -w -t $t -X; done; done
-while ip rule del priority 1024 2>/dev/null; do :; done
-sysctl -qw net.ipv4.conf.eth0.rp_filter=1
-"""
-
-
-@pytest.fixture
-def fresh_lab(lab):
-    """The session lab back to its initial state around the test: EC2 (no extra ENIs or IPs, no faults)
-    and the nodes (CLEAN_NODE), so no test sees another's SNAT or hostPort rules."""
-    reset_lab(lab)
-    yield lab
-    reset_lab(lab)
-
-
-def reset_lab(lab) -> None:
-    lab.reset()
-    for node in lab.status()["nodes"]:
-        lab.exec(node["name"], ["sh", "-c", CLEAN_NODE])

@@ -22,7 +22,7 @@ What it does, in order (everything inside a VPC lab made for this run, removed a
      WARM_PREFIX_TARGET=1) and in secondary-IP mode on node2 (default settings); an ADD the
      pool cannot serve yet (code 11) is retried as a runtime would. Wall time from the agent's start
      to the last pod's answer, and every EC2 call the node made (agent and plugins) meanwhile;
-  9. through containerd's CRI (tests/cri_world.py's harness, containerd as kubelet drives it): two
+  9. through containerd's CRI (tests/support/cri_world.py's harness, containerd as kubelet drives it): two
      private containerds in node1, one on our conflist and one on the reference's, the same installed
      binaries in one bin dir; --cri-cycles pod cycles per side, alternating side by side, each timed
      from the bench as RunPodSandbox + PodSandboxStatus (as kubelet asks after it) + StopPodSandbox
@@ -57,7 +57,7 @@ from vpclab import api, netns
 from .stats import percentile, ratio, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # step 9's harness, tests/cri_world.py, and what it imports
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # step 9's harness, tests/support/cri_world.py, and what it imports
 CNITOOL = os.path.join(ROOT, ".tools", "bin", "cnitool")
 REF_PLUGINS = "/usr/lib/cni"
 RESULTS = os.path.join(ROOT, "bench-results.json")
@@ -586,7 +586,7 @@ class Bench:
         """Step 9: pod cycles through containerd's CRI, ours and the reference alternating (see the
         module's docstring)."""
         say(f"CRI: {n} RunPodSandbox + StopPodSandbox + RemovePodSandbox cycles per chain through containerd")
-        import cri_world  # the containerd harness of the tests (grpc and the CRI stubs): this step only
+        from support import cri_world  # the containerd harness of the tests (grpc and the CRI stubs): this step only
         bin_dir = os.path.join(self.tmp, "cri-bin")  # as a node has it: our programs and the reference's
         os.makedirs(bin_dir)
         for name in PROGRAMS:
@@ -729,7 +729,7 @@ def remove_cache_files(prefix: str) -> None:
 def sweep_dead_runs() -> None:
     """Leftovers of bench runs killed with -9: containerd cgroup trees, labs (owner gone), namespaces,
     cache files."""
-    import cri_world
+    from support import cri_world
     cri_world.sweep_orphans(TAG)
     api.sweep_orphans()
     netns.sweep_orphans(TAG)

@@ -7,8 +7,6 @@ import pytest
 
 from .labtools import probe, start_udp_listener, wait_for
 
-pytestmark = pytest.mark.lab
-
 
 def links(lab, node) -> dict[str, dict]:
     return {link["address"]: link for link in json.loads(lab.exec(node, ["ip", "-j", "link", "show"]).stdout)}

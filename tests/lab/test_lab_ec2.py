@@ -8,7 +8,6 @@ import pytest
 
 from .labtools import python_in
 
-pytestmark = pytest.mark.lab
 
 # Runs in a node: performs the steps, records each outcome as [code, HTTP status] or "ok".
 LIMITS_SCRIPT = r'''

@@ -3,11 +3,7 @@ asked), and an IMDS that stops answering on request."""
 
 import time
 
-import pytest
-
 from .labtools import probe, python_in, wait_for
-
-pytestmark = pytest.mark.lab
 
 MD = "/latest/meta-data/"
 

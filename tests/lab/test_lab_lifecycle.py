@@ -15,7 +15,6 @@ from vpclab.api import Lab
 from vpclab.config import state_dir
 from vpclab.errors import LabError
 
-pytestmark = pytest.mark.lab
 
 VPCLAB = [sys.executable, "-m", "vpclab.cli"]
 

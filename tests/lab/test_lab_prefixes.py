@@ -10,7 +10,6 @@ import pytest
 
 from .labtools import probe, python_in, wait_for
 
-pytestmark = pytest.mark.lab
 
 MD = "/latest/meta-data/"
 

@@ -1,0 +1,8 @@
+"""Where things are, for every test tier and helper."""
+
+import os
+
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(TESTS)
+SUPPORT = os.path.join(TESTS, "support")
+DATA = os.path.join(TESTS, "data")
