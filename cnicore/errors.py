@@ -1,6 +1,19 @@
-"""CNI error codes and the one exception type every plugin raises.
+"""CNI error codes and the one exception type every plugin answers with.
 
 Codes 1-99 are the CNI specification's; 100 and up are ours (documented in README.md#error-codes).
+
+The core's error policy:
+- Each mechanism raises its own exception type, whose message says what failed on what (StoreError,
+  SettingError, DataPathError, NetfilterError, EC2Error, IMDSError, InstanceLimitsError, GrowError);
+  a caller's mistake (a bad argument) is a ValueError or TypeError.
+- A type whose failure every plugin answers with one code carries it: it subclasses CNIError
+  (StoreError 100, SettingError 7, DataPathError 102, NetfilterError 103, GrowError 101), and crosses
+  the plugin and the skeleton as it is. A type whose meaning is the caller's is a plain exception
+  (EC2Error, IMDSError, InstanceLimitsError: the agent retries and records them, `max-pods` prints
+  them, a plugin answers 101, or 11 for a grow EC2 refused), and the caller maps it (aws-snat's IMDS
+  fallback; `poolmgr.grow_for_add`, aws-eni-ipam's slow path, into GrowError).
+- CNIError itself is raised only where the CNI protocol decides the code: the skeleton, `result`
+  and `invoke`, and the plugins' handlers. The skeleton answers anything else with 999.
 """
 
 INCOMPATIBLE_VERSION = 1

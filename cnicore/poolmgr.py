@@ -52,10 +52,18 @@ import time
 from . import instance_limits, warmpool
 from .ec2 import ENI_DESCRIPTION_PREFIX  # cnicore.ec2 imports boto3 only when it calls EC2
 from .ec2budget import EC2Budget, disagreements
+from .errors import AWS_FAILURE, CNIError
 from .pool import ASSIGNED, Pool, new_document, prefix_addresses
 from .store import Store
 
 NO_MANAGE_TAG = "node.k8s.amazonaws.com/no_manage"  # upstream: an ENI so tagged is not the CNI's
+
+
+class GrowError(CNIError):
+    """aws-eni-ipam's slow path could not learn from IMDS or EC2 what the node has (code 101)."""
+
+    def __init__(self, msg: str):
+        super().__init__(AWS_FAILURE, msg)
 
 
 class NodePool:
@@ -580,16 +588,15 @@ def type_limits(instance_type: str, ec2) -> instance_limits.InstanceLimits:
 def grow_for_add(store: Store, cfg: dict, network: str, log, locked: bool = False) -> None:
     """aws-eni-ipam's slow path (no agent running): grow the pool, one ADD at a time (the grow lock;
     `locked`: the caller holds it), without holding the store lock during EC2 and IMDS calls. Raises
-    CNIError 101 if IMDS or EC2 cannot tell what the node has; a grow EC2 refused is recorded in the
+    GrowError if IMDS or EC2 cannot tell what the node has; a grow EC2 refused is recorded in the
     document instead (and the ADD answers 11 saying so)."""
     from .ec2 import EC2Error
-    from .errors import AWS_FAILURE, CNIError
     from .imds import IMDSError
     try:
         with contextlib.nullcontext() if locked else grow_lock(store):
             NodePool(cfg, log).grow_for_add(store)
     except (EC2Error, IMDSError, instance_limits.InstanceLimitsError) as exc:
-        raise CNIError(AWS_FAILURE, f"cannot grow the pool of network {network}: {exc}") from None
+        raise GrowError(f"cannot grow the pool of network {network}: {exc}") from None
 
 
 @contextlib.contextmanager
