@@ -281,7 +281,7 @@ RACE_SCRIPT = r"""
 import json, os, subprocess, sys
 from cnicore import netlink, settings
 from cnicore.log import Logger
-from aws_vpc_cni_agent import main as agent_main
+from aws_vpc_cni_agent.loop import Agent
 
 listing = netlink.list_host_veths
 
@@ -292,7 +292,7 @@ def list_then_del(prefix):
 
 netlink.list_host_veths = list_then_del
 cfg = settings.from_env(os.environ)
-agent = agent_main.Agent(cfg, "aws-vpc", Logger("race", os.environ["LOG"], "DEBUG"), 1.0)
+agent = Agent(cfg, "aws-vpc", Logger("race", os.environ["LOG"], "DEBUG"), 1.0)
 getattr(agent, os.environ["STEP"])()
 """
 
@@ -337,7 +337,7 @@ ADD_RACE_SCRIPT = r"""
 import os, time
 from cnicore import netlink, settings
 from cnicore.log import Logger
-from aws_vpc_cni_agent import main as agent_main
+from aws_vpc_cni_agent.loop import Agent
 
 listing = netlink.list_host_veths
 
@@ -358,7 +358,7 @@ def list_then_finish_the_add(prefix):
 
 netlink.list_host_veths = list_then_finish_the_add
 cfg = settings.from_env(os.environ)
-agent = agent_main.Agent(cfg, "aws-vpc", Logger("race", os.environ["LOG"], "DEBUG"), 1.0)
+agent = Agent(cfg, "aws-vpc", Logger("race", os.environ["LOG"], "DEBUG"), 1.0)
 agent.converge_attachments()
 """
 

@@ -903,7 +903,7 @@ class Chain:
 
     def render(self, **env):
         """Write the conflist the agent renders for these settings (paths under the test's tmp dir)."""
-        from aws_vpc_cni_agent.main import render_conflist, write_conflist
+        from aws_vpc_cni_agent.conflist import render_conflist, write_conflist
         environ = {"AWS_VPC_CNI_DATA_DIR": self.node.data_dir, "AWS_VPC_K8S_PLUGIN_LOG_FILE": self.node.log_file,
                    "IP_COOLDOWN_PERIOD": "0", "AWS_VPC_CNI_NETFILTER_MODE": self.variant,
                    "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS": EXCLUDED_CIDR, **env}

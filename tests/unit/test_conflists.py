@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from aws_vpc_cni_agent.main import render_conflist
+from aws_vpc_cni_agent.conflist import render_conflist
 from cnicore import settings
 from support.labnode import BIN, REFERENCE_PLUGINS, ROOT
 

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from aws_vpc_cni_agent.main import render_conflist
+from aws_vpc_cni_agent.conflist import render_conflist
 from cnicore import settings
 from cnicore.settings import SettingError
 from support.paths import ROOT
