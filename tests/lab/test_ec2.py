@@ -26,7 +26,7 @@ from urllib.parse import parse_qs
 import pytest
 
 from conftest import RUN_PREFIX
-from cnicore import instance_limits
+from cnicore import instance_limits, poolmgr
 from cnicore.ec2 import (EC2, ENI_DESCRIPTION_PREFIX, TAG_CLUSTER_NAME, TAG_CREATED_AT,
                          TAG_INSTANCE_ID, EC2Error, EC2LimitExceeded, EC2Throttled, EC2Unreachable,
                          ENINotFound, InsufficientAddresses, PrefixesUnsupported, RetryPolicy)
@@ -503,7 +503,7 @@ def test_instance_type_limits_from_describe_instance_types(vpc, monkeypatch):
     # a type the table lacks is looked up, once
     monkeypatch.setattr(instance_limits, "_table", lambda: {})
     calls = ec2.calls["DescribeInstanceTypes"]
-    assert vpc.run(instance_limits.lookup, "m5.large", ec2).max_pods == 29
+    assert vpc.run(poolmgr.type_limits, "m5.large", ec2).max_pods == 29
     assert ec2.calls["DescribeInstanceTypes"] == calls + 1
 
 
@@ -512,7 +512,7 @@ def test_unknown_instance_type_with_describe_failing_is_a_clear_error(vpc):
     with pytest.raises(InstanceLimitsError,
                        match="'zz9.huge' is not in the shipped limits table and DescribeInstanceTypes failed: "
                              "EC2 DescribeInstanceTypes failed: InvalidInstanceType"):
-        vpc.run(instance_limits.lookup, "zz9.huge", ec2)
+        vpc.run(poolmgr.type_limits, "zz9.huge", ec2)
 
 
 def test_through_the_lab_front_limits_and_faults_meet_the_client(vpc_lab):
