@@ -167,7 +167,8 @@ def is_under(path: str, root: str) -> bool:
 class World:
     """One scratch node; see the module docstring."""
 
-    def __init__(self, make_netns, tmp_path):
+    def __init__(self, make_netns, tmp_path, bin_dir: str = BIN):
+        """`bin_dir`: where our programs are (the venv's console scripts, or the frozen bundle's links)."""
         self.tmp = str(tmp_path)
         self.ns = make_netns("hz")
         self.pod_ns = make_netns("hzpod")
@@ -180,7 +181,7 @@ class World:
         os.makedirs(self.cwd)
         os.makedirs(self.bin)
         for plugin in PLUGINS:  # CNI_PATH holds our plugins only: a fuzzed ipam.type can run nothing else
-            os.symlink(os.path.join(BIN, plugin), os.path.join(self.bin, plugin))
+            os.symlink(os.path.join(bin_dir, plugin), os.path.join(self.bin, plugin))
         self.sh(self.ns, SETUP)
         self.sh(self.pod_ns, POD_SETUP)
         self._seed_store()
@@ -246,8 +247,10 @@ class World:
                 env[key] = value
         return env
 
-    def run(self, plugin: str, env: dict, stdin: bytes, umask: int | None = None, timeout: float = 120) -> Outcome:
-        argv = ["ip", "netns", "exec", self.ns, os.path.join(self.bin, plugin)]
+    def run(self, plugin: str, env: dict, stdin: bytes, umask: int | None = None, timeout: float = 120,
+            wrapper: tuple = ()) -> Outcome:
+        """`wrapper`: a command line the plugin's exec is run under (strace, say)."""
+        argv = [*wrapper, "ip", "netns", "exec", self.ns, os.path.join(self.bin, plugin)]
         full = {"PATH": os.environ["PATH"], **NO_AWS, **env}
         proc = subprocess.run(argv, input=stdin, env=full, cwd=self.cwd, capture_output=True, timeout=timeout,
                               preexec_fn=None if umask is None else (lambda: os.umask(umask)))

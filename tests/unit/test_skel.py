@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from cnicore import skel
 from cnicore.errors import CNIError
 from support.runtime_input import CONTAINERD_CNI_ARGS, PODMAN_CNI_ARGS
-from support.paths import ROOT, SUPPORT
+from support.paths import SUPPORT
 
 SEED = [f"10.9.0.{i}" for i in range(20, 24)]
 
@@ -463,32 +463,3 @@ def test_go_field_folds_kelvin_sign_and_long_s_only():
     assert skel.go_field({"\u212aey": 1}, "key") == 1  # KELVIN SIGN folds to k in Go (unicode.SimpleFold)
     assert skel.go_field({"ıd": 1}, "id") is None  # dotless i does not fold to i in Go
     assert skel.go_field({"İD": 1}, "id") is None
-
-
-def test_the_core_a_plugin_imports_on_every_exec_stays_lean():
-    """skel, settings, result, log, store, pool and agentlink are imported by every plugin exec (the
-    frozen bundle pays for each module on every pod ADD and DEL): none of them may pull in json, re,
-    dataclasses, typing, socket, ipaddress or contextlib (together ~15-20 ms of CPU per exec)."""
-    code = ("import sys; before = set(sys.modules); "
-            "from cnicore import skel, settings, result, log, store, pool, agentlink; "
-            "print(' '.join(sorted(set(sys.modules) - before)))")
-    loaded = set(subprocess.run([sys.executable, "-S", "-I", "-c", f"import sys; sys.path.insert(0, {ROOT!r}); {code}"],
-                                capture_output=True, text=True, check=True).stdout.split())
-    assert not loaded & {"json", "re", "dataclasses", "typing", "socket", "ipaddress", "contextlib", "enum",
-                         "inspect", "collections"}, sorted(loaded)
-
-
-@pytest.mark.parametrize("package, directory", [("aws_snat", "aws-snat"), ("portmap_compat", "portmap-compat")])
-def test_the_chained_plugins_start_without_the_heavy_stdlib(tmp_path, package, directory):
-    """aws-snat and portmap-compat run on every pod ADD and DEL, mostly with nothing to do (the stamp
-    holds, the pod has no host ports): importing them loads none of json, re, collections, ipaddress,
-    functools, contextlib, subprocess, hashlib or the digests' shared libraries (each 1-3 ms of CPU
-    per exec; issue 19). They come in when work needs them: iptables, mappings, node facts."""
-    (tmp_path / package).symlink_to(os.path.join(ROOT, "plugins", directory))
-    code = (f"import sys; sys.path[:0] = [{str(tmp_path)!r}, {ROOT!r}]; before = set(sys.modules); "
-            f"import {package}.main; print(' '.join(sorted(set(sys.modules) - before)))")
-    loaded = set(subprocess.run([sys.executable, "-S", "-I", "-c", code], capture_output=True, text=True,
-                                check=True).stdout.split())
-    assert f"{package}.main" in loaded
-    assert not loaded & {"json", "re", "collections", "ipaddress", "functools", "contextlib", "enum", "subprocess",
-                         "hashlib", "typing", "dataclasses", "socket", "_sha256", "_sha512", "_blake2"}, sorted(loaded)
