@@ -64,7 +64,7 @@ def is_this_program(exe: str) -> bool:
 
 
 def _run_executable(exe: str, env: dict, stdin: bytes) -> tuple[int, bytes, bytes]:
-    import subprocess  # not on the in-process path: ~6 ms per exec to import
+    import subprocess  # not on the in-process path (README "Start-up cost")
 
     proc = subprocess.run([exe], input=stdin, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return proc.returncode, proc.stdout, proc.stderr

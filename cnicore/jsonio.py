@@ -1,7 +1,7 @@
 """json.loads and json.dumps for the plugins, without importing the json package on the way.
 
-`import json` imports re, and with it enum, functools, collections, copyreg, ...: ~6 ms of CPU on
-every plugin exec, a third of what a frozen aws-eni-ipam costs in all. This module drives the C
+`import json` imports re, and with it enum, functools, collections, copyreg, ... on every plugin
+exec (README "Start-up cost"). This module drives the C
 accelerator (_json) the way the json package drives it, and leaves everything else to json itself:
 an input or object the fast path does not take as json would (any error, a BOM or UTF-16/32 input,
 a type other than dict, list, str, int, bool and None for an indented dump, ...) is handed to

@@ -1,9 +1,9 @@
 """Immutable records: what collections.namedtuple gives, without importing `collections`.
 
-Importing `collections` (with keyword, operator, reprlib and its dozen classes) costs ~2.5 ms of CPU,
-and namedtuple compiles each class from source: together ~3 ms of every aws-snat and portmap-compat
-exec, whose records (rules, table states, settings) need only this: a tuple subclass with named
-fields, defaults, keyword arguments, a repr, `_replace` and `_fields`. Equality, hashing, ordering
+Importing `collections` (with keyword, operator, reprlib and its dozen classes) and compiling each
+namedtuple class from source is paid on every exec (README "Start-up cost"), while the records
+(rules, table states, settings) need only this: a tuple subclass with named fields, defaults,
+keyword arguments, a repr, `_replace` and `_fields`. Equality, hashing, ordering
 and JSON (a list) are the tuple's, as for a namedtuple.
 """
 
