@@ -1,7 +1,7 @@
 """Netlink requests on a raw socket, with the standard library only.
 
-Every kernel conversation of the plugins goes through here (rtnetlink for the pod data path and
-rule 1024, nfnetlink for nf_tables and conntrack): `import pyroute2` alone cost 90-200 ms per exec.
+Every kernel conversation of the plugins goes through here (rtnetlink through `cnicore.rtnl`,
+nfnetlink for nf_tables and conntrack): `import pyroute2` alone cost 90-200 ms per exec.
 The socket is made in the caller's network namespace. A kernel NACK is raised as OSError with its
 errno.
 """
@@ -90,27 +90,6 @@ def _exchange(sock: Socket, kind: int, flags: int, payload: bytes, seq: int) -> 
             answers.append((mtype, body))
             if not mflags & NLM_F_MULTI and not flags & (NLM_F_ACK | NLM_F_DUMP):
                 return answers, interrupted
-
-
-def request(protocol: int, kind: int, flags: int, payload: bytes) -> list[tuple[int, bytes]]:
-    """One request on a socket of its own."""
-    with open_socket(protocol) as sock:
-        return transact(sock, kind, flags, payload)
-
-
-NETLINK_ROUTE = 0
-RTM_SETLINK = 19
-IFLA_AF_SPEC, IFLA_INET_CONF = 26, 1
-IPV4_DEVCONF_RP_FILTER = 8  # include/uapi/linux/ip.h
-
-
-def set_ipv4_conf(ifname: str, conf_id: int, value: int) -> None:
-    """Set one IPv4 setting of an interface (net.ipv4.conf.<ifname>.*, by its IPV4_DEVCONF_ id) over
-    rtnetlink: needs NET_ADMIN only, not a writable /proc/sys (read-only in a container that is not
-    privileged, such as the aws-node agent's). Raises OSError."""
-    index = _socket.if_nametoindex(ifname)
-    conf = attr(IFLA_AF_SPEC, attr(_socket.AF_INET, attr(IFLA_INET_CONF, attr(conf_id, struct.pack("=I", value)))))
-    request(NETLINK_ROUTE, RTM_SETLINK, NLM_F_ACK, struct.pack("=BxHiII", _socket.AF_UNSPEC, 0, index, 0, 0) + conf)
 
 
 def attr(kind: int, payload: bytes) -> bytes:

@@ -49,10 +49,7 @@ name found last time is kept in the data dir and used while it still has that MA
 
 from __future__ import annotations
 
-import fcntl
 import os
-import struct
-from _socket import if_nameindex
 
 from cnicore import ipv4, jsonio, settings, skel
 from cnicore.errors import (AWS_FAILURE, CHECK_FAILED, INVALID_CONFIG, NETLINK_FAILURE, PLUGIN_NOT_AVAILABLE,
@@ -60,11 +57,10 @@ from cnicore.errors import (AWS_FAILURE, CHECK_FAILED, INVALID_CONFIG, NETLINK_F
 from cnicore.netfilter import Netfilter, NetfilterError, Rule, TableState, quote
 from cnicore.netfilter.model import jump_target, split_spec
 from cnicore.netfilter.stamp import Stamp
-from cnicore.rawnetlink import IPV4_DEVCONF_RP_FILTER, control_socket, set_ipv4_conf
 from cnicore.record import record
+from cnicore.rtnl import IPV4_DEVCONF_RP_FILTER, MAIN_TABLE, RTPROT_BOOT, Netns, check_ifname, is_mac
+from cnicore.rtnl import Rule as IpRule
 from cnicore.store import Store
-
-from aws_snat import fibrule
 
 SNAT_SETTINGS = ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
                  "AWS_VPC_CNI_NODE_PORT_SUPPORT", "AWS_VPC_K8S_CNI_CONNMARK", "AWS_VPC_K8S_CNI_VETHPREFIX",
@@ -73,7 +69,6 @@ SNAT_SETTINGS = ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_C
 SNAT_CHAIN = "AWS-SNAT-CHAIN-0"
 CONNMARK_CHAIN = "AWS-CONNMARK-CHAIN-0"
 RULE_PRIORITY = 1024
-MAIN_TABLE = 254
 SNAT_JUMP_COMMENT = "AWS SNAT CHAIN"
 SNAT_VPC_COMMENT = "AWS SNAT CHAIN"  # upstream's comments on the RETURN rules
 SNAT_EXCLUDED_COMMENT = "AWS SNAT CHAIN EXCLUSION"
@@ -90,8 +85,6 @@ RANDOM_FLAG = {"prng": " --random-fully", "hashrandom": " --random", "none": ""}
 STAMP_FILE = "aws-snat.stamp"  # in the data dir
 STAMP_VERSION = 2  # 2: the built-in chains' digest counts only our rules (see stamp)
 IFACE_FILE = "aws-snat.primary-interface"  # in the data dir: "<MAC> <interface name>"
-SIOCGIFHWADDR = 0x8927
-_HEX = frozenset("0123456789abcdef")
 
 
 Node = record("Node", "primary_ip primary_mac vpc_cidrs source")
@@ -211,7 +204,7 @@ def _checked(ip, mac, cidrs, source: str) -> Node:
         if not plain:
             import ipaddress
             ip = str(ipaddress.IPv4Address(ip))
-        if not _is_mac(mac):
+        if not is_mac(mac):
             raise ValueError(f"bad MAC {mac!r}")
         if not isinstance(cidrs, (list, tuple)) or not cidrs:
             raise ValueError(f"bad VPC CIDR list {cidrs!r}")
@@ -222,26 +215,22 @@ def _checked(ip, mac, cidrs, source: str) -> Node:
     return Node(ip, mac, cidrs, source)
 
 
-def _is_mac(text) -> bool:
-    """aa:bb:cc:dd:ee:ff, lower case, as the store and IMDS give it (checked without `re`, which
-    costs ~3 ms per exec to import)."""
-    parts = text.split(":") if isinstance(text, str) else ()
-    return len(parts) == 6 and all(len(p) == 2 and p[0] in _HEX and p[1] in _HEX for p in parts)
-
-
 def primary_interface(mac: str, data_dir: str) -> str | None:
     """The interface with the primary ENI's MAC: the one found last time (kept in the data dir) if it
-    still has that MAC (one ioctl), else a scan of all interfaces (if_nameindex costs 5-10 ms with
-    the 700 veths of a full node)."""
+    still has that MAC (one request), else the first of the links with that MAC (a dump of every
+    link: 700 veths on a full node)."""
     path = os.path.join(data_dir, IFACE_FILE)
-    try:
-        with open(path) as f:
-            cached_mac, name = f.read(64).split()
-        if cached_mac == mac and mac_of(name) == mac:
-            return name
-    except (OSError, ValueError):
-        pass  # no cache, a corrupt one, or that interface is gone
-    name = interface_by_mac(mac)
+    with Netns() as host:
+        try:
+            with open(path) as f:
+                cached_mac, name = f.read(64).split()
+            check_ifname("cached primary interface", name)
+            link = host.link(name) if cached_mac == mac else None
+            if link is not None and link.mac == mac:
+                return name
+        except (OSError, ValueError):
+            pass  # no cache, a corrupt one, or that interface is gone
+        name = next((link.name for link in host.links_with_mac(mac)), None)
     if name is not None:
         temp = f"{path}.tmp.{os.getpid()}"
         try:
@@ -257,30 +246,6 @@ def primary_interface(mac: str, data_dir: str) -> str | None:
             except OSError:
                 pass
     return name
-
-
-def mac_of(name: str) -> str | None:
-    """The hardware address of interface `name`, or None if there is no such interface."""
-    if not 0 < len(name.encode()) < 16:
-        return None
-    with control_socket() as sock:
-        try:
-            return fcntl.ioctl(sock, SIOCGIFHWADDR, struct.pack("256s", name.encode()))[18:24].hex(":")
-        except OSError:
-            return None
-
-
-def interface_by_mac(mac: str) -> str | None:
-    """The name of this network namespace's interface with hardware address `mac`."""
-    with control_socket() as sock:
-        for _, name in if_nameindex():
-            try:
-                ifreq = fcntl.ioctl(sock, SIOCGIFHWADDR, struct.pack("256s", name.encode()))
-            except OSError:
-                continue  # gone meanwhile
-            if ifreq[18:24].hex(":") == mac:
-                return name
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +379,8 @@ def differences(cfg: dict, want: Desired, stamped: Stamp | None = None) -> list[
         found = [drift for state in (want.nat, want.mangle) for drift in plan(nf, state).drifts]
         if stamped and not found and before is not None and stamped.fingerprint() == before:
             stamped.record(before)
-    wrong, missing = _fwmark_plan(cfg["AWS_VPC_K8S_CNI_CONNMARK"], want.fwmark)
+    with Netns() as host:
+        wrong, missing = _fwmark_plan(host, cfg["AWS_VPC_K8S_CNI_CONNMARK"], want.fwmark)
     found += [f"unexpected ip rule {rule}" for rule in wrong]
     found += [f"ip rule missing: {missing}"] if missing else []
     if want.loose_rp_filter:
@@ -432,14 +398,15 @@ def _comment(spec: str) -> str | None:
     return None
 
 
-def _fwmark_plan(mark: int, wanted: bool) -> tuple[list, fibrule.FwmarkRule | None]:
-    """(rules at our priority to delete: another mark, a duplicate, or ours when unwanted; ours if missing)."""
-    ours = fibrule.FwmarkRule(RULE_PRIORITY, mark, mark, MAIN_TABLE)
-    try:
-        present = [rule for rule in fibrule.fwmark_rules()
-                   if rule.priority == RULE_PRIORITY and rule.table == MAIN_TABLE and rule.mark == rule.mask]
-    except (OSError, fibrule.RuleError) as exc:
-        raise CNIError(NETLINK_FAILURE, f"cannot list the ip rules: {exc}") from None
+def _fwmark_plan(host: Netns, mark: int, wanted: bool) -> tuple[list, IpRule | None]:
+    """(rules at our priority to delete: another mark, a duplicate, or ours when unwanted; ours if missing).
+
+    Only rules `<priority>: from all fwmark M/M lookup main` count: whoever made them, and none with
+    any other selector (an `iif eth0 fwmark ...` rule is someone else's). Ours are made with protocol
+    boot, and deleted naming it, which spares such rules of others at our priority."""
+    ours = IpRule(RULE_PRIORITY, MAIN_TABLE, mark=mark, mask=mark, protocol=RTPROT_BOOT)
+    present = [rule for rule in host.rules(marked=True) if not (rule.src or rule.dst or rule.other)
+               and rule.priority == RULE_PRIORITY and rule.table == MAIN_TABLE and rule.mark == rule.mask]
     same = [rule for rule in present if rule.key == ours.key]
     wrong = [rule for rule in present if rule.key != ours.key or not wanted]
     if wanted:
@@ -448,16 +415,14 @@ def _fwmark_plan(mark: int, wanted: bool) -> tuple[list, fibrule.FwmarkRule | No
 
 
 def _converge_fwmark(mark: int, wanted: bool) -> list[str]:
-    wrong, missing = _fwmark_plan(mark, wanted)
     done = []
-    try:
+    with Netns() as host:
+        wrong, missing = _fwmark_plan(host, mark, wanted)
         for rule in wrong:
-            if fibrule.delete(rule):  # False: a concurrent process deleted it first
+            if host.delete_rule(rule):  # False: a concurrent process deleted it first
                 done.append(f"removed ip rule {rule}")
-        if missing and fibrule.add(missing):  # False: a concurrent ADD added it first (never twice)
+        if missing and host.add_rule(missing):  # False: a concurrent ADD added it first (never twice)
             done.append(f"added ip rule {missing}")
-    except (OSError, fibrule.RuleError) as exc:
-        raise CNIError(NETLINK_FAILURE, str(exc)) from None
     return done
 
 
@@ -473,10 +438,8 @@ def _converge_rp_filter(ifname: str) -> list[str]:
     value = _rp_filter(ifname)
     if value in ("0", "2"):  # off or loose already
         return []
-    try:
-        set_ipv4_conf(ifname, IPV4_DEVCONF_RP_FILTER, 2)
-    except OSError as exc:
-        raise CNIError(NETLINK_FAILURE, f"cannot set rp_filter of {ifname} to 2: {exc.strerror}") from None
+    with Netns() as host:
+        host.set_ipv4_conf(f"set rp_filter of {ifname} to 2", ifname, IPV4_DEVCONF_RP_FILTER, 2)
     return [f"rp_filter of {ifname}: {value} -> 2"]
 
 
