@@ -30,7 +30,7 @@ from __future__ import annotations
 from _socket import AF_INET, AF_INET6
 
 from cnicore import hashes, settings, skel
-from cnicore.errors import CHECK_FAILED, CNIError, INVALID_CONFIG, NETLINK_FAILURE, PLUGIN_NOT_AVAILABLE
+from cnicore.errors import CHECK_FAILED, CNIError, INVALID_CONFIG, PLUGIN_NOT_AVAILABLE
 from cnicore.netfilter import Netfilter, NetfilterError, Rule, TableState, any_chain_exists, quote
 from cnicore.netfilter.model import CHAIN_MAX, is_chain_name, jump_target, split_spec
 from cnicore.record import record
@@ -143,23 +143,15 @@ def dnat_rules(conf: Conf, address) -> list[str]:
 
 def enable_localnet_routing(pod_ip) -> None:
     """route_localnet=1 on the host interface that routes to the pod, as the reference does."""
-    import re
-    import subprocess  # only for pods with port mappings (~3-6 ms to import)
+    from cnicore.rtnl import IPV4_DEVCONF_ROUTE_LOCALNET, Netns  # only for pods with port mappings
 
-    try:
-        proc = subprocess.run(["ip", "-o", "route", "get", str(pod_ip)], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise CNIError(NETLINK_FAILURE, f"cannot look up the route to the pod {pod_ip}: {exc}") from None
-    found = re.search(r"\bdev (\S+)", proc.stdout) if proc.returncode == 0 else None
-    if not found:
-        return  # no route to the pod: nothing to enable (the reference skips it too)
-    path = f"/proc/sys/net/ipv4/conf/{found.group(1)}/route_localnet"
-    try:
-        with open(path, "w") as sysctl:
-            sysctl.write("1")
-    except OSError as exc:
-        raise CNIError(NETLINK_FAILURE, f"unable to enable route_localnet on {found.group(1)}: {exc.strerror}",
-                       path) from None
+    with Netns() as host:
+        route = host.route_get(str(pod_ip))
+        link = host.link_at(route.oif) if route is not None and route.oif is not None else None
+        if link is None:
+            return  # no route to the pod: nothing to enable (the reference skips it too)
+        host.set_ipv4_conf(f"unable to enable route_localnet on {link.name}", link.index,
+                           IPV4_DEVCONF_ROUTE_LOCALNET, 1)
 
 
 def delete_stale_udp_flows(mappings: list[Mapping], version: int, log) -> None:
