@@ -8,10 +8,11 @@ a live owner from a dead one.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
+
+from cnicore import rtnl
 
 NETNS_DIR = "/run/netns"
 PREFIX_RE = re.compile(r"^avc[a-z0-9]{1,12}$")
@@ -58,36 +59,13 @@ def delete(name: str) -> None:
     run(["ip", "netns", "delete", name], check=False)
 
 
-@contextlib.contextmanager
-def entered(name: str):
-    """Move the calling thread into namespace `name` for the block, then back.
+def entered(name: str) -> rtnl.entered:
+    """Move the calling thread into namespace `name` for a `with` block, then back (cnicore.rtnl.entered).
 
     Only this thread moves; sockets created inside stay in `name` for their whole life, which is
     how one process serves several namespaces. Threads started inside inherit `name`.
     """
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        there = os.open(path(name), os.O_RDONLY)
-        try:
-            _setns(there)
-        finally:
-            os.close(there)
-        try:
-            yield
-        finally:
-            _setns(here)
-    finally:
-        os.close(here)
-
-
-def _setns(fd: int) -> None:
-    import ctypes
-
-    clone_newnet = 0x40000000
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, clone_newnet) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
+    return rtnl.entered(path(name))
 
 
 def listed(prefix: str) -> list[str]:
