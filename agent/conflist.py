@@ -13,7 +13,7 @@ from cnicore.fsutil import make_dirs
 DEFAULT_NETWORK = "aws-vpc"
 # The highest version the runtimes we test against take: containerd 1.6 and podman 4.3 (their libcni
 # 1.1) fail every ADD of a 1.1.0 conflist with 'unsupported CNI result version "1.1.0"' (measured:
-# tests/test_containerd.py and tests/test_podman.py with 1.1.0). All our plugins speak 1.1.0 too.
+# tests/lab/test_containerd.py and tests/lab/test_podman.py with 1.1.0). All our plugins speak 1.1.0 too.
 DEFAULT_CNI_VERSION = "1.0.0"
 CONFLIST_NAME = "10-aws-vpc.conflist"  # sorts before the usual 10-aws.conflist, 10-calico..., 20-...
 
