@@ -25,6 +25,8 @@ document is a schema-2 one without prefixes (the store reads both).
 
 from __future__ import annotations
 
+from .record import record
+
 FREE, ASSIGNED, COOLING = "free", "assigned", "cooling"
 PREFIX_LENGTH = 28
 PREFIX_SIZE = 16  # addresses in an IPv4 /28 prefix
@@ -41,34 +43,10 @@ class PoolExhausted(Exception):
         self.free_in = free_in
 
 
-class Assignment:
-    """An IP handed out: which ENI it is on, that ENI's device number and subnet.
+class Assignment(record("Assignment", "ip eni_id device_number subnet_cidr primary_eni")):
+    """An IP handed out: which ENI it is on, that ENI's device number and subnet."""
 
-    A plain class rather than a dataclass, and ipaddress only when an address is not a plain dotted
-    quad: aws-eni-ipam imports this module on every exec (dataclasses costs ~7 ms, ipaddress ~1 ms)."""
-
-    __slots__ = ("ip", "eni_id", "device_number", "subnet_cidr", "primary_eni")
-
-    def __init__(self, ip: str, eni_id: str, device_number: int, subnet_cidr: str, primary_eni: bool):
-        for name, value in zip(self.__slots__, (ip, eni_id, device_number, subnet_cidr, primary_eni)):
-            object.__setattr__(self, name, value)
-
-    def __setattr__(self, name, value):
-        raise AttributeError(f"Assignment is read-only: cannot set {name}")
-
-    def _fields(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __eq__(self, other):
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._fields() == other._fields()
-
-    def __hash__(self) -> int:
-        return hash(self._fields())
-
-    def __repr__(self) -> str:
-        return "Assignment(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"
+    __slots__ = ()
 
     @property
     def gateway(self) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 
 from .errors import CNIError, INVALID_CONFIG
+from .record import record
 
 
 class SettingError(CNIError):
@@ -345,30 +346,8 @@ def _cluster_name(value, warn) -> str:
     return value
 
 
-class Setting:
-    """One setting: its variable name, conflist key, default (None: unset) and parser."""
-
-    __slots__ = ("env", "key", "default", "parse")
-
-    def __init__(self, env: str, key: str, default: Any, parse: Callable[[Any, Callable], Any]):
-        object.__setattr__(self, "env", env)
-        object.__setattr__(self, "key", key)  # conflist key
-        object.__setattr__(self, "default", default)
-        object.__setattr__(self, "parse", parse)
-
-    def __setattr__(self, name, value):
-        raise AttributeError(f"Setting is read-only: cannot set {name}")
-
-    def __repr__(self) -> str:
-        return f"Setting({self.env!r}, {self.key!r}, {self.default!r}, {self.parse!r})"
-
-    def __eq__(self, other):
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return (self.env, self.key, self.default, self.parse) == (other.env, other.key, other.default, other.parse)
-
-    def __hash__(self) -> int:
-        return hash((self.env, self.key, self.default, self.parse))
+# One setting: its variable name, conflist key, default (None: unset) and parser.
+Setting = record("Setting", "env key default parse")
 
 
 DEFAULT_PLUGIN_LOG = "/var/log/aws-routed-eni/plugin.log"
