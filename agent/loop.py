@@ -96,7 +96,7 @@ class Agent:
         The host is listed without the store lock, between two reads of the store; an entry that a
         DEL or ADD changed meanwhile is left to the next round, so the listing is never applied to
         an IP it did not see (a DEL's released IP re-claimed for its gone pod, say)."""
-        from cnicore import netlink
+        from cnicore import veths
         with self.store.locked(shared=True) as tx:
             before = tx.read()
         if before is None:
@@ -108,7 +108,7 @@ class Agent:
         in_flight = {ip for ip, entry in seen.items() if entry["state"] == ASSIGNED and (
             process_alive(entry.get("owner")) or (not entry.get("owner") and now - entry["since"] <= ADD_GRACE))}
         on_host = {}
-        for veth in netlink.list_host_veths(self.cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
+        for veth in veths.list_host_veths(self.cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
             att = veth.attachment
             if att is not None and att.network == self.store.network:
                 on_host[(att.container_id, att.ifname)] = veth.pod_ips
@@ -166,7 +166,7 @@ class Agent:
         self._converge_node_rules()
 
     def _repair_data_path(self) -> None:
-        from cnicore import netlink
+        from cnicore import podroutes, veths
         with self.store.locked(shared=True) as tx:
             doc = tx.read()
         if doc is None:
@@ -174,16 +174,16 @@ class Agent:
         pods = []
         held = {ip: (eni, entry) for eni in doc["enis"].values() for ip, entry in eni["ips"].items()
                 if entry["state"] == ASSIGNED}
-        for veth in netlink.list_host_veths(self.cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
+        for veth in veths.list_host_veths(self.cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
             att = veth.attachment
             for ip in veth.pod_ips if att is not None and att.network == self.store.network else ():
                 eni, entry = held.get(ip, (None, None))
                 if entry is None or (entry["container_id"], entry["ifname"]) != (att.container_id, att.ifname):
                     continue  # not this pod's in the store: not ours to route
-                pods.append((ip, None if eni["primary"] else netlink.SecondaryEni(
+                pods.append((ip, None if eni["primary"] else podroutes.SecondaryEni(
                     mac=eni["mac"], device_number=eni["device_number"], subnet=eni["subnet_cidr"],
                     mtu=self.cfg["AWS_VPC_ENI_MTU"], primary_ip=eni["primary_ip"])))
-        repaired = netlink.repair_node(pods)
+        repaired = podroutes.repair_node(pods)
         if repaired:
             self.log.info("repaired the data path of running pods", repaired=repaired)
 

@@ -1,8 +1,9 @@
 """aws-vpc-bridge: puts a pod on the VPC with its own secondary IP, no overlay (ARCHITECTURE §4).
 
 ADD: the IPAM plugin named in `ipam` hands out an IP; the state store says which ENI holds it; the
-netlink layer builds the veth pair, the pod's /32 address and routes via 169.254.1.1, the node's
-/32 route and rule 512, and for an IP of a secondary ENI rule 1536 into that ENI's table. Anything
+data path (`datapath.py`, beside this file) builds the veth pair, the pod's /32 address and routes
+via 169.254.1.1, the node's /32 route and rule 512, and for an IP of a secondary ENI rule 1536 into
+that ENI's table. Anything
 failing after the IPAM ADD is undone and the IP released (IPAM DEL) before the error is returned.
 DEL tears down from the node's side (so it works after the pod's netns is gone), then releases the IP.
 """
@@ -11,11 +12,16 @@ from __future__ import annotations
 
 import time
 
-from cnicore import netlink, settings, skel
+from cnicore import settings, skel
 from cnicore.errors import CHECK_FAILED, CNIError, INVALID_CONFIG, INVALID_ENVIRONMENT
 from cnicore.invoke import delegate
+from cnicore.podroutes import SecondaryEni, list_pod_rule_ips
 from cnicore.pool import Pool
+from cnicore.rtnl import NetnsError, check_netns
 from cnicore.store import Store, StoreError
+from cnicore.veths import Attachment, host_veth_name, list_host_veths, remove_unfinished_veth
+
+from aws_vpc_bridge import datapath
 
 BRIDGE_SETTINGS = ("AWS_VPC_K8S_CNI_VETHPREFIX", "POD_MTU", "AWS_VPC_ENI_MTU")
 
@@ -38,8 +44,8 @@ def _host_veth(args: skel.CmdArgs, cfg: dict) -> str:
     namespace, name = args.pod_namespace, args.pod_name
     if not (namespace and name and _is_utf8(namespace) and _is_utf8(name)):
         namespace = name = ""
-    return netlink.host_veth_name(cfg["AWS_VPC_K8S_CNI_VETHPREFIX"], pod_namespace=namespace, pod_name=name,
-                                  container_id=args.container_id, ifname=args.ifname)
+    return host_veth_name(cfg["AWS_VPC_K8S_CNI_VETHPREFIX"], pod_namespace=namespace, pod_name=name,
+                          container_id=args.container_id, ifname=args.ifname)
 
 
 def _is_utf8(text: str) -> bool:
@@ -51,14 +57,14 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _attachment(args: skel.CmdArgs) -> netlink.Attachment:
+def _attachment(args: skel.CmdArgs) -> Attachment:
     try:
-        return netlink.Attachment(args.network, args.container_id, args.ifname)
+        return Attachment(args.network, args.container_id, args.ifname)
     except ValueError as exc:
         raise CNIError(INVALID_CONFIG, f"cannot record the attachment on its host veth: {exc}") from None
 
 
-def _held_eni(store: Store, args: skel.CmdArgs, cfg: dict) -> tuple[str | None, netlink.SecondaryEni | None]:
+def _held_eni(store: Store, args: skel.CmdArgs, cfg: dict) -> tuple[str | None, SecondaryEni | None]:
     """The attachment's IP and, if it lives on a secondary ENI, that ENI (found later by its MAC)."""
     with store.locked(shared=True) as tx:
         doc = tx.read()
@@ -68,14 +74,14 @@ def _held_eni(store: Store, args: skel.CmdArgs, cfg: dict) -> tuple[str | None, 
     if held.primary_eni:
         return held.ip, None
     eni = doc["enis"][held.eni_id]
-    return held.ip, netlink.SecondaryEni(mac=eni["mac"], device_number=held.device_number, subnet=held.subnet_cidr,
-                                         mtu=cfg["AWS_VPC_ENI_MTU"], primary_ip=eni["primary_ip"])
+    return held.ip, SecondaryEni(mac=eni["mac"], device_number=held.device_number, subnet=held.subnet_cidr,
+                                 mtu=cfg["AWS_VPC_ENI_MTU"], primary_ip=eni["primary_ip"])
 
 
-def _pod_network(args: skel.CmdArgs, cfg: dict, pod_ip: str, eni) -> netlink.PodNetwork:
+def _pod_network(args: skel.CmdArgs, cfg: dict, pod_ip: str, eni) -> datapath.PodNetwork:
     try:
-        return netlink.PodNetwork(attachment=_attachment(args), netns=args.netns, host_veth=_host_veth(args, cfg),
-                                  pod_ip=pod_ip, mtu=cfg["POD_MTU"], eni=eni)
+        return datapath.PodNetwork(attachment=_attachment(args), netns=args.netns, host_veth=_host_veth(args, cfg),
+                                   pod_ip=pod_ip, mtu=cfg["POD_MTU"], eni=eni)
     except ValueError as exc:
         raise CNIError(INVALID_CONFIG, str(exc)) from None
 
@@ -84,8 +90,8 @@ def cmd_add(args: skel.CmdArgs) -> dict:
     cfg, ipam_type, store = _config(args)
     _attachment(args)  # refuse what the veth's alias cannot record, and a bad netns, before any IP is taken
     try:
-        netlink.check_netns(args.netns)
-    except netlink.NetnsError as exc:
+        check_netns(args.netns)
+    except NetnsError as exc:
         raise CNIError(INVALID_ENVIRONMENT, f"CNI_NETNS: {exc}") from None
     ipam_result = delegate(args, ipam_type, "ADD")
     try:
@@ -96,7 +102,7 @@ def cmd_add(args: skel.CmdArgs) -> dict:
         held_ip, eni = _held_eni(store, args, cfg)
         if held_ip not in (None, pod_ip):
             raise CNIError(INVALID_CONFIG, f"{ipam_type} returned {pod_ip} but the store holds {held_ip}")
-        pair = netlink.setup_pod(_pod_network(args, cfg, pod_ip, eni))
+        pair = datapath.setup_pod(_pod_network(args, cfg, pod_ip, eni))
     except BaseException:
         delegate(args, ipam_type, "DEL")
         raise
@@ -105,8 +111,8 @@ def cmd_add(args: skel.CmdArgs) -> dict:
     return {
         "interfaces": [{"name": pair.host_name, "mac": pair.host_mac},
                        {"name": pair.pod_name, "mac": pair.pod_mac, "sandbox": args.netns}],
-        "ips": [{"address": f"{pod_ip}/32", "gateway": netlink.POD_GATEWAY, "interface": 1}],
-        "routes": [{"dst": "0.0.0.0/0", "gw": netlink.POD_GATEWAY}],
+        "ips": [{"address": f"{pod_ip}/32", "gateway": datapath.POD_GATEWAY, "interface": 1}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": datapath.POD_GATEWAY}],
         "dns": args.conf.get("dns") or ipam_result.get("dns", {}),
     }
 
@@ -124,7 +130,7 @@ def cmd_del(args: skel.CmdArgs) -> None:
     except CNIError:  # a name no ADD could have used: nothing of ours on the host, only the IPAM to ask
         attachment = None
     if attachment is not None:
-        netlink.teardown_pod(attachment, host_veth=_host_veth(args, cfg), pod_ip=pod_ip, netns=args.netns or None)
+        datapath.teardown_pod(attachment, host_veth=_host_veth(args, cfg), pod_ip=pod_ip, netns=args.netns or None)
     delegate(args, ipam_type, "DEL")
 
 
@@ -143,7 +149,7 @@ def cmd_check(args: skel.CmdArgs) -> None:
     held_ip, eni = _held_eni(store, args, cfg)
     net = _pod_network(args, cfg, pod_ips[0], eni)
     macs = {i["name"]: i.get("mac") for i in interfaces}
-    problems = netlink.check_pod(net, pod_mac=macs.get(args.ifname), host_mac=macs.get(net.host_veth))
+    problems = datapath.check_pod(net, pod_mac=macs.get(args.ifname), host_mac=macs.get(net.host_veth))
     if problems:
         raise CNIError(CHECK_FAILED, "; ".join(problems))
 
@@ -154,11 +160,11 @@ def cmd_gc(args: skel.CmdArgs) -> None:
     keep = skel.valid_attachments(args.conf)
     errors = []
     routed = set()
-    for veth in netlink.list_host_veths(cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
+    for veth in list_host_veths(cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
         att = veth.attachment
         if veth.unfinished:  # an ADD killed right after creating the pair, before it marked the host end
             try:
-                if netlink.remove_unfinished_veth(veth.name):
+                if remove_unfinished_veth(veth.name):
                     args.log.info("GC removed an unfinished host veth", host_veth=veth.name)
             except CNIError as exc:
                 errors.append(str(exc))
@@ -167,7 +173,7 @@ def cmd_gc(args: skel.CmdArgs) -> None:
             routed.update(veth.pod_ips)
             continue
         try:
-            netlink.teardown_pod(att, host_veth=veth.name, pod_ip=veth.pod_ips[0] if veth.pod_ips else None)
+            datapath.teardown_pod(att, host_veth=veth.name, pod_ip=veth.pod_ips[0] if veth.pod_ips else None)
             args.log.info("GC removed a stale attachment", container=att.container_id, host_veth=veth.name)
         except CNIError as exc:
             errors.append(str(exc))
@@ -175,9 +181,9 @@ def cmd_gc(args: skel.CmdArgs) -> None:
     with store.locked(shared=True) as tx:
         doc = tx.read()
     held = {ip for _, _, ip in Pool(doc, time.time()).attachments()} if doc else set()
-    for ip in netlink.list_pod_rule_ips() - routed - held:  # rules whose veth and reservation are gone
+    for ip in list_pod_rule_ips() - routed - held:  # rules whose veth and reservation are gone
         try:
-            netlink.teardown_pod(netlink.Attachment(args.network, "gc", "gc"), pod_ip=ip)
+            datapath.teardown_pod(Attachment(args.network, "gc", "gc"), pod_ip=ip)
         except CNIError as exc:
             errors.append(str(exc))
     if errors:

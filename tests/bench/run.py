@@ -482,8 +482,9 @@ class Bench:
     def fill_host(self, node: str, got: list) -> None:
         """What each filled pod would have left on the node: its host veth, named and aliased as ADD
         names it (the pod ends all go to one sink namespace), its /32 route, rules 512 and 1536, and
-        the ENI tables (built by cnicore.netlink itself, as the first ADD on each ENI builds them)."""
-        from cnicore import netlink
+        the ENI tables (built by cnicore.podroutes itself, as the first ADD on each ENI builds them)."""
+        from cnicore import podroutes, rtnl
+        from cnicore.veths import Attachment, host_veth_name
         from cnicore.store import Store
 
         sink = f"{self.prefix}-sink"
@@ -491,24 +492,24 @@ class Bench:
         enis = {}
         batch = []
         for n, a in enumerate(got):
-            veth = netlink.host_veth_name("eni", pod_namespace="default", pod_name=f"fill-{n}")
-            alias = netlink.Attachment(self.network, f"fill{n:04d}", "eth0").alias
+            veth = host_veth_name("eni", pod_namespace="default", pod_name=f"fill-{n}")
+            alias = Attachment(self.network, f"fill{n:04d}", "eth0").alias
             batch += [f"link add {veth} type veth peer name p{n} netns {sink}", f"link set {veth} alias {alias} up",
                       f"route add {a.ip}/32 dev {veth} scope link",
-                      f"rule add to {a.ip}/32 priority {netlink.TO_POD_RULE_PRIORITY} table main"]
+                      f"rule add to {a.ip}/32 priority {podroutes.TO_POD_RULE_PRIORITY} table main"]
             if not a.primary_eni:
-                batch.append(f"rule add from {a.ip}/32 priority {netlink.FROM_POD_RULE_PRIORITY} "
+                batch.append(f"rule add from {a.ip}/32 priority {podroutes.FROM_POD_RULE_PRIORITY} "
                              f"table {a.device_number + 1}")
                 enis[a.eni_id] = a
         self.lab.exec(node, ["ip", "-batch", "-"], input="\n".join(batch) + "\n", timeout=300)
         with Store(self.data[node], self.network).locked(shared=True) as tx:
             doc = tx.read()
-        with netns.entered(self.lab.netns(node)):
+        with netns.entered(self.lab.netns(node)), rtnl.Netns() as host:
             for eni_id, a in enis.items():
                 eni = doc["enis"][eni_id]
-                netlink.ensure_eni_table(netlink.SecondaryEni(mac=eni["mac"], device_number=a.device_number,
-                                                              subnet=a.subnet_cidr, mtu=9001,
-                                                              primary_ip=eni["primary_ip"]))
+                podroutes.ensure_eni_table(host, podroutes.SecondaryEni(mac=eni["mac"], device_number=a.device_number,
+                                                                        subnet=a.subnet_cidr, mtu=9001,
+                                                                        primary_ip=eni["primary_ip"]))
 
     def scale_round(self, k: int, label: str) -> dict:
         """k ADD/DEL cycles of one pod, alternating node1 (1 assigned) and node2 (filled)."""

@@ -279,18 +279,18 @@ def test_code_11_says_limit_reached_growing_or_cooling(fresh_lab, tmp_path):
 
 RACE_SCRIPT = r"""
 import json, os, subprocess, sys
-from cnicore import netlink, settings
+from cnicore import settings, veths
 from cnicore.log import Logger
 from aws_vpc_cni_agent.loop import Agent
 
-listing = netlink.list_host_veths
+listing = veths.list_host_veths
 
 def list_then_del(prefix):
     found = listing(prefix)  # the pod is alive in this listing...
     subprocess.run(json.loads(os.environ["DEL_ARGV"]), check=True, env=json.loads(os.environ["DEL_ENV"]))
     return found  # ...and its DEL has completed before the agent applies it
 
-netlink.list_host_veths = list_then_del
+veths.list_host_veths = list_then_del
 cfg = settings.from_env(os.environ)
 agent = Agent(cfg, "aws-vpc", Logger("race", os.environ["LOG"], "DEBUG"), 1.0)
 getattr(agent, os.environ["STEP"])()
@@ -335,11 +335,11 @@ exit $rc
 
 ADD_RACE_SCRIPT = r"""
 import os, time
-from cnicore import netlink, settings
+from cnicore import settings, veths
 from cnicore.log import Logger
 from aws_vpc_cni_agent.loop import Agent
 
-listing = netlink.list_host_veths
+listing = veths.list_host_veths
 
 def ended(pid):
     try:
@@ -356,7 +356,7 @@ def list_then_finish_the_add(prefix):
         time.sleep(0.01)
     return found  # ...and the ADD has completed (veth made, its processes gone) before it is applied
 
-netlink.list_host_veths = list_then_finish_the_add
+veths.list_host_veths = list_then_finish_the_add
 cfg = settings.from_env(os.environ)
 agent = Agent(cfg, "aws-vpc", Logger("race", os.environ["LOG"], "DEBUG"), 1.0)
 agent.converge_attachments()

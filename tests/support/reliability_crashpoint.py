@@ -61,15 +61,15 @@ class _Steps:
 def _install(step: _Steps) -> None:
     import subprocess
 
-    from cnicore import netlink, skel
+    from cnicore import rtnl, skel
 
-    change = netlink._Netns.change
+    change = rtnl.Netns.change
 
     def netlink_change(self, what, *args, **kwargs):
         step(f"netlink {what}")
         return change(self, what, *args, **kwargs)
 
-    netlink._Netns.change = netlink_change
+    rtnl.Netns.change = netlink_change
 
     execute_child = subprocess.Popen._execute_child
 

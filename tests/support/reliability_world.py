@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from support.labnode import BIN, CNITOOL, NETWORK, PREFIX, REFERENCE_PLUGINS, LabNode, NodeView
 
-from cnicore import netlink
+from cnicore.veths import Attachment, host_veth_name
 
 UP, DOWN, DIRTY = "up", "down", "dirty"
 FULL_CHAIN = ("aws-vpc-bridge", "aws-snat", "portmap-compat")
@@ -55,7 +55,7 @@ class Pod:
 
     @property
     def veth(self) -> str:
-        return netlink.host_veth_name(PREFIX, pod_namespace="default", pod_name=self.name)
+        return host_veth_name(PREFIX, pod_namespace="default", pod_name=self.name)
 
     @property
     def cap_args(self):
@@ -254,7 +254,7 @@ def check_node(node: ChainNode, pods: list[Pod], *, pod_side: list[Pod] = (), ip
             ip_holder[ip] = (att, eni)
     names = {p.veth: p for p in pods}
     for name, alias in view.veths.items():
-        att = netlink.Attachment.from_alias(alias)
+        att = Attachment.from_alias(alias)
         pod = by_cid.get(att.container_id) if att else names.get(name)
         if pod is None:
             problems.append(f"veth {name} (alias {alias!r}) belongs to no pod of the test")
@@ -263,7 +263,7 @@ def check_node(node: ChainNode, pods: list[Pod], *, pod_side: list[Pod] = (), ip
         elif att is None and pod.state == UP:
             problems.append(f"veth {name} of {pod.name} ({pod.state}) has no alias")
     for ip, dev in view.routes.items():
-        att = netlink.Attachment.from_alias(view.veths.get(dev))
+        att = Attachment.from_alias(view.veths.get(dev))
         holder = ip_holder.get(ip)
         if att is None or holder is None or holder[0] != (att.container_id, att.ifname):
             problems.append(f"route {ip} dev {dev} ({att}) but the store has {ip} held by {holder}")
@@ -286,7 +286,7 @@ def check_node(node: ChainNode, pods: list[Pod], *, pod_side: list[Pod] = (), ip
                 problems.append(f"{pod.name} (up, {pod.ip}): the store holds {ips} for it")
                 continue
             eni = enis[ips[0][1]]
-            if netlink.Attachment.from_alias(view.veths.get(pod.veth)) != netlink.Attachment(NETWORK, pod.cid, "eth0"):
+            if Attachment.from_alias(view.veths.get(pod.veth)) != Attachment(NETWORK, pod.cid, "eth0"):
                 problems.append(f"{pod.name} (up): veth {pod.veth} is {view.veths.get(pod.veth, 'missing')!r}")
             if view.routes.get(pod.ip) != pod.veth:
                 problems.append(f"{pod.name} (up): route {pod.ip} dev {view.routes.get(pod.ip)}")
