@@ -16,7 +16,6 @@ import re
 import select
 import signal
 import socket
-import struct
 import time
 
 import pytest
@@ -24,7 +23,7 @@ import pytest
 from aws_vpc_bridge import datapath
 from cnicore import podroutes, rtnl
 from cnicore.veths import Attachment, host_veth_name, list_host_veths, remove_unfinished_veth
-from vpclab import netns
+from vpclab import netns, probe
 
 NODE_IP = "10.0.0.10"
 ROUTER_PRIMARY_IP = "10.0.0.1"
@@ -191,32 +190,11 @@ def in_netns(name: str, func, *args, **kwargs):
 
 
 def ping(dst: str, timeout: float = 1.0) -> bool:
-    """One ICMP echo from the current namespace; True when the matching reply came back."""
-    ident = os.getpid() & 0xFFFF
-    payload = b"avc-netlink-test"
-    header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
-    packet = header[:2] + struct.pack("!H", _checksum(header + payload)) + header[4:] + payload
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
-        try:
-            sock.sendto(packet, (dst, 0))
-        except OSError:
-            return False
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if not select.select([sock], [], [], left)[0]:
-                break
-            data, (src, _) = sock.recvfrom(2048)
-            start = (data[0] & 0x0F) * 4
-            kind, _, _, reply_id, _ = struct.unpack("!BBHHH", data[start:start + 8])
-            if kind == 0 and reply_id == ident and src == dst:
-                return True
-    return False
-
-
-def _checksum(data: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    return ~(total + (total >> 16)) & 0xFFFF
+    """One ICMP echo from the current namespace (vpclab's probe); True when the matching reply came back."""
+    try:
+        return probe.ping(dst, None, timeout)["ok"]
+    except OSError:  # no route to send it by
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
