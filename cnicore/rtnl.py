@@ -10,8 +10,9 @@ filtered by the kernel where the request says so (strict checking); where a dump
 filtered (links by MAC, rules with a mark, the route to one address), only the messages that hold
 the encoded attribute looked for are parsed: a node with 700 pods has 1,400 rules and 700 routes.
 
-A kernel refusal is a `DataPathError` (CNI code 102) naming the operation and the namespace. This
-module imports no more than aws-snat's start already does (see BENCHMARKS.md).
+A kernel refusal is a `DataPathError` (CNI code 102) naming the operation and the namespace. aws-snat
+imports this module on every exec: it imports nothing that aws-snat's start does not load anyway
+(tests/data/startup-modules.json).
 """
 
 from __future__ import annotations
@@ -441,25 +442,25 @@ def _rule(body: bytes) -> Rule:
 # Network namespaces
 
 
-def check_netns(path: str, label: str = "pod netns") -> None:
-    """Refuse (NetnsError) a netns path that is not absolute, cannot be opened, is not a network
+def check_netns(path: str) -> None:
+    """Refuse (NetnsError) a pod netns path that is not absolute, cannot be opened, is not a network
     namespace, or is the caller's own; cheap enough to run before any IP is taken."""
     import fcntl
     if not path.startswith("/"):
-        raise NetnsError(f"{label} {path!r} is not an absolute path")
+        raise NetnsError(f"pod netns {path!r} is not an absolute path")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise NetnsError(f"open {label} {path}: {exc.strerror}") from exc
+        raise NetnsError(f"open pod netns {path}: {exc.strerror}") from exc
     try:
         try:
             kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
         except OSError:
             kind = None
         if kind != CLONE_NEWNET:
-            raise NetnsError(f"{label} {path} is not a network namespace")
+            raise NetnsError(f"pod netns {path} is not a network namespace")
         if _same_file(fd, "/proc/thread-self/ns/net"):
-            raise NetnsError(f"{label} {path} is the host's own network namespace")
+            raise NetnsError(f"pod netns {path} is the host's own network namespace")
     finally:
         os.close(fd)
 
