@@ -19,6 +19,7 @@ from aws_vpc_cni_agent.conflist import CONFLIST_NAME, DEFAULT_CNI_VERSION, rende
 from cnicore.log import Logger
 from cnicore.pool import ASSIGNED, Pool
 from cnicore.rawnetlink import control_socket
+from cnicore.rtnl import DataPathError
 from cnicore.store import Store, StoreError
 
 SIOCGIFMTU, SIOCSIFMTU = 0x8921, 0x8922
@@ -211,7 +212,7 @@ class Agent:
         self.startup_error = None
         try:
             self.apply_primary_mtu()
-        except OSError as exc:  # pods still work at the old MTU; said once, as upstream logs it
+        except (OSError, DataPathError) as exc:  # pods still work at the old MTU; said once, as upstream logs it
             self.log.error(f"cannot set the primary ENI's MTU: {exc}")
         while not self.stopping.is_set():
             try:
