@@ -138,7 +138,8 @@ def test_every_frozen_program_starts_with_exactly_its_allowlisted_modules(traced
     problems = []
     for key, modules in sorted(tracer.seen.items()):
         new, gone = sorted(set(modules) - set(allowlist[key])), sorted(set(allowlist[key]) - set(modules))
-        if new or gone:
-            problems.append(f"{key}: loads {new or 'nothing'} beyond its allowlist; no longer loads {gone or 'nothing'}")
+        said = ([f"loads {new} beyond its allowlist"] if new else []) + ([f"no longer loads {gone}"] if gone else [])
+        if said:
+            problems.append(f"{key}: {'; '.join(said)}")
     assert not problems, f"start-up module sets changed (tests/data/startup-modules.json); measured:\n{measured}\n" + \
         "\n".join(problems)

@@ -109,3 +109,27 @@ def test_our_modules_import_one_another_without_a_circle():
     assert "cnicore.poolmgr" in graph["aws_vpc_cni_agent.loop"]
     found = cycles(graph)
     assert not found, "import circles: " + "; ".join(" -> ".join(c) for c in found)
+
+
+# What may import what (README "Architecture"): the core imports only the core; a plugin the core and
+# its own package; the agent the core, its own package, and aws-snat's main, whose node rules and
+# primary-interface lookup it runs as aws-snat does (so the rules have one author).
+ALLOWED_LAYERS = {
+    "cnicore": ("cnicore",),
+    "aws_eni_ipam": ("cnicore", "aws_eni_ipam"),
+    "aws_vpc_bridge": ("cnicore", "aws_vpc_bridge"),
+    "aws_snat": ("cnicore", "aws_snat"),
+    "portmap_compat": ("cnicore", "portmap_compat"),
+    "aws_vpc_cni_agent": ("cnicore", "aws_vpc_cni_agent", "aws_snat.main"),
+}
+
+
+def test_each_layer_imports_only_what_it_may():
+    modules = our_modules()
+    wrong = []
+    for name, path in sorted(modules.items()):
+        allowed = ALLOWED_LAYERS[name.split(".")[0]]
+        for target in sorted(imports_of(name, path, modules)):
+            if not any(target == a or target.startswith(a + ".") for a in allowed):
+                wrong.append(f"{name} imports {target}")
+    assert not wrong, "imports across layers: " + "; ".join(wrong)
