@@ -20,20 +20,13 @@ CONFLIST_NAME = "10-aws-vpc.conflist"  # sorts before the usual 10-aws.conflist,
 
 def render_conflist(cfg: dict, network: str = DEFAULT_NETWORK, cni_version: str = DEFAULT_CNI_VERSION) -> dict:
     """The default chain (ARCHITECTURE §1) with the settings rendered into each plugin's entry."""
-    pick = lambda *names: settings.to_conf({n: cfg[n] for n in names})  # noqa: E731
-    logging = pick("AWS_VPC_K8S_PLUGIN_LOG_FILE", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "AWS_VPC_CNI_LOG_MAX_SIZE",
-                   "AWS_VPC_CNI_LOG_MAX_BACKUPS", "AWS_VPC_CNI_LOG_MAX_AGE")
-    ipam = {"type": "aws-eni-ipam", **pick("AWS_VPC_CNI_DATA_DIR", "WARM_IP_TARGET", "MINIMUM_IP_TARGET",
-                                            "WARM_ENI_TARGET", "MAX_ENI", "IP_COOLDOWN_PERIOD", "CLUSTER_NAME",
-                                            "ENABLE_PREFIX_DELEGATION", "WARM_PREFIX_TARGET")}
-    bridge = {"type": "aws-vpc-bridge", **pick("AWS_VPC_K8S_CNI_VETHPREFIX", "POD_MTU", "AWS_VPC_ENI_MTU"),
-              **logging, "ipam": ipam}
-    snat = {"type": "aws-snat", **pick("AWS_VPC_K8S_CNI_EXTERNALSNAT", "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
-                                       "AWS_VPC_K8S_CNI_RANDOMIZESNAT", "AWS_VPC_CNI_NODE_PORT_SUPPORT",
-                                       "AWS_VPC_K8S_CNI_CONNMARK", "AWS_VPC_K8S_CNI_VETHPREFIX",
-                                       "AWS_VPC_CNI_DATA_DIR", "AWS_VPC_CNI_NETFILTER_MODE"), **logging}
+    pick = lambda names: settings.to_conf({n: cfg[n] for n in names})  # noqa: E731
+    logging = pick(settings.PLUGIN_LOG)
+    ipam = {"type": "aws-eni-ipam", **pick(settings.IPAM)}
+    bridge = {"type": "aws-vpc-bridge", **pick(settings.BRIDGE), **logging, "ipam": ipam}
+    snat = {"type": "aws-snat", **pick(settings.SNAT), **logging}
     portmap = {"type": "portmap-compat", "capabilities": {"portMappings": True}, "snat": True,
-               **pick("AWS_VPC_CNI_DATA_DIR", "AWS_VPC_CNI_NETFILTER_MODE"), **logging}
+               **pick(settings.PORTMAP), **logging}
     return {"cniVersion": cni_version, "name": network, "plugins": [bridge, snat, portmap]}
 
 

@@ -385,6 +385,19 @@ SETTINGS = {s.env: s for s in (
 )}
 
 
+# What each plugin reads from its conflist entry: the one list per plugin type, used by the plugin
+# (from_conf) and by the agent's conflist renderer (to_conf), so the two cannot disagree.
+PLUGIN_LOG = ("AWS_VPC_K8S_PLUGIN_LOG_FILE", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "AWS_VPC_CNI_LOG_MAX_SIZE",
+              "AWS_VPC_CNI_LOG_MAX_BACKUPS", "AWS_VPC_CNI_LOG_MAX_AGE")  # every plugin, read by the skeleton
+IPAM = ("AWS_VPC_CNI_DATA_DIR", "WARM_IP_TARGET", "MINIMUM_IP_TARGET", "WARM_ENI_TARGET", "MAX_ENI",
+        "IP_COOLDOWN_PERIOD", "CLUSTER_NAME", "ENABLE_PREFIX_DELEGATION", "WARM_PREFIX_TARGET")  # aws-eni-ipam
+BRIDGE = ("AWS_VPC_K8S_CNI_VETHPREFIX", "POD_MTU", "AWS_VPC_ENI_MTU")  # aws-vpc-bridge
+SNAT = ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
+        "AWS_VPC_CNI_NODE_PORT_SUPPORT", "AWS_VPC_K8S_CNI_CONNMARK", "AWS_VPC_K8S_CNI_VETHPREFIX",
+        "AWS_VPC_CNI_DATA_DIR", "AWS_VPC_CNI_NETFILTER_MODE")  # aws-snat
+PORTMAP = ("AWS_VPC_CNI_DATA_DIR", "AWS_VPC_CNI_NETFILTER_MODE")  # portmap-compat
+
+
 def warn_to_stderr(msg: str) -> None:
     sys.stderr.write(f"aws-vpc-cni: warning: {msg}\n")
 

@@ -313,9 +313,7 @@ def _version_info(stdin: bytes) -> dict:
 def _logger(plugin: str, conf: dict) -> Logger:
     """The plugin's log: file, level and rotation, validated like every setting (a bad one is code 7,
     logged to stderr)."""
-    cfg = cnisettings.from_conf(conf, ("AWS_VPC_K8S_PLUGIN_LOG_FILE", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL",
-                                       "AWS_VPC_CNI_LOG_MAX_SIZE", "AWS_VPC_CNI_LOG_MAX_BACKUPS",
-                                       "AWS_VPC_CNI_LOG_MAX_AGE"))
+    cfg = cnisettings.from_conf(conf, cnisettings.PLUGIN_LOG)
     return Logger(plugin, cfg["AWS_VPC_K8S_PLUGIN_LOG_FILE"], cfg["AWS_VPC_K8S_PLUGIN_LOG_LEVEL"], **rotation(cfg))
 
 

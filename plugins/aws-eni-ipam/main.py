@@ -20,8 +20,6 @@ from cnicore.pool import Pool, PoolExhausted
 from cnicore.store import Store, StoreError
 
 GROWING = "the node agent was asked to grow the pool"
-POOL_SETTINGS = ("WARM_IP_TARGET", "MINIMUM_IP_TARGET", "WARM_ENI_TARGET", "MAX_ENI", "IP_COOLDOWN_PERIOD",
-                 "CLUSTER_NAME", "AWS_VPC_CNI_DATA_DIR", "ENABLE_PREFIX_DELEGATION", "WARM_PREFIX_TARGET")
 
 
 def _ipam_conf(args: skel.CmdArgs) -> dict:
@@ -32,7 +30,7 @@ def _ipam_conf(args: skel.CmdArgs) -> dict:
 
 
 def _settings(args: skel.CmdArgs) -> dict:
-    return settings.from_conf(_ipam_conf(args), POOL_SETTINGS)
+    return settings.from_conf(_ipam_conf(args), settings.IPAM)
 
 
 def _store(args: skel.CmdArgs, cfg: dict) -> Store:

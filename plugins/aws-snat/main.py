@@ -62,9 +62,6 @@ from cnicore.rtnl import IPV4_DEVCONF_RP_FILTER, MAIN_TABLE, RTPROT_BOOT, Netns,
 from cnicore.rtnl import Rule as IpRule
 from cnicore.store import Store
 
-SNAT_SETTINGS = ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
-                 "AWS_VPC_CNI_NODE_PORT_SUPPORT", "AWS_VPC_K8S_CNI_CONNMARK", "AWS_VPC_K8S_CNI_VETHPREFIX",
-                 "AWS_VPC_CNI_DATA_DIR", "AWS_VPC_CNI_NETFILTER_MODE")
 
 SNAT_CHAIN = "AWS-SNAT-CHAIN-0"
 CONNMARK_CHAIN = "AWS-CONNMARK-CHAIN-0"
@@ -152,7 +149,7 @@ def cmd_status(args: skel.CmdArgs) -> None:
 
 
 def _settings(args: skel.CmdArgs) -> dict:
-    return settings.from_conf(args.conf, SNAT_SETTINGS)
+    return settings.from_conf(args.conf, settings.SNAT)
 
 
 def _netfilter(cfg: dict) -> Netfilter:

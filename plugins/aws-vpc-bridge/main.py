@@ -23,12 +23,10 @@ from cnicore.veths import Attachment, host_veth_name, list_host_veths, remove_un
 
 from aws_vpc_bridge import datapath
 
-BRIDGE_SETTINGS = ("AWS_VPC_K8S_CNI_VETHPREFIX", "POD_MTU", "AWS_VPC_ENI_MTU")
-
 
 def _config(args: skel.CmdArgs) -> tuple[dict, str, Store]:
     """(settings, IPAM plugin type, the IPAM's state store) from the plugin's config."""
-    cfg = settings.from_conf(args.conf, BRIDGE_SETTINGS)
+    cfg = settings.from_conf(args.conf, settings.BRIDGE)
     ipam = args.conf.get("ipam")
     if not isinstance(ipam, dict) or not isinstance(ipam.get("type"), str) or not ipam["type"]:
         raise CNIError(INVALID_CONFIG, "aws-vpc-bridge needs an \"ipam\" object with a \"type\"")

@@ -321,7 +321,7 @@ def _conditions(raw: dict, key: str) -> list[str]:
 
 def netfilter_settings(raw: dict) -> tuple[str, str]:
     """The netfilter mode, and the data dir whose lock aws-snat takes too (both rewrite the nat table)."""
-    cfg = settings.from_conf(raw, ["AWS_VPC_CNI_NETFILTER_MODE", "AWS_VPC_CNI_DATA_DIR"])
+    cfg = settings.from_conf(raw, settings.PORTMAP)
     return cfg["AWS_VPC_CNI_NETFILTER_MODE"], cfg["AWS_VPC_CNI_DATA_DIR"]
 
 

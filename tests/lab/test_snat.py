@@ -69,7 +69,7 @@ IP = shutil.which("ip")
 
 def cfg(**overrides) -> dict:
     """Settings as the plugin parses them, from conflist keys."""
-    return settings.from_conf(overrides, snat.SNAT_SETTINGS)
+    return settings.from_conf(overrides, settings.SNAT)
 
 
 NODE = snat.Node(PRIMARY_IP, MAC, (VPC,), "test")
@@ -449,7 +449,7 @@ def test_node_desired_is_the_state_add_converges_to_from_the_store_and_the_prima
     """The agent converges the node every round through `node_desired`, from its settings alone."""
     keys = {"randomizeSNAT": "hashrandom", "excludeSNATCIDRs": ["198.51.100.0/24"], "dataDir": node.data_dir}
     script = ("import json, sys; from aws_snat import main as snat; from cnicore import settings; "
-              "cfg = settings.from_conf(json.loads(sys.argv[1]), snat.SNAT_SETTINGS); "
+              "cfg = settings.from_conf(json.loads(sys.argv[1]), settings.SNAT); "
               "print(json.dumps(snat.node_desired(cfg, sys.argv[2]), default=repr))")
     out = subprocess.run(["ip", "netns", "exec", node.ns, sys.executable, "-c", script, json.dumps(keys), NETWORK],
                          capture_output=True, text=True, check=True, timeout=60).stdout
