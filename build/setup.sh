@@ -8,6 +8,11 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 tools="$top/.tools"
 venv="$top/.venv"
+# One set-up at a time (make test and make demo started together both run it); the second waits, then
+# finds the work done. The lock file lives in .tools, which is git-ignored.
+mkdir -p "$tools"
+exec 8>"$tools/.setup.lock"
+flock 8
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 
