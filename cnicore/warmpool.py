@@ -11,6 +11,10 @@ cannot be handed out (`free` excludes it).
 - Otherwise WARM_ENI_TARGET (W): too low when available < W * ips_per_eni (with W = 0: when
   nothing is available); grow by whole ENIs' worth; free an ENI when
   available >= (W + 1) * ips_per_eni. Single IPs are not given back in this mode.
+- Pods waiting for an IP (`waiting`: their ADD found no free address and they have none yet) are
+  demand the targets do not see: every formula takes `available - waiting` for `available`, so one
+  round grows for all of them (a node given 30 pods at once adds every ENI they need in one round,
+  not one WARM_ENI_TARGET step per round as pods trickle in). Upstream's ipamd has no such input.
 - Grow by filling existing ENIs first (lowest device index first), then new ENIs, never beyond
   the instance type's limits or MAX_ENI; not at all for GROWTH_PAUSE after EC2 said the subnet
   is out of addresses.
@@ -217,6 +221,7 @@ class Figures:
     prefix_delegation: bool = False
     prefixes: int = 0
     free_prefixes: int = 0
+    waiting: int = 0  # pods waiting for an IP, counted as demand
 
     @property
     def capacity(self) -> int:
@@ -238,35 +243,37 @@ def max_enis(settings: PoolSettings, limits: InstanceLimits) -> int:
     return min(limits.max_enis, settings.max_eni or limits.max_enis)
 
 
-def measure(enis: Sequence[ENIState], settings: PoolSettings, limits: InstanceLimits) -> Figures:
+def measure(enis: Sequence[ENIState], settings: PoolSettings, limits: InstanceLimits, waiting: int = 0) -> Figures:
     pd = settings.prefix_delegation
     draining = sum(e.other_kind_free(pd) for e in enis)
     ips = limits.ips_per_eni * (PREFIX_SIZE if pd else 1)
     total = sum(e.total for e in enis) - draining
     assigned = sum(e.assigned for e in enis)
     available = total - assigned
+    left = available - waiting  # what stays available once the waiting pods have an IP each
     prefixes, free_prefixes = sum(e.prefixes for e in enis), sum(e.free_prefixes for e in enis)
     if settings.mode == MODE_IP_TARGET:
         warm, minimum = settings.warm_ip_target or 0, settings.minimum_ip_target or 0
-        short = max(max(warm - available, 0), minimum - total)
-        over = max(min(max(available - warm, 0), total - minimum), 0)
+        short = max(max(warm - left, 0), minimum - total)
+        over = max(min(max(left - warm, 0), total - minimum), 0)
         if pd:
             short = -(-short // PREFIX_SIZE)
-            over = max(min(free_prefixes, prefixes - -(-(assigned + warm) // PREFIX_SIZE),
+            over = max(min(free_prefixes, prefixes - -(-(assigned + waiting + warm) // PREFIX_SIZE),
                            prefixes - -(-minimum // PREFIX_SIZE)), 0)
     elif settings.mode == MODE_PREFIX_TARGET:
         target = settings.warm_prefix_target
         floor = _prefix_floor(settings)
-        short = max(1, target - free_prefixes) if available < floor else 0
-        over = max(min(free_prefixes - target, (available - floor) // PREFIX_SIZE), 0)
+        # with nothing waiting, the last term never exceeds the second (free prefixes <= available / 16)
+        short = max(1, target - free_prefixes, -(-(floor - left) // PREFIX_SIZE)) if left < floor else 0
+        over = max(min(free_prefixes - target, (left - floor) // PREFIX_SIZE), 0)
     else:
         want = settings.warm_eni_target * ips
-        short = max(want - available, 0) or (1 if want == 0 and available == 0 else 0)
-        over = max(available - want, 0)
+        short = max(want - left, 0) or (1 if want == 0 and available == 0 else 0)
+        over = max(left - want, 0)
     return Figures(mode=settings.mode, enis=len(enis), max_enis=max_enis(settings, limits), ips_per_eni=ips,
                    total=total, assigned=assigned, cooling=sum(e.cooling for e in enis),
                    available=available, free=sum(e.free for e in enis) - draining, short=short, over=over,
-                   prefix_delegation=pd, prefixes=prefixes, free_prefixes=free_prefixes)
+                   prefix_delegation=pd, prefixes=prefixes, free_prefixes=free_prefixes, waiting=waiting)
 
 
 def _prefix_floor(settings: PoolSettings) -> int:
@@ -286,13 +293,15 @@ def warm_floor(settings: PoolSettings, limits: InstanceLimits) -> int:
 
 def decide(enis: Sequence[ENIState], settings: PoolSettings, limits: InstanceLimits, now: float, *,
            last_release_at: float | None = None, insufficient_addresses_at: float | None = None,
-           insufficient_reason: str | None = None, prefixes_refused_at: float | None = None) -> Decision:
+           insufficient_reason: str | None = None, prefixes_refused_at: float | None = None,
+           waiting: int = 0) -> Decision:
     """What the pool should do now: grow, or give back IPs (prefixes) and/or free one ENI; and give
     back the free addresses of the kind the mode does not hand out. `insufficient_reason` says
     what EC2 answered when it last found the subnet short (InsufficientCidrBlocks, ...);
-    `prefixes_refused_at` when EC2 last refused prefixes to this instance type."""
+    `prefixes_refused_at` when EC2 last refused prefixes to this instance type; `waiting` how many
+    pods wait for an IP."""
     _check_unique(enis)
-    figures = measure(enis, settings, limits)
+    figures = measure(enis, settings, limits, waiting)
     drain = _drain_plan(enis, settings.prefix_delegation)
     if figures.short:
         if settings.prefix_delegation and prefixes_refused_at is not None and now - prefixes_refused_at < GROWTH_PAUSE:
@@ -318,7 +327,7 @@ def decide(enis: Sequence[ENIState], settings: PoolSettings, limits: InstanceLim
     release_due = last_release_at is None or now - last_release_at >= IP_RELEASE_INTERVAL
     if settings.mode != MODE_ENI_TARGET and release_due:
         rest = [e for e in enis if e.eni_id != free_eni]
-        over = measure(rest, settings, limits).over
+        over = measure(rest, settings, limits, waiting).over
         release = _release_plan(rest, over, prefixes=settings.prefix_delegation)
     return Decision(figures, release=drain + release, free_eni=free_eni)
 
@@ -377,7 +386,8 @@ def _limit_reason(settings: PoolSettings, limits: InstanceLimits, figures: Figur
 def _eni_to_free(enis: Sequence[ENIState], settings: PoolSettings, limits: InstanceLimits, figures: Figures,
                  now: float) -> str | None:
     """The ENI to detach and delete now, if any: the idle one with the highest device index."""
-    if settings.mode == MODE_ENI_TARGET and figures.available < (settings.warm_eni_target + 1) * figures.ips_per_eni:
+    if (settings.mode == MODE_ENI_TARGET
+            and figures.available - figures.waiting < (settings.warm_eni_target + 1) * figures.ips_per_eni):
         return None
     for eni in sorted(enis, key=lambda e: -e.device_index):
         if (eni.primary or not eni.ours or eni.assigned or eni.cooling
@@ -385,7 +395,7 @@ def _eni_to_free(enis: Sequence[ENIState], settings: PoolSettings, limits: Insta
             continue
         if settings.mode != MODE_ENI_TARGET:
             # the other ENIs must still meet the targets
-            if measure([e for e in enis if e is not eni], settings, limits).short:
+            if measure([e for e in enis if e is not eni], settings, limits, figures.waiting).short:
                 continue
         return eni.eni_id
     return None
