@@ -3,7 +3,8 @@
 The agent holds an exclusive flock on `<dataDir>/agent.lock` for as long as it runs, so a plugin can
 tell "an agent is alive" from a non-blocking lock attempt (a crashed agent releases the lock with its
 last breath). A plugin that finds the pool empty sends one datagram to `<dataDir>/agent.nudge` so the
-agent grows the pool now rather than at its next tick; a DEL that could not write its release to the
+agent grows the pool now rather than at its next tick (naming the attachment that waits for an IP,
+which the agent counts as demand until it has one); a DEL that could not write its release to the
 store sends the release, which the agent retries until it lands (a datagram needs no disk space).
 """
 
@@ -21,6 +22,7 @@ LOCK = "agent.lock"
 NUDGE = "agent.nudge"
 STATUS = "agent.sock"
 RELEASE = "release"
+WAITING = "waiting"
 MAX_MESSAGE = 4096  # a nudge datagram: a release names a container ID (up to ~1 KiB here)
 
 
@@ -90,15 +92,34 @@ def read_status(data_dir: str, timeout: float = 10.0) -> dict:
 def release_message(network: str, container_id: str, ifname: str, ip: str) -> bytes:
     """The nudge of a DEL that could not write its release (the store unwritable): the agent
     releases `ip` of that attachment itself, retrying until the store takes it."""
-    return "\0".join((RELEASE, network, container_id, ifname, ip)).encode()
+    return _message(RELEASE, network, container_id, ifname, ip)
 
 
 def parse_release(message: bytes) -> tuple[str, str, str, str] | None:
     """(network, container ID, ifname, IP) of a `release_message`, None for any other message."""
+    return _parse(message, RELEASE, 4)
+
+
+def waiting_message(network: str, container_id: str, ifname: str) -> bytes:
+    """The nudge of an ADD that found no free IP: the attachment waits for one (the runtime tries
+    again), so the agent grows for it as well as for its targets."""
+    return _message(WAITING, network, container_id, ifname)
+
+
+def parse_waiting(message: bytes) -> tuple[str, str, str] | None:
+    """(network, container ID, ifname) of a `waiting_message`, None for any other message."""
+    return _parse(message, WAITING, 3)
+
+
+def _message(kind: str, *fields: str) -> bytes:
+    return "\0".join((kind, *fields)).encode()
+
+
+def _parse(message: bytes, kind: str, count: int) -> tuple | None:
     parts = message.decode(errors="replace").split("\0")
-    if len(parts) != 5 or parts[0] != RELEASE or not all(parts[1:]):
+    if len(parts) != count + 1 or parts[0] != kind or not all(parts[1:]):
         return None
-    return parts[1], parts[2], parts[3], parts[4]
+    return tuple(parts[1:])
 
 
 def nudge(data_dir: str, message: bytes = b"grow") -> bool:
