@@ -3,7 +3,7 @@
 Document shape (schema 2; `schema` and `network` are added by the store):
 
     {"node": {"instance_id", "instance_type", "primary_eni", ...},
-     "enis": {"eni-...": {"mac", "device_number", "subnet_cidr", "primary_ip", "primary", "attached_at",
+     "enis": {"eni-...": {"mac", "device_number", "subnet_cidr", "primary_ip", "primary", "attached_at", "ours"?,
                           "prefixes": ["10.0.1.16/28", ...],
                           "ips": {"10.0.1.7": {"state": "free"}
                                               | {"state": "assigned", "container_id", "ifname",
@@ -21,6 +21,10 @@ each of their 16 addresses is an entry of `ips` like a secondary IP, so handing 
 cooling work alike for both kinds; an address belongs to a prefix when its /28 is listed. A prefix
 is free (may be given back) only when none of its addresses is assigned or cooling. A schema-1
 document is a schema-2 one without prefixes (the store reads both).
+
+This module is the one that knows the document's key names: everyone else reads and writes it
+through the views below (`Document`, `NodeFacts`, `ENI`, `IPEntry`, `AgentState`, `Blocked`,
+`LastError`) or through `Pool`.
 """
 
 from __future__ import annotations
@@ -58,7 +62,195 @@ class Assignment(record("Assignment", "ip eni_id device_number subnet_cidr prima
         return str(ipaddress.ip_network(self.subnet_cidr).network_address + 1)
 
 
+# --- the document's views ---------------------------------------------------------------------------
+_REQUIRED = object()
+
+
+class _Key:
+    """A key of a document dict, read and written as the view's attribute of the same name. One that
+    some documents lack reads as `default` (else KeyError); `view` wraps its dict value, `each` every
+    value of its dict value (a new dict of views over the stored ones)."""
+
+    __slots__ = ("name", "default", "view", "each")
+
+    def __init__(self, default=_REQUIRED, *, view=None, each=None):
+        self.default, self.view, self.each = default, view, each
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def _raw(self, d: dict):
+        return d[self.name] if self.default is _REQUIRED else d.get(self.name, self.default)
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        raw = self._raw(obj._d)
+        if raw is None or not (self.view or self.each):
+            return raw
+        return self.view(raw) if self.view else {key: self.each(value) for key, value in raw.items()}
+
+    def __set__(self, obj, value):
+        obj._d[self.name] = value._d if isinstance(value, _View) else value
+
+
+class _Section(_Key):
+    """A section of the document: created empty when missing, so that writes through it are kept."""
+
+    __slots__ = ()
+
+    def _raw(self, d: dict):
+        return d.setdefault(self.name, {})
+
+
+class _View:
+    """A typed view of one dict of the document: its attributes (`_Key`s) read and write that dict."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self, d: dict):
+        self._d = d
+
+    @classmethod
+    def new(cls, **values):
+        """A view of a new dict holding `values` (AttributeError for a name the view does not have)."""
+        view = cls({})
+        for name, value in values.items():
+            setattr(view, name, value)
+        return view
+
+    def as_dict(self) -> dict:
+        """A copy of the dict as stored (for JSON out of the store: the agent's status)."""
+        return dict(self._d)
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other._d == self._d
+
+    __hash__ = None
+
+    def __bool__(self) -> bool:
+        return bool(self._d)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._d!r})"
+
+
+class NodeFacts(_View):
+    """The node's facts (`node`): from IMDS at the document's creation, the instance's limits, and the
+    VPC's CIDR blocks and ID as the agent refreshes them (a document written before it kept the VPC's
+    ID lacks it)."""
+
+    __slots__ = ()
+    instance_id = _Key()
+    instance_type = _Key()
+    region = _Key()
+    availability_zone = _Key()
+    primary_mac = _Key(None)
+    primary_eni = _Key()
+    primary_ip = _Key(None)
+    subnet_id = _Key()
+    subnet_cidr = _Key()
+    security_groups = _Key()
+    vpc_id = _Key(None)
+    vpc_cidrs = _Key(None)
+    max_enis = _Key()
+    ipv4_per_eni = _Key()
+
+
+class IPEntry(_View):
+    """An address of an ENI's pool (`ips`): free, assigned (to an attachment: container ID and ifname,
+    the pod, since when, the process building it) or cooling (since when)."""
+
+    __slots__ = ()
+    state = _Key()
+    container_id = _Key(None)
+    ifname = _Key(None)
+    pod_namespace = _Key(None)
+    pod_name = _Key(None)
+    since = _Key(None)
+    owner = _Key(None)
+
+
+class ENI(_View):
+    """An attached ENI (`enis`): its facts, whether this CNI created it (`ours`), its /28 prefixes and
+    its addresses (`ips`: IPEntry views by IP)."""
+
+    __slots__ = ()
+    mac = _Key()
+    device_number = _Key()
+    subnet_cidr = _Key()
+    primary_ip = _Key()
+    primary = _Key()
+    attached_at = _Key()
+    ours = _Key(False)
+    prefixes = _Key(())
+    ips = _Key(each=IPEntry)
+
+    @property
+    def holds_pods(self) -> bool:
+        return any(entry.state == ASSIGNED for entry in self.ips.values())
+
+
+class Blocked(_View):
+    """Why the pool is short and cannot grow (`agent.blocked`), since when, and whether the instance's
+    limit is the reason (`limit`: then only a leaving pod frees an IP)."""
+
+    __slots__ = ()
+    reason = _Key()
+    since = _Key()
+    limit = _Key(False)
+
+
+class LastError(_View):
+    """The pool's last EC2 error (`agent.last_error`): the action, EC2's code and message, its kind
+    (throttled, unreachable, insufficient-addresses, prefixes-unsupported, error) and when."""
+
+    __slots__ = ()
+    action = _Key()
+    code = _Key()
+    message = _Key()
+    kind = _Key()
+    at = _Key()
+
+
+class AgentState(_View):
+    """What the agent (or the plugins' slow path) last did (`agent`; cnicore.poolmgr says what each
+    is for). Each reads None until it is first written."""
+
+    __slots__ = ()
+    blocked = _Key(None, view=Blocked)
+    last_error = _Key(None, view=LastError)
+    backoff = _Key(None)  # cnicore.ec2budget's backoff state
+    adopted = _Key(None)  # {eni_id: attachment_id}
+    insufficient_addresses_at = _Key(None)
+    insufficient_reason = _Key(None)
+    prefixes_refused_at = _Key(None)
+    last_release_at = _Key(None)
+    last_refresh = _Key(None)
+    last_tick = _Key(None)
+    warm_floor = _Key(None)
+
+    def adopt(self, eni_id: str, attachment_id: str) -> None:
+        self.adopted = {**(self.adopted or {}), eni_id: attachment_id}
+
+    def forget_adopted(self, eni_id: str) -> None:
+        adopted = self.adopted or {}
+        if eni_id in adopted:
+            self.adopted = {key: value for key, value in adopted.items() if key != eni_id}
+
+
+class Document(_View):
+    """The whole document (the store adds its envelope): node facts, ENIs by ID, agent state."""
+
+    __slots__ = ()
+    node = _Section(view=NodeFacts)
+    enis = _Section(each=ENI)
+    agent = _Section(view=AgentState)
+
+
 def new_document(node: dict) -> dict:
+    """A document with these node facts (a dict as `NodeFacts.new(...).as_dict()` makes), no ENI and no
+    agent state."""
     return {"node": dict(node), "enis": {}, "agent": {}}
 
 
