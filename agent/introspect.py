@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from cnicore.pool import ASSIGNED
+from cnicore.pool import ASSIGNED, Document
 
 NETWORK_SETTINGS = ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
                     "AWS_VPC_CNI_NODE_PORT_SUPPORT", "AWS_VPC_K8S_CNI_CONNMARK", "AWS_VPC_ENI_MTU", "POD_MTU",
@@ -29,10 +29,10 @@ UNSET = {"WARM_IP_TARGET": 0, "MINIMUM_IP_TARGET": 0, "MAX_ENI": -1}
 
 def enis(doc: dict) -> dict:
     pools, total, assigned = {}, 0, 0
-    for eni_id, eni in (doc.get("enis") or {}).items():
-        addresses = {ip: {"Assigned": entry["state"] == ASSIGNED} for ip, entry in eni["ips"].items()}
+    for eni_id, eni in Document(doc).enis.items():
+        addresses = {ip: {"Assigned": entry.state == ASSIGNED} for ip, entry in eni.ips.items()}
         held = sum(a["Assigned"] for a in addresses.values())
-        pools[eni_id] = {"IsPrimary": eni["primary"], "DeviceNumber": eni["device_number"],
+        pools[eni_id] = {"IsPrimary": eni.primary, "DeviceNumber": eni.device_number,
                          "AssignedIPv4Addresses": held, "IPv4Addresses": addresses}
         total += len(addresses)
         assigned += held
@@ -41,11 +41,11 @@ def enis(doc: dict) -> dict:
 
 def pods(doc: dict) -> dict:
     out = {}
-    for eni in (doc.get("enis") or {}).values():
-        for ip, entry in eni["ips"].items():
-            if entry["state"] == ASSIGNED:
-                key = f"{entry.get('pod_name', '')}_{entry.get('pod_namespace', '')}_{entry['container_id']}"
-                out[key] = {"IP": ip, "DeviceNumber": eni["device_number"]}
+    for eni in Document(doc).enis.values():
+        for ip, entry in eni.ips.items():
+            if entry.state == ASSIGNED:
+                key = f"{entry.pod_name or ''}_{entry.pod_namespace or ''}_{entry.container_id}"
+                out[key] = {"IP": ip, "DeviceNumber": eni.device_number}
     return out
 
 

@@ -17,7 +17,7 @@ import time
 
 from aws_vpc_cni_agent.conflist import CONFLIST_NAME, DEFAULT_CNI_VERSION, render_conflist, write_conflist
 from cnicore.log import Logger
-from cnicore.pool import ASSIGNED, Pool
+from cnicore.pool import ASSIGNED, Document, Pool
 from cnicore.rawnetlink import control_socket
 from cnicore.rtnl import DataPathError
 from cnicore.store import Store, StoreError
@@ -102,12 +102,12 @@ class Agent:
             before = tx.read()
         if before is None:
             return
-        seen = {ip: dict(entry) for eni in before["enis"].values() for ip, entry in eni["ips"].items()}
+        seen = {ip: entry for eni in Document(before).enis.values() for ip, entry in eni.ips.items()}
         # judged before the host is listed: an ADD that ends during the listing made its veth after
         # the listing looked, and its owner is gone by the time the listing is applied
         now = time.time()
-        in_flight = {ip for ip, entry in seen.items() if entry["state"] == ASSIGNED and (
-            process_alive(entry.get("owner")) or (not entry.get("owner") and now - entry["since"] <= ADD_GRACE))}
+        in_flight = {ip for ip, entry in seen.items() if entry.state == ASSIGNED and (
+            process_alive(entry.owner) or (not entry.owner and now - entry.since <= ADD_GRACE))}
         on_host = {}
         for veth in veths.list_host_veths(self.cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
             att = veth.attachment
@@ -123,8 +123,8 @@ class Agent:
             for (cid, ifname), ips in on_host.items():
                 for ip in ips:
                     entry = pool.entry(ip)
-                    if entry is not None and (entry != seen.get(ip) or (entry["state"] == ASSIGNED and (
-                            entry["container_id"], entry["ifname"]) == (cid, ifname))):
+                    if entry is not None and (entry != seen.get(ip) or (entry.state == ASSIGNED and (
+                            entry.container_id, entry.ifname) == (cid, ifname))):
                         continue  # recorded, or changed since the host was listed (judged next round)
                     if pool.claim(ip, cid, ifname):
                         changed = True
@@ -137,7 +137,7 @@ class Agent:
                 entry = pool.entry(ip)
                 if (cid, ifname) in on_host or entry != seen.get(ip):
                     continue  # alive, or assigned after the host was listed (an ADD in flight)
-                if any(h[:3] == (cid, ifname, ip) and h[3] >= entry["since"] for h in handed):
+                if any(h[:3] == (cid, ifname, ip) and h[3] >= entry.since for h in handed):
                     why = "a DEL could not write it"
                 elif ip in in_flight:
                     continue
@@ -173,17 +173,17 @@ class Agent:
         if doc is None:
             return
         pods = []
-        held = {ip: (eni, entry) for eni in doc["enis"].values() for ip, entry in eni["ips"].items()
-                if entry["state"] == ASSIGNED}
+        held = {ip: (eni, entry) for eni in Document(doc).enis.values() for ip, entry in eni.ips.items()
+                if entry.state == ASSIGNED}
         for veth in veths.list_host_veths(self.cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
             att = veth.attachment
             for ip in veth.pod_ips if att is not None and att.network == self.store.network else ():
                 eni, entry = held.get(ip, (None, None))
-                if entry is None or (entry["container_id"], entry["ifname"]) != (att.container_id, att.ifname):
+                if entry is None or (entry.container_id, entry.ifname) != (att.container_id, att.ifname):
                     continue  # not this pod's in the store: not ours to route
-                pods.append((ip, None if eni["primary"] else podroutes.SecondaryEni(
-                    mac=eni["mac"], device_number=eni["device_number"], subnet=eni["subnet_cidr"],
-                    mtu=self.cfg["AWS_VPC_ENI_MTU"], primary_ip=eni["primary_ip"])))
+                pods.append((ip, None if eni.primary else podroutes.SecondaryEni(
+                    mac=eni.mac, device_number=eni.device_number, subnet=eni.subnet_cidr,
+                    mtu=self.cfg["AWS_VPC_ENI_MTU"], primary_ip=eni.primary_ip)))
         repaired = podroutes.repair_node(pods)
         if repaired:
             self.log.info("repaired the data path of running pods", repaired=repaired)
@@ -237,7 +237,8 @@ class Agent:
         """AWS_VPC_ENI_MTU on the primary ENI's interface, as upstream's ipamd sets it at start
         (networkutils SetupHostNetwork); secondary ENIs get it when the bridge plugin sets them up."""
         from aws_snat.main import primary_interface
-        mac = (self.read_doc() or {}).get("node", {}).get("primary_mac")
+        doc = self.read_doc()
+        mac = Document(doc).node.primary_mac if doc else None
         name = primary_interface(mac, self.data_dir) if mac else None
         if name is None:
             raise OSError(f"no interface has the primary ENI's MAC {mac}")
@@ -269,10 +270,11 @@ class Agent:
         doc = self.read_doc() or {}
         pool = Pool(doc, time.time(), self.cfg["IP_COOLDOWN_PERIOD"])
         figures = self.last_decision.figures.__dict__ if self.last_decision else None
-        agent = doc.get("agent", {})
+        blocked, error = Document(doc).agent.blocked, Document(doc).agent.last_error
         calls = self.pool.ec2_calls()
-        return {"node": doc.get("node", {}), "enis": pool.eni_stats() if doc else [], "figures": figures,
-                "blocked": agent.get("blocked"), "last_error": agent.get("last_error"),
+        return {"node": Document(doc).node.as_dict(), "enis": pool.eni_stats(), "figures": figures,
+                "blocked": None if blocked is None else blocked.as_dict(),
+                "last_error": None if error is None else error.as_dict(),
                 "ec2_calls": calls, "ec2_errors": self.pool.ec2_errors(), "ec2_latency": self.pool.ec2_latency(),
                 "ticks": self.ticks, "startup_error": self.startup_error,
                 "in_progress": dict(self.in_progress), "errors": dict(self.errors), "ready": self.ready}

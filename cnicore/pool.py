@@ -24,7 +24,7 @@ document is a schema-2 one without prefixes (the store reads both).
 
 This module is the one that knows the document's key names: everyone else reads and writes it
 through the views below (`Document`, `NodeFacts`, `ENI`, `IPEntry`, `AgentState`, `Blocked`,
-`LastError`) or through `Pool`.
+`LastError`; tests/unit/test_store_schema.py holds that) or through `Pool`.
 """
 
 from __future__ import annotations
@@ -264,16 +264,17 @@ class Pool:
 
     @property
     def enis(self) -> dict:
+        """The stored ENI dicts by ID (outside this module: `Document(doc).enis`, their views)."""
         return self.doc.setdefault("enis", {})
 
     # --- ENIs ------------------------------------------------------------------------------------
     def put_eni(self, eni_id: str, *, mac: str, device_number: int, subnet_cidr: str, primary_ip: str,
-                primary: bool, attached_at: float) -> dict:
+                primary: bool, attached_at: float) -> ENI:
         """Add an ENI, or update its facts keeping its IPs."""
         eni = self.enis.setdefault(eni_id, {"ips": {}})
         eni.update(mac=mac.lower(), device_number=device_number, subnet_cidr=subnet_cidr,
                    primary_ip=primary_ip, primary=primary, attached_at=attached_at)
-        return eni
+        return ENI(eni)
 
     def set_secondary_ips(self, eni_id: str, ips: list[str], prefixes: list[str] = ()) -> list[str]:
         """Make the ENI's secondary IPs and /28 prefixes those EC2 reports: new addresses (a new
@@ -368,11 +369,11 @@ class Pool:
         self.enis[found.eni_id]["ips"][found.ip] = {"state": COOLING, "since": self.now}
         return found.ip
 
-    def entry(self, ip: str) -> dict | None:
+    def entry(self, ip: str) -> IPEntry | None:
         """The pool's entry of `ip` (free, assigned or cooling), None if the pool has no such IP."""
         for eni in self.enis.values():
             if ip in eni["ips"]:
-                return eni["ips"][ip]
+                return IPEntry(eni["ips"][ip])
         return None
 
     def attachments(self) -> list[tuple[str, str, str]]:
@@ -412,6 +413,10 @@ class Pool:
         ips = self.enis[eni_id]["ips"]
         return [prefix for prefix in self.enis[eni_id].get("prefixes", [])
                 if all(ip in ips and self._effective_state(ips[ip]) == FREE for ip in prefix_addresses(prefix))]
+
+    def remove_ip(self, eni_id: str, ip: str) -> None:
+        """Take a secondary IP out of the pool (before EC2 is asked to unassign it)."""
+        del self.enis[eni_id]["ips"][ip]
 
     def remove_prefix(self, eni_id: str, prefix: str) -> None:
         """Take a prefix and its addresses out of the pool (before EC2 is asked to unassign it)."""

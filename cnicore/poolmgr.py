@@ -53,7 +53,7 @@ from . import instance_limits, warmpool
 from .ec2 import ENI_DESCRIPTION_PREFIX  # cnicore.ec2 imports boto3 only when it calls EC2
 from .ec2budget import EC2Budget, disagreements
 from .errors import AWS_FAILURE, CNIError
-from .pool import ASSIGNED, Pool, new_document, prefix_addresses
+from .pool import Blocked, Document, LastError, NodeFacts, Pool, new_document, prefix_addresses
 from .store import Store
 
 NO_MANAGE_TAG = "node.k8s.amazonaws.com/no_manage"  # upstream: an ENI so tagged is not the CNI's
@@ -93,8 +93,8 @@ class NodePool:
     def ec2(self, doc: dict):
         if self._ec2 is None:
             from .ec2 import EC2
-            node = doc["node"]
-            self._ec2 = EC2(node["instance_id"], region=node["region"], cluster_name=self.cfg["CLUSTER_NAME"])
+            node = Document(doc).node
+            self._ec2 = EC2(node.instance_id, region=node.region, cluster_name=self.cfg["CLUSTER_NAME"])
         return self._ec2
 
     def budget(self, doc: dict) -> EC2Budget:
@@ -102,9 +102,9 @@ class NodePool:
         started together, spread their reads, backoffs and sweeps out. Its backoff is the document's
         (`agent.backoff`), which the plugins' slow path and a restarted agent share."""
         if self._budget is None:
-            self._rng = random.Random(doc["node"]["instance_id"])
+            self._rng = random.Random(Document(doc).node.instance_id)
             self._budget = EC2Budget(self.clock, self._rng)
-        self._budget.restore_backoff(doc.get("agent", {}).get("backoff"))
+        self._budget.restore_backoff(Document(doc).agent.backoff)
         return self._budget
 
     def ec2_calls(self) -> dict[str, int]:
@@ -125,33 +125,33 @@ class NodePool:
         """A fresh document: node facts from IMDS, limits from the shipped table (or EC2)."""
         ident = self.imds.identity()
         primary = self.imds.eni(ident.primary_mac)
-        node = {"instance_id": ident.instance_id, "instance_type": ident.instance_type,
-                "region": ident.region, "availability_zone": ident.availability_zone,
-                "primary_mac": primary.mac, "primary_eni": primary.interface_id, "primary_ip": primary.primary_ip,
-                "subnet_id": primary.subnet_id, "subnet_cidr": primary.subnet_cidr,
-                "security_groups": list(primary.security_group_ids), "vpc_id": primary.vpc_id,
-                "vpc_cidrs": list(primary.vpc_cidrs)}
-        doc = new_document(node)
+        doc = new_document(NodeFacts.new(
+            instance_id=ident.instance_id, instance_type=ident.instance_type, region=ident.region,
+            availability_zone=ident.availability_zone, primary_mac=primary.mac, primary_eni=primary.interface_id,
+            primary_ip=primary.primary_ip, subnet_id=primary.subnet_id, subnet_cidr=primary.subnet_cidr,
+            security_groups=list(primary.security_group_ids), vpc_id=primary.vpc_id,
+            vpc_cidrs=list(primary.vpc_cidrs)).as_dict())
         limits = type_limits(ident.instance_type, self.ec2(doc))
-        doc["node"].update(max_enis=limits.max_enis, ipv4_per_eni=limits.ipv4_per_eni)
+        node = Document(doc).node
+        node.max_enis, node.ipv4_per_eni = limits.max_enis, limits.ipv4_per_eni
         return doc
 
     def limits(self, doc: dict) -> instance_limits.InstanceLimits:
-        node = doc["node"]
-        return instance_limits.InstanceLimits(node["instance_type"], node["max_enis"], node["ipv4_per_eni"])
+        node = Document(doc).node
+        return instance_limits.InstanceLimits(node.instance_type, node.max_enis, node.ipv4_per_eni)
 
     def ec2_view(self, doc: dict, enis) -> tuple[list, dict[str, str]]:
         """EC2's ENIs with the subnet CIDR of each, from the document or IMDS: called without the
         store lock (IMDS may be slow), so that `apply_ec2_view` under the lock makes no call. An ENI
         whose subnet IMDS cannot tell (yet) is left out of this view, and the rest merged."""
         from .imds import IMDSError
-        known = doc.get("enis", {})
+        node, known = Document(doc).node, Document(doc).enis
         subnets = {}
         for eni in enis:
-            if eni.subnet_id == doc["node"]["subnet_id"]:
-                subnets[eni.eni_id] = doc["node"]["subnet_cidr"]
-            elif known.get(eni.eni_id, {}).get("subnet_cidr"):
-                subnets[eni.eni_id] = known[eni.eni_id]["subnet_cidr"]
+            if eni.subnet_id == node.subnet_id:
+                subnets[eni.eni_id] = node.subnet_cidr
+            elif eni.eni_id in known and known[eni.eni_id].subnet_cidr:
+                subnets[eni.eni_id] = known[eni.eni_id].subnet_cidr
             elif eni.device_index is not None:
                 try:
                     subnets[eni.eni_id] = self.imds.eni(eni.mac).subnet_cidr
@@ -165,40 +165,41 @@ class NodePool:
         kept and reported."""
         enis, subnets = view
         pool = Pool(doc, self.clock())
+        stored = Document(doc).enis
         seen = set()
         for eni in enis:
             if eni.device_index is None or eni.tags.get(NO_MANAGE_TAG, "").lower() == "true":
                 continue
             seen.add(eni.eni_id)
-            known = pool.enis.get(eni.eni_id, {})
-            subnet_cidr = known.get("subnet_cidr") or subnets.get(eni.eni_id)
+            known = stored.get(eni.eni_id)
+            subnet_cidr = (known and known.subnet_cidr) or subnets.get(eni.eni_id)
             if subnet_cidr is None:
                 continue  # IMDS could not tell its subnet: next round (kept if the store has it)
             if (not known and eni.device_index != 0 and eni.attachment_id and eni.eni_id not in self._allocated
                     and eni.description.startswith(ENI_DESCRIPTION_PREFIX)):
-                doc.setdefault("agent", {}).setdefault("adopted", {})[eni.eni_id] = eni.attachment_id
-            entry = pool.put_eni(eni.eni_id, mac=eni.mac, device_number=eni.device_index, subnet_cidr=subnet_cidr,
-                                 primary_ip=eni.primary_ip, primary=eni.device_index == 0,
-                                 attached_at=known.get("attached_at", self.clock()))
-            entry["ours"] = eni.description.startswith(ENI_DESCRIPTION_PREFIX)
+                Document(doc).agent.adopt(eni.eni_id, eni.attachment_id)
+            put = pool.put_eni(eni.eni_id, mac=eni.mac, device_number=eni.device_index, subnet_cidr=subnet_cidr,
+                               primary_ip=eni.primary_ip, primary=eni.device_index == 0,
+                               attached_at=known.attached_at if known else self.clock())
+            put.ours = eni.description.startswith(ENI_DESCRIPTION_PREFIX)
             lost = pool.set_secondary_ips(eni.eni_id, list(eni.secondary_ips), list(eni.prefixes))
             if lost:
                 self.log.error("EC2 no longer lists IPs that pods hold", eni=eni.eni_id, ips=lost)
-        for eni_id in list(pool.enis):
+        for eni_id, eni in stored.items():
             if eni_id in seen:
                 continue
-            if any(e["state"] == ASSIGNED for e in pool.enis[eni_id]["ips"].values()):
+            if eni.holds_pods:
                 self.log.error("an ENI holding pods is no longer attached", eni=eni_id)
             else:
                 pool.remove_eni(eni_id)
 
     def decide(self, doc: dict) -> warmpool.Decision:
-        agent = doc.setdefault("agent", {})
+        agent = Document(doc).agent
         return warmpool.decide(self.eni_states(doc), self.settings, self.limits(doc), self.clock(),
-                               last_release_at=agent.get("last_release_at"),
-                               insufficient_addresses_at=agent.get("insufficient_addresses_at"),
-                               insufficient_reason=agent.get("insufficient_reason"),
-                               prefixes_refused_at=agent.get("prefixes_refused_at"))
+                               last_release_at=agent.last_release_at,
+                               insufficient_addresses_at=agent.insufficient_addresses_at,
+                               insufficient_reason=agent.insufficient_reason,
+                               prefixes_refused_at=agent.prefixes_refused_at)
 
     def eni_states(self, doc: dict) -> list[warmpool.ENIState]:
         return [warmpool.ENIState.from_stats(row)
@@ -210,7 +211,7 @@ class NodePool:
         the document and stop the remaining steps; the caller applies EC2's view afterwards."""
         from .ec2 import EC2Error, InsufficientAddresses, PrefixesUnsupported
         ec2 = self.ec2(doc)
-        node = doc["node"]
+        node, agent = Document(doc).node, Document(doc).agent
         try:
             for step in steps:
                 self.budget(doc).acted()
@@ -219,16 +220,16 @@ class NodePool:
                 elif isinstance(step, warmpool.AssignPrefixes):
                     ec2.assign_prefixes(step.eni_id, step.count)
                 else:
-                    eni = ec2.allocate_eni(node["subnet_id"], node["security_groups"])
+                    eni = ec2.allocate_eni(node.subnet_id, node.security_groups)
                     self._allocated.add(eni.eni_id)
                     self.log.info("attached a new ENI", eni=eni.eni_id, device=eni.device_index)
                     (ec2.assign_prefixes if step.prefixes else ec2.assign_ips)(eni.eni_id, step.count)
         except InsufficientAddresses as exc:
-            doc["agent"]["insufficient_addresses_at"] = self.clock()
-            doc["agent"]["insufficient_reason"] = _insufficient_reason(exc.code, node)
+            agent.insufficient_addresses_at = self.clock()
+            agent.insufficient_reason = _insufficient_reason(exc.code, node)
             self._record_error(doc, exc)
         except PrefixesUnsupported as exc:
-            doc["agent"]["prefixes_refused_at"] = self.clock()
+            agent.prefixes_refused_at = self.clock()
             self._record_error(doc, exc)
         except EC2Error as exc:
             self._record_error(doc, exc)
@@ -238,8 +239,8 @@ class NodePool:
         kind = ("throttled" if isinstance(exc, EC2Throttled) else "unreachable" if isinstance(exc, EC2Unreachable)
                 else "insufficient-addresses" if isinstance(exc, InsufficientAddresses)
                 else "prefixes-unsupported" if isinstance(exc, PrefixesUnsupported) else "error")
-        doc["agent"]["last_error"] = {"action": exc.action, "code": exc.code, "message": exc.message,
-                                      "kind": kind, "at": self.clock()}
+        Document(doc).agent.last_error = LastError.new(action=exc.action, code=exc.code, message=exc.message,
+                                                       kind=kind, at=self.clock())
         if kind in ("throttled", "unreachable"):
             self._throttled = True
         self.log.error(str(exc))
@@ -256,22 +257,21 @@ class NodePool:
             budget.throttled()
         elif sum(self.ec2_calls().values()) > calls_before:
             budget.succeeded()
-        doc["agent"]["backoff"] = budget.backoff_state()
+        Document(doc).agent.backoff = budget.backoff_state()
 
     def blocked_reason(self, doc: dict, decision: warmpool.Decision) -> str | None:
         """Why the pool is short and cannot grow now, in words an operator acts on."""
         if decision.blocked:
             return decision.blocked
-        error = doc["agent"].get("last_error")
-        if error and self.clock() - error["at"] < 60:
+        error = Document(doc).agent.last_error
+        if error and self.clock() - error.at < 60:
             left = self.backoff_left(doc)
             retry = f"; next attempt in {left:.0f} s" if left else ""
-            if error["kind"] == "throttled":
-                return (f"EC2 is throttling or failing this node's requests "
-                        f"({error['code']} on {error['action']}){retry}")
-            if error["kind"] == "unreachable":
-                return f"EC2 does not answer ({error['action']}: {error['message']}){retry}"
-            return f"EC2 {error['action']} failed: {error['code']}: {error['message']}"
+            if error.kind == "throttled":
+                return f"EC2 is throttling or failing this node's requests ({error.code} on {error.action}){retry}"
+            if error.kind == "unreachable":
+                return f"EC2 does not answer ({error.action}: {error.message}){retry}"
+            return f"EC2 {error.action} failed: {error.code}: {error.message}"
         return None
 
     def refresh(self, doc: dict) -> None:
@@ -297,9 +297,9 @@ class NodePool:
         node = self._node_view(doc)
         with store.locked() as tx:
             fresh = tx.read() or doc
-            fresh["node"].update(node or {})
+            _update_node(fresh, node)
             self.apply_ec2_view(fresh, enis)
-            fresh.setdefault("agent", {})["last_refresh"] = self.clock()
+            Document(fresh).agent.last_refresh = self.clock()
             tx.write(fresh)
         self.budget(fresh).read()
         return fresh
@@ -362,19 +362,19 @@ class NodePool:
         self._after_ec2_round(doc, calls)
         self._merge(store, doc, enis)
 
-    def _merge(self, store: Store, doc: dict, enis, node: dict | None = None) -> warmpool.Decision:
-        """Under the lock: the agent section of `doc`, EC2's view and the node facts (if read) into the
-        stored document, which pods changed meanwhile; return the decision on the result."""
+    def _merge(self, store: Store, doc: dict, enis) -> warmpool.Decision:
+        """Under the lock: the agent section of `doc` and EC2's view (if read) into the stored
+        document, which pods changed meanwhile; return the decision on the result."""
         with store.locked() as tx:
             fresh = tx.read() or doc
-            fresh["agent"] = doc["agent"]
-            fresh["node"].update(node or {})
+            agent = Document(doc).agent
+            Document(fresh).agent = agent
             if enis is not None:
                 self.apply_ec2_view(fresh, enis)
-                fresh["agent"]["last_refresh"] = self.clock()
+                agent.last_refresh = self.clock()
             decision = self.decide(fresh)
-            fresh["agent"]["blocked"] = self._blocked_entry(fresh, decision)
-            fresh["agent"]["warm_floor"] = warmpool.warm_floor(self.settings, self.limits(fresh))
+            agent.blocked = self._blocked_entry(fresh, decision)
+            agent.warm_floor = warmpool.warm_floor(self.settings, self.limits(fresh))
             tx.write(fresh)
         return decision
 
@@ -392,11 +392,12 @@ class NodePool:
             budget.compared(agrees)
         with store.locked() as tx:
             doc = tx.read()
-            doc["node"].update(node or {})
+            _update_node(doc, node)
             decision = self.decide(doc)
+            agent = Document(doc).agent
             if self.backoff_left(doc):  # EC2 throttled us: no call before the pause is over
-                doc["agent"]["blocked"] = self._blocked_entry(doc, decision)
-                doc["agent"]["last_tick"] = self.clock()
+                agent.blocked = self._blocked_entry(doc, decision)
+                agent.last_tick = self.clock()
                 tx.write(doc)
                 return decision
             releasing = self._take_releases(doc, decision)
@@ -413,7 +414,7 @@ class NodePool:
             self._sweep_leaked(doc)
         enis = self._ec2_view(doc) if not self._throttled and budget.read_due() else None
         self._after_ec2_round(doc, calls)
-        doc["agent"]["last_tick"] = self.clock()
+        agent.last_tick = self.clock()
         decision = self._merge(store, doc, enis)
         if enis is not None:
             budget.read()
@@ -426,42 +427,38 @@ class NodePool:
         store, imds = {}, {}
         try:
             attached = set(self.imds.macs())
-            for eni in doc["enis"].values():
-                mac = eni["mac"]
-                in_prefixes = {ip for prefix in eni.get("prefixes", ()) for ip in prefix_addresses(prefix)}
-                store[mac] = {ip for ip in eni["ips"] if ip not in in_prefixes} | set(eni.get("prefixes", ()))
-                if mac in attached:
-                    imds[mac] = set(self.imds.local_ipv4s(mac)[1:]) | set(self.imds.ipv4_prefixes(mac))
+            for eni in Document(doc).enis.values():
+                in_prefixes = {ip for prefix in eni.prefixes for ip in prefix_addresses(prefix)}
+                store[eni.mac] = {ip for ip in eni.ips if ip not in in_prefixes} | set(eni.prefixes)
+                if eni.mac in attached:
+                    imds[eni.mac] = set(self.imds.local_ipv4s(eni.mac)[1:]) | set(self.imds.ipv4_prefixes(eni.mac))
         except IMDSError as exc:
             self.log.warn(f"IMDS not compared with the store this round: {exc}")
             return None
         return not disagreements(store, imds)
 
-    def _blocked_entry(self, doc: dict, decision: warmpool.Decision) -> dict | None:
+    def _blocked_entry(self, doc: dict, decision: warmpool.Decision) -> Blocked | None:
         reason = self.blocked_reason(doc, decision) if decision.figures.short or decision.blocked else None
         if reason is None:
             return None
-        previous = doc["agent"].get("blocked") or {}
+        previous = Document(doc).agent.blocked
         # `limit`: the instance (or MAX_ENI) allows no more IPs: a plugin must not say it is growing
-        return {"reason": reason, "since": previous.get("since", self.clock()), "limit": decision.limited}
+        return Blocked.new(reason=reason, since=previous.since if previous else self.clock(), limit=decision.limited)
 
-    def _node_view(self, doc: dict) -> dict | None:
+    def _node_view(self, doc: dict) -> tuple[list[str], str | None] | None:
         """The node facts that change while the node runs: the VPC's CIDR blocks (one associated
         later must not be SNATed; aws-snat reads them from the store), and the VPC's ID for a document
-        written before it was kept. None when IMDS does not say."""
+        written before it was kept (else None); for `_update_node`. None when IMDS does not say."""
         from .imds import IMDSError
-        mac = doc["node"]["primary_mac"]
+        node = Document(doc).node
         try:
-            cidrs = self.imds.vpc_cidrs(mac)
+            cidrs = self.imds.vpc_cidrs(node.primary_mac)
             if not cidrs:
                 raise IMDSError("IMDS lists no VPC CIDR block for the primary ENI")
-            node = {"vpc_cidrs": list(cidrs)}
-            if not doc["node"].get("vpc_id"):
-                node["vpc_id"] = self.imds.vpc_id(mac)
+            return list(cidrs), None if node.vpc_id else self.imds.vpc_id(node.primary_mac)
         except IMDSError as exc:
             self.log.warn(f"node facts not refreshed: {exc}")
             return None
-        return node
 
     def _ec2_view(self, doc: dict):
         """The instance's ENIs as EC2 lists them (see `ec2_view`), or None (error recorded) if EC2
@@ -485,17 +482,14 @@ class NodePool:
             free = pool.free_prefixes(step.eni_id) if prefixes else pool.free_ips(step.eni_id)
             free = free[len(free) - min(step.count, len(free)):]
             for item in free:
-                if prefixes:
-                    pool.remove_prefix(step.eni_id, item)
-                else:
-                    del pool.enis[step.eni_id]["ips"][item]
+                (pool.remove_prefix if prefixes else pool.remove_ip)(step.eni_id, item)
             if free:
                 taken[step.eni_id] = free
         return taken
 
     def _take_free_eni(self, doc: dict, decision) -> str | None:
         eni_id = decision.free_eni
-        if eni_id is None or not doc["enis"][eni_id].get("ours"):
+        if eni_id is None or not Document(doc).enis[eni_id].ours:
             return None  # never detach an ENI someone else attached
         pool = Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"])
         stats = next(row for row in pool.eni_stats() if row["eni_id"] == eni_id)
@@ -513,7 +507,7 @@ class NodePool:
                     self.ec2(doc).unassign_prefixes(eni_id, ips)
                 else:
                     self.ec2(doc).unassign_ips(eni_id, ips)
-                doc["agent"]["last_release_at"] = self.clock()
+                Document(doc).agent.last_release_at = self.clock()
                 self.log.info(f"gave back surplus {'prefixes' if prefixes else 'IPs'}", eni=eni_id, released=ips)
             except EC2Error as exc:
                 self._record_error(doc, exc)  # EC2's view brings them back as free
@@ -521,8 +515,8 @@ class NodePool:
     def _repair_adopted(self, doc: dict) -> None:
         """DeleteOnTermination on ENIs of ours attached by a process that died before setting it."""
         from .ec2 import EC2Error
-        adopted = doc["agent"].get("adopted") or {}
-        for eni_id, attachment_id in list(adopted.items()):
+        agent = Document(doc).agent
+        for eni_id, attachment_id in list((agent.adopted or {}).items()):
             try:
                 self.ec2(doc).delete_on_termination(eni_id, attachment_id)
                 self.log.info("set DeleteOnTermination on an adopted ENI", eni=eni_id)
@@ -530,14 +524,14 @@ class NodePool:
                 if exc.code not in ("InvalidNetworkInterfaceID.NotFound", "InvalidAttachmentID.NotFound"):
                     self._record_error(doc, exc)
                     continue
-            del adopted[eni_id]
+            agent.forget_adopted(eni_id)
 
     def _sweep_leaked(self, doc: dict) -> None:
         """Delete ENIs of ours attached to nothing (left by a kill mid-allocate or mid-free) when the
         node's sweep is due (`cnicore.leaksweep`: about hourly, jittered; this VPC and cluster only)."""
         from .ec2 import EC2Error
         from .leaksweep import LeakSweep
-        vpc_id = doc["node"].get("vpc_id")
+        vpc_id = Document(doc).node.vpc_id
         if not vpc_id:
             return  # IMDS has not told the VPC yet: the sweep waits (it must filter by VPC)
         if self._sweep is None:
@@ -560,9 +554,18 @@ class NodePool:
             self._record_error(doc, exc)
 
 
-def _insufficient_reason(code: str, node: dict) -> str:
+def _update_node(doc: dict, seen: tuple[list[str], str | None] | None) -> None:
+    """The node facts `_node_view` read (if it did) into the document."""
+    if seen is not None:
+        node = Document(doc).node
+        node.vpc_cidrs = seen[0]
+        if seen[1] is not None:
+            node.vpc_id = seen[1]
+
+
+def _insufficient_reason(code: str, node) -> str:
     """What EC2's InsufficientCidrBlocks or InsufficientFreeAddressesInSubnet means, naming the subnet."""
-    subnet = f"subnet {node['subnet_id']} ({node['subnet_cidr']})"
+    subnet = f"subnet {node.subnet_id} ({node.subnet_cidr})"
     if code == "InsufficientCidrBlocks":
         return (f"EC2 answered InsufficientCidrBlocks for {subnet}: no aligned /28 block is free for an IPv4 "
                 f"prefix (the subnet is fragmented or full; AWS recommends a subnet CIDR reservation "

@@ -16,7 +16,7 @@ import time
 
 from cnicore import agentlink, settings, skel
 from cnicore.errors import ATTACHMENT_EXISTS, CHECK_FAILED, CNIError, INVALID_CONFIG, PLUGIN_NOT_AVAILABLE, TRY_AGAIN_LATER
-from cnicore.pool import Pool, PoolExhausted
+from cnicore.pool import Document, Pool, PoolExhausted
 from cnicore.store import Store, StoreError
 
 GROWING = "the node agent was asked to grow the pool"
@@ -71,7 +71,7 @@ def cmd_add(args: skel.CmdArgs) -> dict:
 
 def _below_warm_floor(doc: dict) -> bool:
     """This assignment left the pool short of its warm target (the floor the agent records)."""
-    floor = (doc.get("agent") or {}).get("warm_floor")
+    floor = Document(doc).agent.warm_floor
     if not floor:
         return False
     return sum(s["total"] - s["assigned"] for s in Pool(doc, time.time()).eni_stats()) < floor
@@ -124,15 +124,15 @@ def _empty_pool_message(doc: dict | None, exhausted: PoolExhausted | None) -> tu
     reached (nothing can grow it: only a pod leaving frees an IP), EC2 refuses or fails (the agent
     retries), released IPs only cool down (the pool is not short: nothing grows it), or it is
     being grown."""
-    blocked = (doc or {}).get("agent", {}).get("blocked")
+    blocked = Document(doc).agent.blocked if doc else None
     cooling = exhausted.cooling if exhausted else 0
     cooling_text = (f"{cooling} released IP{'s are' if cooling > 1 else ' is'} cooling down "
                     f"(the first is free again in {exhausted.free_in:.0f} s)") if cooling else ""
-    if blocked and blocked.get("limit"):
-        why = f"{blocked['reason']}; the pool cannot grow"
+    if blocked and blocked.limit:
+        why = f"{blocked.reason}; the pool cannot grow"
         details = "an IP comes free when a pod on this node is deleted"
     elif blocked:
-        why, details = blocked["reason"], GROWING
+        why, details = blocked.reason, GROWING
     elif cooling and not _below_warm_floor(doc):
         why, details = "no IP is free to hand out", "the pool holds enough IPs; it is not grown for IPs cooling down"
     else:

@@ -16,7 +16,7 @@ from cnicore import settings, skel
 from cnicore.errors import CHECK_FAILED, CNIError, INVALID_CONFIG, INVALID_ENVIRONMENT
 from cnicore.invoke import delegate
 from cnicore.podroutes import SecondaryEni, list_pod_rule_ips
-from cnicore.pool import Pool
+from cnicore.pool import Document, Pool
 from cnicore.rtnl import NetnsError, check_netns
 from cnicore.store import Store, StoreError
 from cnicore.veths import Attachment, host_veth_name, list_host_veths, remove_unfinished_veth
@@ -71,9 +71,9 @@ def _held_eni(store: Store, args: skel.CmdArgs, cfg: dict) -> tuple[str | None, 
         return None, None
     if held.primary_eni:
         return held.ip, None
-    eni = doc["enis"][held.eni_id]
-    return held.ip, SecondaryEni(mac=eni["mac"], device_number=held.device_number, subnet=held.subnet_cidr,
-                                 mtu=cfg["AWS_VPC_ENI_MTU"], primary_ip=eni["primary_ip"])
+    eni = Document(doc).enis[held.eni_id]
+    return held.ip, SecondaryEni(mac=eni.mac, device_number=held.device_number, subnet=held.subnet_cidr,
+                                 mtu=cfg["AWS_VPC_ENI_MTU"], primary_ip=eni.primary_ip)
 
 
 def _pod_network(args: skel.CmdArgs, cfg: dict, pod_ip: str, eni) -> datapath.PodNetwork:

@@ -160,3 +160,14 @@ def test_adopted_enis_are_added_and_forgotten_one_by_one():
     agent.forget_adopted("eni-a")
     assert doc["agent"]["adopted"] == {"eni-b": "attach-b"}
 
+
+def test_pool_hands_out_views():
+    pool = Pool(stored(), now=100.0, cooldown=30)
+    eni = pool.put_eni("eni-c", mac="02:00:00:00:00:0C", device_number=2, subnet_cidr="10.0.0.0/24",
+                       primary_ip="10.0.0.40", primary=False, attached_at=50.0)
+    eni.ours = True
+    assert isinstance(eni, ENI) and pool.doc["enis"]["eni-c"]["ours"] is True and eni.mac == "02:00:00:00:00:0c"
+    assert pool.entry("10.0.0.21") == IPEntry(pool.doc["enis"]["eni-b"]["ips"]["10.0.0.21"])
+    assert pool.entry("10.9.9.9") is None
+    pool.remove_ip("eni-a", "10.0.0.11")
+    assert pool.entry("10.0.0.11") is None and "10.0.0.11" not in Document(pool.doc).enis["eni-a"].ips
