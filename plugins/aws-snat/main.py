@@ -60,6 +60,7 @@ from cnicore.netfilter.stamp import Stamp
 from cnicore.record import record
 from cnicore.rtnl import IPV4_DEVCONF_RP_FILTER, MAIN_TABLE, RTPROT_BOOT, Netns, check_ifname, is_mac
 from cnicore.rtnl import Rule as IpRule
+from cnicore.pool import Document
 from cnicore.store import Store
 
 
@@ -179,10 +180,9 @@ def node_facts(network: str, data_dir: str) -> Node:
     """Primary IP and MAC and the VPC CIDRs: from the state store, else (no document) from IMDS."""
     with Store(data_dir, network).locked(shared=True) as tx:
         doc = tx.read()
-    if doc is not None and doc.get("node"):
-        facts = doc["node"]
-        return _checked(facts.get("primary_ip"), facts.get("primary_mac"), facts.get("vpc_cidrs"),
-                        f"the state store {tx.store.path}")
+    facts = Document(doc).node if doc is not None else None
+    if facts:
+        return _checked(facts.primary_ip, facts.primary_mac, facts.vpc_cidrs, f"the state store {tx.store.path}")
     from cnicore.imds import IMDS, IMDSError  # the slow path only: aws-snat used without aws-eni-ipam
     try:
         with IMDS() as imds:

@@ -34,10 +34,7 @@ FOREIGN = {
     "plugins/aws-eni-ipam/main.py": ({"ips"}, "prevResult"),
     "plugins/aws-vpc-bridge/main.py": ({"ips", "mac"}, "the IPAM result and prevResult"),
     "plugins/portmap-compat/main.py": ({"ips"}, "prevResult"),
-    # aws-snat's start does not load cnicore.pool (tests/data/startup-modules.json): it reads the node
-    # facts it needs from the document itself, until that allowlist is changed on purpose
-    "plugins/aws-snat/main.py": ({"node", "primary_ip", "primary_mac", "vpc_cidrs", "mac"},
-                                 "the document's node facts; an IMDS path"),
+    "plugins/aws-snat/main.py": ({"mac"}, "an IMDS path"),
 }
 
 
