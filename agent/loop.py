@@ -25,6 +25,7 @@ from cnicore.store import Store, StoreError
 SIOCGIFMTU, SIOCSIFMTU = 0x8921, 0x8922
 IFREQ_MTU = struct.Struct("16si20x")  # struct ifreq: the name, then ifr_mtu in the 24-byte union
 ADD_GRACE = 120.0  # s a reservation may exist without its host veth when no live process owns it
+WAITING_TTL = 120.0  # s an attachment that found no free IP counts as waiting after its last try
 
 
 def process_alive(owner) -> bool:
@@ -61,6 +62,8 @@ class Agent:
         self.startup_error: str | None = None
         self.releases: set[tuple[str, str, str, float]] = set()  # handed over by DELs: (cid, ifname, ip, when)
         self.releases_lock = threading.Lock()
+        self.waiting: dict[tuple[str, str], float] = {}  # (cid, ifname) -> when its ADD last found no IP
+        self.waiting_lock = threading.Lock()
         self.unclaimable: set[tuple[str, str, str]] = set()  # reported once each
         self.in_progress: collections.Counter[str] = collections.Counter()  # action -> running now (metrics)
         self.errors: collections.Counter[str] = collections.Counter()  # action -> failures (metrics)
@@ -222,7 +225,7 @@ class Agent:
                 self.log.error(f"healing the node failed: {type(exc).__name__}: {exc}")
             try:
                 with self.action("nodeIPPoolTick"):
-                    self.last_decision = self.pool.tick(self.store)
+                    self.last_decision = self.pool.tick(self.store, self.pods_waiting())
                 self.ticks += 1
             except Exception as exc:  # keep serving; the status shows the error
                 self.log.error(f"tick failed: {type(exc).__name__}: {exc}")
@@ -282,6 +285,24 @@ class Agent:
     def read_doc(self) -> dict | None:
         with self.store.locked(shared=True) as tx:
             return tx.read()
+
+    def wait_for_ip(self, container_id: str, ifname: str) -> None:
+        """An ADD found no free IP (the nudge socket): the attachment is demand until it has an IP or
+        its runtime stops trying (WAITING_TTL after its last try)."""
+        with self.waiting_lock:
+            self.waiting[(container_id, ifname)] = time.time()
+
+    def pods_waiting(self) -> int:
+        """How many attachments wait for an IP now; those that got one or stopped trying are forgotten."""
+        with self.waiting_lock:
+            if not self.waiting:
+                return 0
+            pool = Pool(self.read_doc() or {}, time.time())
+            now = time.time()
+            for key, since in list(self.waiting.items()):
+                if now - since > WAITING_TTL or pool.find(*key) is not None:
+                    del self.waiting[key]
+            return len(self.waiting)
 
     def hand_over(self, container_id: str, ifname: str, ip: str) -> None:
         """A DEL could not write its release and handed it over (the nudge socket): written next round."""

@@ -1,5 +1,6 @@
 """The agent's end of `cnicore.agentlink`: the nudge socket (`<dataDir>/agent.nudge`: plugins wake
-the loop; a DEL hands over a release it could not write) and the read-only status socket
+the loop; an ADD that found no free IP names its attachment; a DEL hands over a release it could
+not write) and the read-only status socket
 (`<dataDir>/agent.sock`: `aws-vpc-cni-agent status`). Each serves in its own daemon thread."""
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ def serve_nudges(agent) -> None:
     path = os.path.join(agent.data_dir, agentlink.NUDGE)
     sock = _bind_unix(path, socket.SOCK_DGRAM)
     while not agent.stopping.is_set():
-        release = agentlink.parse_release(sock.recv(agentlink.MAX_MESSAGE))
+        message = sock.recv(agentlink.MAX_MESSAGE)
+        release, waiting = agentlink.parse_release(message), agentlink.parse_waiting(message)
         if release is not None and release[0] == agent.store.network:
             agent.hand_over(*release[1:])
+        elif waiting is not None and waiting[0] == agent.store.network:
+            agent.wait_for_ip(*waiting[1:])
         agent.wake.set()
 
 

@@ -193,13 +193,14 @@ class NodePool:
             else:
                 pool.remove_eni(eni_id)
 
-    def decide(self, doc: dict) -> warmpool.Decision:
+    def decide(self, doc: dict, waiting: int = 0) -> warmpool.Decision:
+        """The warm pool's decision on `doc`, with `waiting` pods waiting for an IP."""
         agent = Document(doc).agent
         return warmpool.decide(self.eni_states(doc), self.settings, self.limits(doc), self.clock(),
                                last_release_at=agent.last_release_at,
                                insufficient_addresses_at=agent.insufficient_addresses_at,
                                insufficient_reason=agent.insufficient_reason,
-                               prefixes_refused_at=agent.prefixes_refused_at)
+                               prefixes_refused_at=agent.prefixes_refused_at, waiting=waiting)
 
     def eni_states(self, doc: dict) -> list[warmpool.ENIState]:
         return [warmpool.ENIState.from_stats(row)
@@ -362,7 +363,7 @@ class NodePool:
         self._after_ec2_round(doc, calls)
         self._merge(store, doc, enis)
 
-    def _merge(self, store: Store, doc: dict, enis) -> warmpool.Decision:
+    def _merge(self, store: Store, doc: dict, enis, waiting: int = 0) -> warmpool.Decision:
         """Under the lock: the agent section of `doc` and EC2's view (if read) into the stored
         document, which pods changed meanwhile; return the decision on the result."""
         with store.locked() as tx:
@@ -372,15 +373,16 @@ class NodePool:
             if enis is not None:
                 self.apply_ec2_view(fresh, enis)
                 agent.last_refresh = self.clock()
-            decision = self.decide(fresh)
+            decision = self.decide(fresh, waiting)
             agent.blocked = self._blocked_entry(fresh, decision)
             agent.warm_floor = warmpool.warm_floor(self.settings, self.limits(fresh))
             tx.write(fresh)
         return decision
 
-    def tick(self, store: Store) -> warmpool.Decision:
-        """One round of the agent's loop: compare IMDS with the store, decide, act on EC2 without the
-        lock, and read and merge EC2's view when the budget says so."""
+    def tick(self, store: Store, waiting: int = 0) -> warmpool.Decision:
+        """One round of the agent's loop: compare IMDS with the store, decide (`waiting` pods wait for
+        an IP: see warmpool), act on EC2 without the lock, and read and merge EC2's view when the
+        budget says so."""
         self._throttled = False
         self._load(store)
         with store.locked(shared=True) as tx:
@@ -393,7 +395,7 @@ class NodePool:
         with store.locked() as tx:
             doc = tx.read()
             _update_node(doc, node)
-            decision = self.decide(doc)
+            decision = self.decide(doc, waiting)
             agent = Document(doc).agent
             if self.backoff_left(doc):  # EC2 throttled us: no call before the pause is over
                 agent.blocked = self._blocked_entry(doc, decision)
@@ -415,7 +417,7 @@ class NodePool:
         enis = self._ec2_view(doc) if not self._throttled and budget.read_due() else None
         self._after_ec2_round(doc, calls)
         agent.last_tick = self.clock()
-        decision = self._merge(store, doc, enis)
+        decision = self._merge(store, doc, enis, waiting)
         if enis is not None:
             budget.read()
         return decision

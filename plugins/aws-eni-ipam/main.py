@@ -46,7 +46,9 @@ def cmd_add(args: skel.CmdArgs) -> dict:
     store = _store(args, cfg)
     got, doc, exhausted = _assign(store, args, cfg)
     if got is None and agentlink.agent_running(cfg["AWS_VPC_CNI_DATA_DIR"]):
-        agentlink.nudge(cfg["AWS_VPC_CNI_DATA_DIR"])
+        # the agent grows for this attachment too, not only for its targets
+        waiting = agentlink.waiting_message(args.network, args.container_id, args.ifname)
+        agentlink.nudge(cfg["AWS_VPC_CNI_DATA_DIR"], waiting if len(waiting) <= agentlink.MAX_MESSAGE else b"grow")
         if doc is None:  # the agent has not built the pool yet: ask it why
             raise CNIError(TRY_AGAIN_LATER, _not_started_message(cfg["AWS_VPC_CNI_DATA_DIR"]), GROWING)
         raise CNIError(TRY_AGAIN_LATER, *_empty_pool_message(doc, exhausted))

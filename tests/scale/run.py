@@ -29,7 +29,7 @@ UPSTREAM_CALLS_PER_NODE_HOUR = 1.0
 
 
 def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale: float, churn: int, churn_minutes: int, dying: int, death_window: float, workers: int = 32,
-             warmup: float = 120.0, cold_limit: float = 3600.0) -> dict:
+             warmup_limit: float = 3600.0, cold_limit: float = 3600.0) -> dict:
     from vpclab.latency import Latency
 
     from .sim import Cluster
@@ -41,7 +41,9 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
     cluster = Cluster(lab, nodes, scale=scale, workers=workers)
     try:
         progress(f"{nodes} nodes start")
-        cluster.run(warmup)
+        warmup = cluster.run(warmup_limit, until=cluster.all_warm)
+        if not cluster.all_warm():
+            raise SystemExit(f"the nodes' warm pools were not filled after {warmup:.0f} simulated s")
         progress("steady state")
         lab.ec2_calls(reset=True)
         lab.ec2_throttling(reset=True)
@@ -91,7 +93,7 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
                         for buckets in (steady_buckets, cold_buckets, churn_buckets, death_buckets))
         live_nodes = nodes - sum(len(v) for v in states.values())
         return {
-            "nodes": nodes, "time_scale": scale, "steady_seconds": round(steady, 1),
+            "nodes": nodes, "time_scale": scale, "warmup_seconds": round(warmup, 1), "steady_seconds": round(steady, 1),
             "steady_round_interval_seconds": round(steady_round_interval, 2),
             "ec2_calls_per_node_hour": round(sum(per_api.values()), 3),
             "ec2_calls_per_node_hour_by_api": {a: round(v, 3) for a, v in per_api.items()},

@@ -92,6 +92,7 @@ class Node:
         self.created = 0                 # pods ever scheduled here (names stay unique)
         self.next_tick = 0.0
         self.started = False
+        self.warm = False                # its last round had nothing to grow
         self.dead = False                # its instance is terminated: no more rounds
 
     def add_pod(self, name: str, now: float) -> bool:
@@ -211,7 +212,8 @@ class Cluster:
                     self.code11 += 1
                     nudge = True
             if nudge or now >= node.next_tick:
-                node.pool.tick(node.store)
+                # the pods still pending found no IP: their nudges name them, as the plugin's do
+                node.warm = not node.pool.tick(node.store, waiting=len(node.pending)).grow
                 node.next_tick = self.clock() + TICK
         except (EC2Error, IMDSError) as exc:  # the agent logs and retries next round
             self.errors[f"agent:{type(exc).__name__}"] += 1
@@ -269,6 +271,10 @@ class Cluster:
     def schedule_pods_on(self, node: Node, pods: int) -> None:
         node.pending += [f"pod-{node.index}-{node.created + k}" for k in range(pods)]
         node.created += pods
+
+    def all_warm(self) -> bool:
+        """Every live node has started and its last round found nothing to grow."""
+        return all(n.warm for n in self.nodes if not n.dead)
 
     def all_placed(self, nodes) -> bool:
         return all(not n.pending for n in nodes)

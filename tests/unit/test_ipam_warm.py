@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from cnicore import agentlink
+
 from cnicore.pool import Pool, new_document
 from cnicore.store import Store
 
@@ -129,7 +131,8 @@ def test_empty_pool_with_agent_running_is_try_again_later_and_nudges(node):
         rc, err, _ = node.run("ADD", cid="c9")
         assert rc != 0 and err["code"] == 11
         assert "ENI limit of m5.large" in err["msg"]
-        assert nudges.recv(64) == b"grow"
+        # the nudge names the attachment that waits, so the agent grows for it (issue 16)
+        assert agentlink.parse_waiting(nudges.recv(4096)) == (NETWORK, "c9", "eth0")
         rc, err, _ = node.run("STATUS")
         assert rc != 0 and err["code"] == 50 and "ENI limit" in err["msg"]
     finally:
