@@ -297,8 +297,9 @@ class Agent:
         with self.waiting_lock:
             if not self.waiting:
                 return 0
-            pool = Pool(self.read_doc() or {}, time.time())
-            now = time.time()
+        pool = Pool(self.read_doc() or {}, time.time())  # the store read outside the lock: nudges go on
+        now = time.time()
+        with self.waiting_lock:
             for key, since in list(self.waiting.items()):
                 if now - since > WAITING_TTL or pool.find(*key) is not None:
                     del self.waiting[key]
