@@ -18,9 +18,10 @@ DEFAULT_CNI_VERSION = "1.0.0"
 CONFLIST_NAME = "10-aws-vpc.conflist"  # sorts before the usual 10-aws.conflist, 10-calico..., 20-...
 
 
-def render_conflist(cfg: dict, network: str = DEFAULT_NETWORK, cni_version: str = DEFAULT_CNI_VERSION) -> dict:
-    """The default chain (ARCHITECTURE §1) with the settings rendered into each plugin's entry."""
-    pick = lambda names: settings.to_conf({n: cfg[n] for n in names})  # noqa: E731
+def render_conflist(cfg, network: str = DEFAULT_NETWORK, cni_version: str = DEFAULT_CNI_VERSION) -> dict:
+    """The default chain (ARCHITECTURE §1) with the settings (the agent's record) rendered into each
+    plugin's entry."""
+    pick = lambda kind: settings.to_conf(cfg, kind)  # noqa: E731
     logging = pick(settings.PLUGIN_LOG)
     ipam = {"type": "aws-eni-ipam", **pick(settings.IPAM)}
     bridge = {"type": "aws-vpc-bridge", **pick(settings.BRIDGE), **logging, "ipam": ipam}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from cnicore import settings
 from cnicore.pool import ASSIGNED, Document
 
 NETWORK_SETTINGS = ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
@@ -49,12 +50,14 @@ def pods(doc: dict) -> dict:
     return out
 
 
-def env_settings(cfg: dict, names) -> dict:
-    values = {name: UNSET.get(name) if cfg[name] is None else cfg[name] for name in names}
+def env_settings(cfg, names) -> dict:
+    """The settings `names` of `cfg` (the agent's settings record) by variable name, as upstream shows them."""
+    named = settings.by_name(cfg)
+    values = {name: UNSET.get(name) if named[name] is None else named[name] for name in names}
     return {name: list(v) if isinstance(v, tuple) else v for name, v in values.items()}
 
 
-def serve(cfg: dict, read_doc, host: str, port: int, log) -> ThreadingHTTPServer:
+def serve(cfg, read_doc, host: str, port: int, log) -> ThreadingHTTPServer:
     """Serve on host:port in a daemon thread; `read_doc()` gives the store document; returns the server."""
     import threading
     routes = {"/v1/enis": lambda: enis(read_doc() or {}),

@@ -43,7 +43,7 @@ def process_alive(owner) -> bool:
 class Agent:
     """The node agent: its state, its loop (`run`) and each round's healing (`heal`)."""
 
-    def __init__(self, cfg: dict, network: str, log: Logger, interval: float, conf_dir: str | None = None,
+    def __init__(self, cfg, network: str, log: Logger, interval: float, conf_dir: str | None = None,
                  cni_version: str = DEFAULT_CNI_VERSION):
         from cnicore.poolmgr import NodePool
         self.cfg = cfg
@@ -52,7 +52,7 @@ class Agent:
         self.ready = False
         self.log = log
         self.interval = interval
-        self.data_dir = cfg["AWS_VPC_CNI_DATA_DIR"]
+        self.data_dir = cfg.data_dir
         self.store = Store(self.data_dir, network)
         self.pool = NodePool(cfg, log)
         self.wake = threading.Event()
@@ -112,7 +112,7 @@ class Agent:
         in_flight = {ip for ip, entry in seen.items() if entry.state == ASSIGNED and (
             process_alive(entry.owner) or (not entry.owner and now - entry.since <= ADD_GRACE))}
         on_host = {}
-        for veth in veths.list_host_veths(self.cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
+        for veth in veths.list_host_veths(self.cfg.veth_prefix):
             att = veth.attachment
             if att is not None and att.network == self.store.network:
                 on_host[(att.container_id, att.ifname)] = veth.pod_ips
@@ -121,7 +121,7 @@ class Agent:
         with self.store.locked() as tx:
             doc = tx.read()
             now = time.time()
-            pool = Pool(doc, now, self.cfg["IP_COOLDOWN_PERIOD"])
+            pool = Pool(doc, now, self.cfg.ip_cooldown_period)
             changed = False
             for (cid, ifname), ips in on_host.items():
                 for ip in ips:
@@ -178,7 +178,7 @@ class Agent:
         pods = []
         held = {ip: (eni, entry) for eni in Document(doc).enis.values() for ip, entry in eni.ips.items()
                 if entry.state == ASSIGNED}
-        for veth in veths.list_host_veths(self.cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
+        for veth in veths.list_host_veths(self.cfg.veth_prefix):
             att = veth.attachment
             for ip in veth.pod_ips if att is not None and att.network == self.store.network else ():
                 eni, entry = held.get(ip, (None, None))
@@ -186,7 +186,7 @@ class Agent:
                     continue  # not this pod's in the store: not ours to route
                 pods.append((ip, None if eni.primary else podroutes.SecondaryEni(
                     mac=eni.mac, device_number=eni.device_number, subnet=eni.subnet_cidr,
-                    mtu=self.cfg["AWS_VPC_ENI_MTU"], primary_ip=eni.primary_ip)))
+                    mtu=self.cfg.eni_mtu, primary_ip=eni.primary_ip)))
         repaired = podroutes.repair_node(pods)
         if repaired:
             self.log.info("repaired the data path of running pods", repaired=repaired)
@@ -245,7 +245,7 @@ class Agent:
         name = primary_interface(mac, self.data_dir) if mac else None
         if name is None:
             raise OSError(f"no interface has the primary ENI's MAC {mac}")
-        mtu = self.cfg["AWS_VPC_ENI_MTU"]
+        mtu = self.cfg.eni_mtu
         with control_socket() as sock:
             current = IFREQ_MTU.unpack(fcntl.ioctl(sock, SIOCGIFMTU, IFREQ_MTU.pack(name.encode(), 0)))[1]
             if current != mtu:
@@ -271,7 +271,7 @@ class Agent:
 
     def status(self) -> dict:
         doc = self.read_doc() or {}
-        pool = Pool(doc, time.time(), self.cfg["IP_COOLDOWN_PERIOD"])
+        pool = Pool(doc, time.time(), self.cfg.ip_cooldown_period)
         figures = self.last_decision.figures.__dict__ if self.last_decision else None
         blocked, error = Document(doc).agent.blocked, Document(doc).agent.last_error
         calls = self.pool.ec2_calls()

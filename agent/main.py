@@ -90,7 +90,7 @@ def host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def run_agent(args, cfg: dict, warnings: list[str]) -> int:
+def run_agent(args, cfg, warnings: list[str]) -> int:
     """The `run` command: the loop in this thread, its servers in daemon threads, until SIGTERM."""
     import signal
     import threading
@@ -103,7 +103,7 @@ def run_agent(args, cfg: dict, warnings: list[str]) -> int:
     for warning in warnings:
         log.warn(warning)
     try:
-        agentlink.hold_agent_lock(cfg["AWS_VPC_CNI_DATA_DIR"], on_wait=lambda: log.info(
+        agentlink.hold_agent_lock(cfg.data_dir, on_wait=lambda: log.info(
             "the agent lock is held shared (plugins probing for an agent); waiting for it"))
     except RuntimeError as exc:
         print(f"aws-vpc-cni-agent: {exc}", file=sys.stderr)
@@ -178,9 +178,9 @@ def main(argv=None) -> int:
         return 0
     if args.command == "status":
         try:
-            status = agentlink.read_status(cfg["AWS_VPC_CNI_DATA_DIR"])
+            status = agentlink.read_status(cfg.data_dir)
         except OSError as exc:
-            print(f"aws-vpc-cni-agent: no agent answers on {cfg['AWS_VPC_CNI_DATA_DIR']}: {exc}", file=sys.stderr)
+            print(f"aws-vpc-cni-agent: no agent answers on {cfg.data_dir}: {exc}", file=sys.stderr)
             return 1
         print(json.dumps(status, indent=2, default=str) if args.json else status_table(status))
         return 0 if status.get("ready") or not args.ready else 1

@@ -193,16 +193,16 @@ def expired_backups(path: str, max_backups: int, max_age_days: int, now: float) 
     return expired
 
 
-def agent_logger(cfg: dict, name: str = "aws-vpc-cni-agent") -> Logger:
+def agent_logger(cfg, name: str = "aws-vpc-cni-agent") -> Logger:
     """The node agent's log as upstream's ipamd writes it: JSON lines to AWS_VPC_K8S_CNI_LOG_FILE
     (a file, stdout or stderr) at AWS_VPC_K8S_CNI_LOGLEVEL, rotated like the plugins' log. `cfg` is
-    `settings.from_env` output."""
+    the agent's settings record (`settings.from_env`)."""
     import threading
-    return Logger(name, cfg["AWS_VPC_K8S_CNI_LOG_FILE"], cfg["AWS_VPC_K8S_CNI_LOGLEVEL"],
+    return Logger(name, cfg.agent_log_file, cfg.agent_log_level,
                   **rotation(cfg), mutex=threading.Lock())
 
 
-def rotation(cfg: dict) -> dict:
-    """Logger's rotation arguments from settings (by upstream name)."""
-    return {"max_size_mb": cfg["AWS_VPC_CNI_LOG_MAX_SIZE"], "max_backups": cfg["AWS_VPC_CNI_LOG_MAX_BACKUPS"],
-            "max_age_days": cfg["AWS_VPC_CNI_LOG_MAX_AGE"]}
+def rotation(cfg) -> dict:
+    """Logger's rotation arguments from a settings record holding them (the agent's or PLUGIN_LOG)."""
+    return {"max_size_mb": cfg.log_max_size, "max_backups": cfg.log_max_backups,
+            "max_age_days": cfg.log_max_age}

@@ -69,7 +69,7 @@ class GrowError(CNIError):
 class NodePool:
     """One node's pool: facts from IMDS, ENIs and IPs from EC2, decisions from warmpool."""
 
-    def __init__(self, cfg: dict, log, *, imds=None, ec2=None, clock=time.time):
+    def __init__(self, cfg, log, *, imds=None, ec2=None, clock=time.time):
         self.cfg = cfg
         self.log = log
         self.clock = clock
@@ -94,7 +94,7 @@ class NodePool:
         if self._ec2 is None:
             from .ec2 import EC2
             node = Document(doc).node
-            self._ec2 = EC2(node.instance_id, region=node.region, cluster_name=self.cfg["CLUSTER_NAME"])
+            self._ec2 = EC2(node.instance_id, region=node.region, cluster_name=self.cfg.cluster_name)
         return self._ec2
 
     def budget(self, doc: dict) -> EC2Budget:
@@ -204,7 +204,7 @@ class NodePool:
 
     def eni_states(self, doc: dict) -> list[warmpool.ENIState]:
         return [warmpool.ENIState.from_stats(row)
-                for row in Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"]).eni_stats()]
+                for row in Pool(doc, self.clock(), self.cfg.ip_cooldown_period).eni_stats()]
 
     # --- acting -------------------------------------------------------------------------------
     def grow(self, doc: dict, steps) -> None:
@@ -345,7 +345,7 @@ class NodePool:
         calls = sum(self.ec2_calls().values())
         self._release(doc, releasing)
         self._release(doc, releasing_prefixes, prefixes=True)
-        pool = Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"])
+        pool = Pool(doc, self.clock(), self.cfg.ip_cooldown_period)
         decision = self.decide(doc)
         steps = decision.grow
         if not steps and pool.free_count() == 0 and not decision.blocked:
@@ -475,7 +475,7 @@ class NodePool:
     def _take_releases(self, doc: dict, decision, prefixes: bool = False) -> dict[str, list[str]]:
         """Take the free IPs (or prefixes, with their addresses) to give back out of the pool, under
         the lock, so no pod gets them; the highest go back."""
-        pool = Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"])
+        pool = Pool(doc, self.clock(), self.cfg.ip_cooldown_period)
         kind = warmpool.ReleasePrefixes if prefixes else warmpool.ReleaseIPs
         taken: dict[str, list[str]] = {}
         for step in decision.release:
@@ -493,7 +493,7 @@ class NodePool:
         eni_id = decision.free_eni
         if eni_id is None or not Document(doc).enis[eni_id].ours:
             return None  # never detach an ENI someone else attached
-        pool = Pool(doc, self.clock(), self.cfg["IP_COOLDOWN_PERIOD"])
+        pool = Pool(doc, self.clock(), self.cfg.ip_cooldown_period)
         stats = next(row for row in pool.eni_stats() if row["eni_id"] == eni_id)
         if stats["assigned"] or stats["cooling"]:
             return None
@@ -537,7 +537,7 @@ class NodePool:
         if not vpc_id:
             return  # IMDS has not told the VPC yet: the sweep waits (it must filter by VPC)
         if self._sweep is None:
-            self._sweep = LeakSweep(self.ec2(doc), vpc_id, self.cfg["CLUSTER_NAME"], self.log, clock=self.clock,
+            self._sweep = LeakSweep(self.ec2(doc), vpc_id, self.cfg.cluster_name, self.log, clock=self.clock,
                                     rng=self._rng)
         try:
             self._sweep.maybe_run()
@@ -590,7 +590,7 @@ def type_limits(instance_type: str, ec2) -> instance_limits.InstanceLimits:
             f"DescribeInstanceTypes failed: {exc}") from exc
 
 
-def grow_for_add(store: Store, cfg: dict, network: str, log, locked: bool = False) -> None:
+def grow_for_add(store: Store, cfg, network: str, log, locked: bool = False) -> None:
     """aws-eni-ipam's slow path (no agent running): grow the pool, one ADD at a time (the grow lock;
     `locked`: the caller holds it), without holding the store lock during EC2 and IMDS calls. Raises
     GrowError if IMDS or EC2 cannot tell what the node has; a grow EC2 refused is recorded in the

@@ -346,56 +346,71 @@ def _cluster_name(value, warn) -> str:
     return value
 
 
-# One setting: its variable name, conflist key, default (None: unset) and parser.
-Setting = record("Setting", "env key default parse")
+# One setting: its variable name, conflist key, attribute in a settings record, default (None:
+# unset) and parser.
+Setting = record("Setting", "env key attr default parse")
 
 
 DEFAULT_PLUGIN_LOG = "/var/log/aws-routed-eni/plugin.log"
 DEFAULT_AGENT_LOG = "/var/log/aws-routed-eni/ipamd.log"
 
 SETTINGS = {s.env: s for s in (
-    Setting("WARM_IP_TARGET", "warmIPTarget", None, _target),
-    Setting("MINIMUM_IP_TARGET", "minimumIPTarget", None, _target),
-    Setting("WARM_ENI_TARGET", "warmENITarget", 1, _warm_eni_target),
-    Setting("MAX_ENI", "maxENI", None, _max_eni),
-    Setting("ENABLE_PREFIX_DELEGATION", "enablePrefixDelegation", False, _go_bool),
-    Setting("WARM_PREFIX_TARGET", "warmPrefixTarget", 1, _warm_prefix_target),
-    Setting("IP_COOLDOWN_PERIOD", "ipCooldownPeriod", 30, _cooldown),
-    Setting("AWS_VPC_K8S_CNI_EXTERNALSNAT", "externalSNAT", False, _go_bool),
-    Setting("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "excludeSNATCIDRs", (), _exclude_cidrs),
-    Setting("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "randomizeSNAT", "prng", _randomize_snat),
-    Setting("AWS_VPC_CNI_NODE_PORT_SUPPORT", "nodePortSupport", True, _go_bool),
-    Setting("AWS_VPC_K8S_CNI_CONNMARK", "connmark", 0x80, _connmark),
-    Setting("AWS_VPC_K8S_CNI_VETHPREFIX", "vethPrefix", "eni", _veth_prefix),
-    Setting("AWS_VPC_ENI_MTU", "eniMTU", MAX_MTU, _eni_mtu),
-    Setting("POD_MTU", "mtu", MAX_MTU, _pod_mtu),
-    Setting("AWS_VPC_K8S_PLUGIN_LOG_FILE", "pluginLogFile", DEFAULT_PLUGIN_LOG, _plugin_log_file),
-    Setting("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "pluginLogLevel", "DEBUG", _log_level),
-    Setting("AWS_VPC_K8S_CNI_LOG_FILE", "agentLogFile", DEFAULT_AGENT_LOG, _agent_log_file),
-    Setting("AWS_VPC_K8S_CNI_LOGLEVEL", "agentLogLevel", "DEBUG", _log_level),
-    Setting("CLUSTER_NAME", "clusterName", "", _cluster_name),
+    Setting("WARM_IP_TARGET", "warmIPTarget", "warm_ip_target", None, _target),
+    Setting("MINIMUM_IP_TARGET", "minimumIPTarget", "minimum_ip_target", None, _target),
+    Setting("WARM_ENI_TARGET", "warmENITarget", "warm_eni_target", 1, _warm_eni_target),
+    Setting("MAX_ENI", "maxENI", "max_eni", None, _max_eni),
+    Setting("ENABLE_PREFIX_DELEGATION", "enablePrefixDelegation", "prefix_delegation", False, _go_bool),
+    Setting("WARM_PREFIX_TARGET", "warmPrefixTarget", "warm_prefix_target", 1, _warm_prefix_target),
+    Setting("IP_COOLDOWN_PERIOD", "ipCooldownPeriod", "ip_cooldown_period", 30, _cooldown),
+    Setting("AWS_VPC_K8S_CNI_EXTERNALSNAT", "externalSNAT", "external_snat", False, _go_bool),
+    Setting("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "excludeSNATCIDRs", "exclude_snat_cidrs", (), _exclude_cidrs),
+    Setting("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "randomizeSNAT", "randomize_snat", "prng", _randomize_snat),
+    Setting("AWS_VPC_CNI_NODE_PORT_SUPPORT", "nodePortSupport", "node_port_support", True, _go_bool),
+    Setting("AWS_VPC_K8S_CNI_CONNMARK", "connmark", "connmark", 0x80, _connmark),
+    Setting("AWS_VPC_K8S_CNI_VETHPREFIX", "vethPrefix", "veth_prefix", "eni", _veth_prefix),
+    Setting("AWS_VPC_ENI_MTU", "eniMTU", "eni_mtu", MAX_MTU, _eni_mtu),
+    Setting("POD_MTU", "mtu", "pod_mtu", MAX_MTU, _pod_mtu),
+    Setting("AWS_VPC_K8S_PLUGIN_LOG_FILE", "pluginLogFile", "plugin_log_file", DEFAULT_PLUGIN_LOG, _plugin_log_file),
+    Setting("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "pluginLogLevel", "plugin_log_level", "DEBUG", _log_level),
+    Setting("AWS_VPC_K8S_CNI_LOG_FILE", "agentLogFile", "agent_log_file", DEFAULT_AGENT_LOG, _agent_log_file),
+    Setting("AWS_VPC_K8S_CNI_LOGLEVEL", "agentLogLevel", "agent_log_level", "DEBUG", _log_level),
+    Setting("CLUSTER_NAME", "clusterName", "cluster_name", "", _cluster_name),
     # Ours, beyond upstream. The log rotation defaults are lumberjack's figures in upstream's logger
     # (MaxSize 100 MB, MaxBackups 5, MaxAge 30 days); 0 means as in lumberjack: 100 MB, keep every
     # backup, keep backups of any age.
-    Setting("AWS_VPC_CNI_LOG_MAX_SIZE", "logMaxSize", 100, _log_rotation),
-    Setting("AWS_VPC_CNI_LOG_MAX_BACKUPS", "logMaxBackups", 5, _log_rotation),
-    Setting("AWS_VPC_CNI_LOG_MAX_AGE", "logMaxAge", 30, _log_rotation),
-    Setting("AWS_VPC_CNI_DATA_DIR", "dataDir", "/var/run/aws-vpc-cni", _data_dir),
-    Setting("AWS_VPC_CNI_NETFILTER_MODE", "netfilterMode", "auto", _choice("auto", "nft", "legacy", "iptc")),
+    Setting("AWS_VPC_CNI_LOG_MAX_SIZE", "logMaxSize", "log_max_size", 100, _log_rotation),
+    Setting("AWS_VPC_CNI_LOG_MAX_BACKUPS", "logMaxBackups", "log_max_backups", 5, _log_rotation),
+    Setting("AWS_VPC_CNI_LOG_MAX_AGE", "logMaxAge", "log_max_age", 30, _log_rotation),
+    Setting("AWS_VPC_CNI_DATA_DIR", "dataDir", "data_dir", "/var/run/aws-vpc-cni", _data_dir),
+    Setting("AWS_VPC_CNI_NETFILTER_MODE", "netfilterMode", "netfilter_mode", "auto", _choice("auto", "nft", "legacy", "iptc")),
 )}
+
+
+def kind(typename: str, names) -> type:
+    """A settings record type: the settings `names` (upstream names), read as attributes (`attr`),
+    with the type's `settings` (the Setting of each field, in order) for the parsers and renderer."""
+    chosen = tuple(SETTINGS[name] for name in names)
+    cls = record(typename, " ".join(s.attr for s in chosen))
+    cls.settings = chosen
+    return cls
 
 
 # What each plugin reads from its conflist entry: the one list per plugin type, used by the plugin
 # (from_conf) and by the agent's conflist renderer (to_conf), so the two cannot disagree.
-PLUGIN_LOG = ("AWS_VPC_K8S_PLUGIN_LOG_FILE", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "AWS_VPC_CNI_LOG_MAX_SIZE",
-              "AWS_VPC_CNI_LOG_MAX_BACKUPS", "AWS_VPC_CNI_LOG_MAX_AGE")  # every plugin, read by the skeleton
-IPAM = ("AWS_VPC_CNI_DATA_DIR", "WARM_IP_TARGET", "MINIMUM_IP_TARGET", "WARM_ENI_TARGET", "MAX_ENI",
-        "IP_COOLDOWN_PERIOD", "CLUSTER_NAME", "ENABLE_PREFIX_DELEGATION", "WARM_PREFIX_TARGET")  # aws-eni-ipam
-BRIDGE = ("AWS_VPC_K8S_CNI_VETHPREFIX", "POD_MTU", "AWS_VPC_ENI_MTU")  # aws-vpc-bridge
-SNAT = ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
-        "AWS_VPC_CNI_NODE_PORT_SUPPORT", "AWS_VPC_K8S_CNI_CONNMARK", "AWS_VPC_K8S_CNI_VETHPREFIX",
-        "AWS_VPC_CNI_DATA_DIR", "AWS_VPC_CNI_NETFILTER_MODE")  # aws-snat
-PORTMAP = ("AWS_VPC_CNI_DATA_DIR", "AWS_VPC_CNI_NETFILTER_MODE")  # portmap-compat
+PLUGIN_LOG = kind("PluginLogSettings", (  # every plugin, read by the skeleton
+    "AWS_VPC_K8S_PLUGIN_LOG_FILE", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "AWS_VPC_CNI_LOG_MAX_SIZE",
+    "AWS_VPC_CNI_LOG_MAX_BACKUPS", "AWS_VPC_CNI_LOG_MAX_AGE"))
+IPAM = kind("IPAMSettings", (  # aws-eni-ipam
+    "AWS_VPC_CNI_DATA_DIR", "WARM_IP_TARGET", "MINIMUM_IP_TARGET", "WARM_ENI_TARGET", "MAX_ENI",
+    "IP_COOLDOWN_PERIOD", "CLUSTER_NAME", "ENABLE_PREFIX_DELEGATION", "WARM_PREFIX_TARGET"))
+BRIDGE = kind("BridgeSettings", ("AWS_VPC_K8S_CNI_VETHPREFIX", "POD_MTU", "AWS_VPC_ENI_MTU"))  # aws-vpc-bridge
+SNAT = kind("SNATSettings", (  # aws-snat
+    "AWS_VPC_K8S_CNI_EXTERNALSNAT", "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "AWS_VPC_K8S_CNI_RANDOMIZESNAT",
+    "AWS_VPC_CNI_NODE_PORT_SUPPORT", "AWS_VPC_K8S_CNI_CONNMARK", "AWS_VPC_K8S_CNI_VETHPREFIX",
+    "AWS_VPC_CNI_DATA_DIR", "AWS_VPC_CNI_NETFILTER_MODE"))
+IPAM_STORE = kind("IPAMStoreSettings", ("AWS_VPC_CNI_DATA_DIR",))  # aws-vpc-bridge, from its "ipam" entry
+PORTMAP = kind("PortmapSettings", ("AWS_VPC_CNI_DATA_DIR", "AWS_VPC_CNI_NETFILTER_MODE"))  # portmap-compat
+AGENT = kind("AgentSettings", tuple(SETTINGS))  # the node agent: every setting, from its environment
 
 
 def warn_to_stderr(msg: str) -> None:
@@ -419,36 +434,44 @@ def _parse(setting: Setting, value: Any, source: str, warn) -> Any:
         raise SettingError(f"invalid {source}: {value!r} {exc}") from None
 
 
-def from_env(environ, names=None, warn=warn_to_stderr) -> dict[str, Any]:
-    """Settings (by upstream name) from environment variables. `warn` gets one message for each
-    value read as upstream reads it but not as written (a default used, a list entry skipped)."""
-    out = {}
-    for name in names or SETTINGS:
-        setting = SETTINGS[name]
-        out[name] = _parse(setting, environ[name], name, warn) if name in environ else setting.default
-    if "POD_MTU" in out and "POD_MTU" not in environ:
-        # Upstream renders POD_MTU, when unset, from AWS_VPC_ENI_MTU as written (cmd/aws-vpc-cni).
-        raw = environ.get("AWS_VPC_ENI_MTU", str(MAX_MTU))
-        out["POD_MTU"] = _parse(SETTINGS["POD_MTU"], raw, "POD_MTU (from AWS_VPC_ENI_MTU)", warn)
-    return out
+def from_env(environ, of: type = AGENT, warn=warn_to_stderr):
+    """The settings of `of` (a settings record type, every setting by default) from environment
+    variables. `warn` gets one message for each value read as upstream reads it but not as written
+    (a default used, a list entry skipped)."""
+    values = []
+    for setting in of.settings:
+        name = setting.env
+        if name == "POD_MTU" and name not in environ:
+            # Upstream renders POD_MTU, when unset, from AWS_VPC_ENI_MTU as written (cmd/aws-vpc-cni).
+            raw = environ.get("AWS_VPC_ENI_MTU", str(MAX_MTU))
+            values.append(_parse(setting, raw, "POD_MTU (from AWS_VPC_ENI_MTU)", warn))
+        else:
+            values.append(_parse(setting, environ[name], name, warn) if name in environ else setting.default)
+    return of(*values)
 
 
-def from_conf(conf: dict, names) -> dict[str, Any]:
-    """Settings (by upstream name) from a plugin's conflist entry; absent means the default. Strict:
-    a value the agent would have rendered differently is refused (see the module's docstring)."""
-    out = {}
-    for name in names:
-        setting = SETTINGS[name]
+def from_conf(conf: dict, of: type):
+    """The settings of `of` (a settings record type) from a plugin's conflist entry; absent means the
+    default. Strict: a value the agent would have rendered differently is refused (see the module's
+    docstring)."""
+    values = []
+    for setting in of.settings:
         raw = conf.get(setting.key)
-        out[name] = setting.default if raw is None else _parse(setting, raw, f"{setting.key} ({name})", None)
-    return out
+        values.append(setting.default if raw is None else _parse(setting, raw, f"{setting.key} ({setting.env})", None))
+    return of(*values)
 
 
-def to_conf(values: dict[str, Any]) -> dict[str, Any]:
-    """Conflist keys for the given settings, leaving out the unset ones."""
+def to_conf(values, of: type | None = None) -> dict[str, Any]:
+    """Conflist keys for the settings of `of` (by default, all of `values`' type), leaving out the
+    unset ones; `values` is any settings record holding them."""
     out = {}
-    for name, value in values.items():
-        if value is None:
-            continue
-        out[SETTINGS[name].key] = list(value) if isinstance(value, tuple) else value
+    for setting in (of or type(values)).settings:
+        value = getattr(values, setting.attr)
+        if value is not None:
+            out[setting.key] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def by_name(values) -> dict[str, Any]:
+    """A settings record's values by upstream name (the status API and the logs name them so)."""
+    return {setting.env: value for setting, value in zip(type(values).settings, values)}

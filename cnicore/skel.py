@@ -314,7 +314,7 @@ def _logger(plugin: str, conf: dict) -> Logger:
     """The plugin's log: file, level and rotation, validated like every setting (a bad one is code 7,
     logged to stderr)."""
     cfg = cnisettings.from_conf(conf, cnisettings.PLUGIN_LOG)
-    return Logger(plugin, cfg["AWS_VPC_K8S_PLUGIN_LOG_FILE"], cfg["AWS_VPC_K8S_PLUGIN_LOG_LEVEL"], **rotation(cfg))
+    return Logger(plugin, cfg.plugin_log_file, cfg.plugin_log_level, **rotation(cfg))
 
 
 def run(plugin: str, handlers: dict[str, Handler], *, about: str = "", reads_cni_args: bool = True,

@@ -83,12 +83,9 @@ class PoolSettings:
                 raise ValueError(f"{name} must be an integer >= {floor}, got {value!r}")
 
     @classmethod
-    def from_settings(cls, values: Mapping[str, Any]) -> "PoolSettings":
-        """From `cnicore.settings.from_env` / `from_conf` output (keyed by upstream name)."""
-        return cls(warm_ip_target=values.get("WARM_IP_TARGET"), minimum_ip_target=values.get("MINIMUM_IP_TARGET"),
-                   warm_eni_target=values.get("WARM_ENI_TARGET", 1), max_eni=values.get("MAX_ENI"),
-                   prefix_delegation=values.get("ENABLE_PREFIX_DELEGATION", False),
-                   warm_prefix_target=values.get("WARM_PREFIX_TARGET", 1))
+    def from_settings(cls, values) -> "PoolSettings":
+        """From a settings record holding the pool's settings (`cnicore.settings.IPAM` or `AGENT`)."""
+        return cls(**{name: getattr(values, name) for name in cls.__dataclass_fields__})
 
     @property
     def mode(self) -> str:

@@ -29,12 +29,12 @@ def _ipam_conf(args: skel.CmdArgs) -> dict:
     return ipam
 
 
-def _settings(args: skel.CmdArgs) -> dict:
+def _settings(args: skel.CmdArgs) -> settings.IPAM:
     return settings.from_conf(_ipam_conf(args), settings.IPAM)
 
 
-def _store(args: skel.CmdArgs, cfg: dict) -> Store:
-    return Store(cfg["AWS_VPC_CNI_DATA_DIR"], args.network)
+def _store(args: skel.CmdArgs, cfg: settings.IPAM) -> Store:
+    return Store(cfg.data_dir, args.network)
 
 
 def _result(ip: str, gateway: str) -> dict:
@@ -45,12 +45,12 @@ def cmd_add(args: skel.CmdArgs) -> dict:
     cfg = _settings(args)
     store = _store(args, cfg)
     got, doc, exhausted = _assign(store, args, cfg)
-    if got is None and agentlink.agent_running(cfg["AWS_VPC_CNI_DATA_DIR"]):
+    if got is None and agentlink.agent_running(cfg.data_dir):
         # the agent grows for this attachment too, not only for its targets
         waiting = agentlink.waiting_message(args.network, args.container_id, args.ifname)
-        agentlink.nudge(cfg["AWS_VPC_CNI_DATA_DIR"], waiting if len(waiting) <= agentlink.MAX_MESSAGE else b"grow")
+        agentlink.nudge(cfg.data_dir, waiting if len(waiting) <= agentlink.MAX_MESSAGE else b"grow")
         if doc is None:  # the agent has not built the pool yet: ask it why
-            raise CNIError(TRY_AGAIN_LATER, _not_started_message(cfg["AWS_VPC_CNI_DATA_DIR"]), GROWING)
+            raise CNIError(TRY_AGAIN_LATER, _not_started_message(cfg.data_dir), GROWING)
         raise CNIError(TRY_AGAIN_LATER, *_empty_pool_message(doc, exhausted))
     if got is None:
         # No agent: grow now. EC2 is called without the store lock, so DELs and warm ADDs go on
@@ -66,8 +66,8 @@ def cmd_add(args: skel.CmdArgs) -> dict:
         args.log.info("assigned after growing the pool", ip=got.ip, eni=got.eni_id)
     else:
         args.log.debug("assigned from the warm pool", ip=got.ip, eni=got.eni_id)
-        if _below_warm_floor(doc) and agentlink.agent_running(cfg["AWS_VPC_CNI_DATA_DIR"]):
-            agentlink.nudge(cfg["AWS_VPC_CNI_DATA_DIR"])  # grow now, not at the agent's next tick
+        if _below_warm_floor(doc) and agentlink.agent_running(cfg.data_dir):
+            agentlink.nudge(cfg.data_dir)  # grow now, not at the agent's next tick
     return _result(got.ip, got.gateway)
 
 
@@ -79,20 +79,20 @@ def _below_warm_floor(doc: dict) -> bool:
     return sum(s["total"] - s["assigned"] for s in Pool(doc, time.time()).eni_stats()) < floor
 
 
-def _assign(store: Store, args: skel.CmdArgs, cfg: dict):
+def _assign(store: Store, args: skel.CmdArgs, cfg: settings.IPAM):
     """(assignment or None, the document, PoolExhausted or None), under the store lock."""
     with store.locked() as tx:
         doc = tx.read()
         if doc is None:
             return None, None, None
-        pool = Pool(doc, time.time(), cfg["IP_COOLDOWN_PERIOD"])
+        pool = Pool(doc, time.time(), cfg.ip_cooldown_period)
         held = pool.find(args.container_id, args.ifname)
         if held:
             raise CNIError(ATTACHMENT_EXISTS, f"container {args.container_id} interface {args.ifname} "
                                               f"already holds {held.ip}; DEL it first")
         try:
             got = pool.assign(args.container_id, args.ifname, args.pod_namespace, args.pod_name, _owner(),
-                              prefixes=cfg["ENABLE_PREFIX_DELEGATION"])
+                              prefixes=cfg.prefix_delegation)
         except PoolExhausted as exc:
             return None, doc, exc
         tx.write(doc)
@@ -150,7 +150,7 @@ def cmd_del(args: skel.CmdArgs) -> None:
             doc = tx.read()
             if doc is None:
                 return
-            ip = Pool(doc, time.time(), cfg["IP_COOLDOWN_PERIOD"]).release(args.container_id, args.ifname)
+            ip = Pool(doc, time.time(), cfg.ip_cooldown_period).release(args.container_id, args.ifname)
             if ip:
                 tx.write(doc)
                 args.log.debug("released", ip=ip)
@@ -159,7 +159,7 @@ def cmd_del(args: skel.CmdArgs) -> None:
         # handed to the agent, which retries it until it lands; without an agent, or if the store
         # could not even be read, the agent's comparison of reservations with the host's attachments
         # releases it (the veth is gone).
-        handed = ip is not None and _hand_release_to_agent(cfg["AWS_VPC_CNI_DATA_DIR"], args, ip)
+        handed = ip is not None and _hand_release_to_agent(cfg.data_dir, args, ip)
         args.log.error(f"DEL could not update the state store: {exc}",
                        release="handed to the node agent" if handed else "left to the node agent's comparison")
 
@@ -188,7 +188,7 @@ def cmd_gc(args: skel.CmdArgs) -> None:
         doc = tx.read()
         if doc is None:
             return
-        pool = Pool(doc, time.time(), cfg["IP_COOLDOWN_PERIOD"])
+        pool = Pool(doc, time.time(), cfg.ip_cooldown_period)
         gone = [(cid, ifname, ip) for cid, ifname, ip in pool.attachments() if (cid, ifname) not in keep]
         for cid, ifname, _ in gone:
             pool.release(cid, ifname)
@@ -203,7 +203,7 @@ def cmd_status(args: skel.CmdArgs) -> None:
         doc = tx.read()
     if doc is None:
         return  # nothing allocated yet: the first ADD grows the pool
-    if Pool(doc, time.time(), cfg["IP_COOLDOWN_PERIOD"]).free_count() == 0:
+    if Pool(doc, time.time(), cfg.ip_cooldown_period).free_count() == 0:
         raise CNIError(PLUGIN_NOT_AVAILABLE, _empty_pool_message(doc, None)[0])
 
 

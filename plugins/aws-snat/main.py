@@ -149,27 +149,27 @@ def cmd_status(args: skel.CmdArgs) -> None:
 # Settings and node facts
 
 
-def _settings(args: skel.CmdArgs) -> dict:
+def _settings(args: skel.CmdArgs) -> settings.SNAT:
     return settings.from_conf(args.conf, settings.SNAT)
 
 
-def _netfilter(cfg: dict) -> Netfilter:
-    return Netfilter(cfg["AWS_VPC_CNI_NETFILTER_MODE"], lock_dir=cfg["AWS_VPC_CNI_DATA_DIR"])
+def _netfilter(cfg: settings.SNAT) -> Netfilter:
+    return Netfilter(cfg.netfilter_mode, lock_dir=cfg.data_dir)
 
 
-def node_desired(cfg: dict, network: str) -> Desired:
+def node_desired(cfg: settings.SNAT, network: str) -> Desired:
     """The node's desired netfilter state for these settings and the node facts of `network` (what
     ADD and GC converge to, and the agent every round)."""
     return desired(cfg, *_node(network, cfg))
 
 
-def _node(network: str, cfg: dict) -> tuple[Node, str | None]:
+def _node(network: str, cfg: settings.SNAT) -> tuple[Node, str | None]:
     """(node facts, primary interface name or None when no rule needs it)."""
-    node = node_facts(network, cfg["AWS_VPC_CNI_DATA_DIR"])
-    needs_interface = cfg["AWS_VPC_CNI_NODE_PORT_SUPPORT"] or not cfg["AWS_VPC_K8S_CNI_EXTERNALSNAT"]
+    node = node_facts(network, cfg.data_dir)
+    needs_interface = cfg.node_port_support or not cfg.external_snat
     if not needs_interface:
         return node, None
-    name = primary_interface(node.primary_mac, cfg["AWS_VPC_CNI_DATA_DIR"])
+    name = primary_interface(node.primary_mac, cfg.data_dir)
     if name is None:
         raise CNIError(NETLINK_FAILURE, f"no interface of this node has the primary ENI's MAC {node.primary_mac} "
                                         f"(from {node.source})")
@@ -249,18 +249,18 @@ def primary_interface(mac: str, data_dir: str) -> str | None:
 # What the node must look like (pure), written as iptables-save prints it
 
 
-def desired(cfg: dict, node: Node, primary_if: str | None) -> Desired:
-    snat = not cfg["AWS_VPC_K8S_CNI_EXTERNALSNAT"]
-    node_port = cfg["AWS_VPC_CNI_NODE_PORT_SUPPORT"]
-    mark = f"{cfg['AWS_VPC_K8S_CNI_CONNMARK']:#x}"
-    veths = cfg["AWS_VPC_K8S_CNI_VETHPREFIX"] + "+"
+def desired(cfg: settings.SNAT, node: Node, primary_if: str | None) -> Desired:
+    snat = not cfg.external_snat
+    node_port = cfg.node_port_support
+    mark = f"{cfg.connmark:#x}"
+    veths = cfg.veth_prefix + "+"
     # RETURN for VPC and excluded CIDRs, with upstream's comments (pkg/networkutils/network.go)
-    excluded = [c for c in dict.fromkeys(cfg["AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS"]) if c not in node.vpc_cidrs]
+    excluded = [c for c in dict.fromkeys(cfg.exclude_snat_cidrs) if c not in node.vpc_cidrs]
     cidrs = [(cidr, False) for cidr in dict.fromkeys(node.vpc_cidrs)] + [(cidr, True) for cidr in excluded]
     snat_returns = [_return(cidr, SNAT_EXCLUDED_COMMENT if ex else SNAT_VPC_COMMENT) for cidr, ex in cidrs]
     connmark_returns = [_return(cidr, CONNMARK_EXCLUDED_COMMENT if ex else CONNMARK_VPC_COMMENT) for cidr, ex in cidrs]
     restore = f"-j CONNMARK --restore-mark --nfmask {mark} --ctmask {mark}"
-    random = RANDOM_FLAG[cfg["AWS_VPC_K8S_CNI_RANDOMIZESNAT"]]
+    random = RANDOM_FLAG[cfg.randomize_snat]
     if snat:
         nat = TableState("nat", chains={
             SNAT_CHAIN: [*snat_returns, f"-m comment --comment {quote(SNAT_COMMENT)} -m addrtype ! --dst-type LOCAL "
@@ -324,7 +324,7 @@ def plan(nf: Netfilter, state: TableState) -> TablePlan:
     return TablePlan(drifts, stale, reorder)
 
 
-def stamp(cfg: dict, want: Desired) -> Stamp:
+def stamp(cfg: settings.SNAT, want: Desired) -> Stamp:
     """The stamp for these desired nat and mangle rules in this mode (see cnicore.netfilter.stamp)."""
     # what the verification looks for: the rules, and which rules of ours it sweeps (a new plugin
     # version that verifies otherwise bumps STAMP_VERSION)
@@ -337,11 +337,11 @@ def stamp(cfg: dict, want: Desired) -> Stamp:
         chains[state.table] = list(dict.fromkeys(names))
     # in the built-in chains `plan` judges only rules with our comments: others' rules there (the
     # reference bridge's per-pod masquerade rule in POSTROUTING) do not void the stamp
-    return Stamp(os.path.join(cfg["AWS_VPC_CNI_DATA_DIR"], STAMP_FILE), cfg["AWS_VPC_CNI_NETFILTER_MODE"], key,
+    return Stamp(os.path.join(cfg.data_dir, STAMP_FILE), cfg.netfilter_mode, key,
                  chains, shared=SWEPT_CHAINS, comments=OUR_COMMENTS)
 
 
-def converge(cfg: dict, want: Desired, stamped: Stamp | None = None, trust_stamp: bool = True) -> list[str]:
+def converge(cfg: settings.SNAT, want: Desired, stamped: Stamp | None = None, trust_stamp: bool = True) -> list[str]:
     """Make the node so; return what was fixed (empty in the steady state).
 
     With a stamp: the nat and mangle tables are left unread when the stamp holds (nothing changed
@@ -361,13 +361,13 @@ def converge(cfg: dict, want: Desired, stamped: Stamp | None = None, trust_stamp
             fixed += found.drifts
         if stamped and not fixed and before is not None and stamped.fingerprint() == before:
             stamped.record(before)
-    fixed += _converge_fwmark(cfg["AWS_VPC_K8S_CNI_CONNMARK"], want.fwmark)
+    fixed += _converge_fwmark(cfg.connmark, want.fwmark)
     if want.loose_rp_filter:
         fixed += _converge_rp_filter(want.loose_rp_filter)
     return fixed
 
 
-def differences(cfg: dict, want: Desired, stamped: Stamp | None = None) -> list[str]:
+def differences(cfg: settings.SNAT, want: Desired, stamped: Stamp | None = None) -> list[str]:
     """Every way the node differs from `want`; the nat and mangle tables as in `converge`."""
     before = stamped.fingerprint() if stamped else None
     found = []
@@ -377,7 +377,7 @@ def differences(cfg: dict, want: Desired, stamped: Stamp | None = None) -> list[
         if stamped and not found and before is not None and stamped.fingerprint() == before:
             stamped.record(before)
     with Netns() as host:
-        wrong, missing = _fwmark_plan(host, cfg["AWS_VPC_K8S_CNI_CONNMARK"], want.fwmark)
+        wrong, missing = _fwmark_plan(host, cfg.connmark, want.fwmark)
     found += [f"unexpected ip rule {rule}" for rule in wrong]
     found += [f"ip rule missing: {missing}"] if missing else []
     if want.loose_rp_filter:

@@ -24,17 +24,17 @@ from cnicore.veths import Attachment, host_veth_name, list_host_veths, remove_un
 from aws_vpc_bridge import datapath
 
 
-def _config(args: skel.CmdArgs) -> tuple[dict, str, Store]:
+def _config(args: skel.CmdArgs) -> tuple[settings.BRIDGE, str, Store]:
     """(settings, IPAM plugin type, the IPAM's state store) from the plugin's config."""
     cfg = settings.from_conf(args.conf, settings.BRIDGE)
     ipam = args.conf.get("ipam")
     if not isinstance(ipam, dict) or not isinstance(ipam.get("type"), str) or not ipam["type"]:
         raise CNIError(INVALID_CONFIG, "aws-vpc-bridge needs an \"ipam\" object with a \"type\"")
-    data_dir = settings.from_conf(ipam, ("AWS_VPC_CNI_DATA_DIR",))["AWS_VPC_CNI_DATA_DIR"]
-    return cfg, ipam["type"], Store(data_dir, args.network)
+    store_dir = settings.from_conf(ipam, settings.IPAM_STORE).data_dir
+    return cfg, ipam["type"], Store(store_dir, args.network)
 
 
-def _host_veth(args: skel.CmdArgs, cfg: dict) -> str:
+def _host_veth(args: skel.CmdArgs, cfg: settings.BRIDGE) -> str:
     """The host veth's name: upstream's hash of "<namespace>.<pod name>" when the runtime sent both
     (kubelet's CRI runtimes do), else the hash of the container ID and ifname (podman sends the pod
     name alone, cnitool neither). The names are opaque text; one that is not UTF-8 (no Kubernetes or
@@ -42,7 +42,7 @@ def _host_veth(args: skel.CmdArgs, cfg: dict) -> str:
     namespace, name = args.pod_namespace, args.pod_name
     if not (namespace and name and _is_utf8(namespace) and _is_utf8(name)):
         namespace = name = ""
-    return host_veth_name(cfg["AWS_VPC_K8S_CNI_VETHPREFIX"], pod_namespace=namespace, pod_name=name,
+    return host_veth_name(cfg.veth_prefix, pod_namespace=namespace, pod_name=name,
                           container_id=args.container_id, ifname=args.ifname)
 
 
@@ -62,7 +62,7 @@ def _attachment(args: skel.CmdArgs) -> Attachment:
         raise CNIError(INVALID_CONFIG, f"cannot record the attachment on its host veth: {exc}") from None
 
 
-def _held_eni(store: Store, args: skel.CmdArgs, cfg: dict) -> tuple[str | None, SecondaryEni | None]:
+def _held_eni(store: Store, args: skel.CmdArgs, cfg: settings.BRIDGE) -> tuple[str | None, SecondaryEni | None]:
     """The attachment's IP and, if it lives on a secondary ENI, that ENI (found later by its MAC)."""
     with store.locked(shared=True) as tx:
         doc = tx.read()
@@ -73,13 +73,13 @@ def _held_eni(store: Store, args: skel.CmdArgs, cfg: dict) -> tuple[str | None, 
         return held.ip, None
     eni = Document(doc).enis[held.eni_id]
     return held.ip, SecondaryEni(mac=eni.mac, device_number=held.device_number, subnet=held.subnet_cidr,
-                                 mtu=cfg["AWS_VPC_ENI_MTU"], primary_ip=eni.primary_ip)
+                                 mtu=cfg.eni_mtu, primary_ip=eni.primary_ip)
 
 
-def _pod_network(args: skel.CmdArgs, cfg: dict, pod_ip: str, eni) -> datapath.PodNetwork:
+def _pod_network(args: skel.CmdArgs, cfg: settings.BRIDGE, pod_ip: str, eni) -> datapath.PodNetwork:
     try:
         return datapath.PodNetwork(attachment=_attachment(args), netns=args.netns, host_veth=_host_veth(args, cfg),
-                                   pod_ip=pod_ip, mtu=cfg["POD_MTU"], eni=eni)
+                                   pod_ip=pod_ip, mtu=cfg.pod_mtu, eni=eni)
     except ValueError as exc:
         raise CNIError(INVALID_CONFIG, str(exc)) from None
 
@@ -158,7 +158,7 @@ def cmd_gc(args: skel.CmdArgs) -> None:
     keep = skel.valid_attachments(args.conf)
     errors = []
     routed = set()
-    for veth in list_host_veths(cfg["AWS_VPC_K8S_CNI_VETHPREFIX"]):
+    for veth in list_host_veths(cfg.veth_prefix):
         att = veth.attachment
         if veth.unfinished:  # an ADD killed right after creating the pair, before it marked the host end
             try:

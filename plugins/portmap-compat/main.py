@@ -322,7 +322,7 @@ def _conditions(raw: dict, key: str) -> list[str]:
 def netfilter_settings(raw: dict) -> tuple[str, str]:
     """The netfilter mode, and the data dir whose lock aws-snat takes too (both rewrite the nat table)."""
     cfg = settings.from_conf(raw, settings.PORTMAP)
-    return cfg["AWS_VPC_CNI_NETFILTER_MODE"], cfg["AWS_VPC_CNI_DATA_DIR"]
+    return cfg.netfilter_mode, cfg.data_dir
 
 
 def container_addresses(prev_result: dict, ifname: str) -> list:

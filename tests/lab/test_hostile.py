@@ -630,12 +630,12 @@ def test_settings_from_env_refuse_or_round_trip(name, value):
     """Every setting, any string: refused naming the variable (code 7), or a value that renders into
     the conflist as JSON and is read back by the plugins as the same value."""
     try:
-        parsed = cnisettings.from_env({name: value}, [name])[name]
+        parsed = cnisettings.from_env({name: value}, cnisettings.kind("One", [name]))
     except cnisettings.SettingError as exc:
         assert exc.code == 7 and name in exc.msg
         return
-    conf = json.loads(json.dumps(cnisettings.to_conf({name: parsed}), allow_nan=False))
-    assert cnisettings.from_conf(conf, [name])[name] == parsed
+    conf = json.loads(json.dumps(cnisettings.to_conf(parsed), allow_nan=False))
+    assert cnisettings.from_conf(conf, type(parsed)) == parsed
 
 
 def agent(*argv, env=None, umask=None, cwd=None):
@@ -660,7 +660,7 @@ def test_agent_render_conflist_refuses_bad_settings(name, value):
     for plugin in conflist["plugins"]:
         for section in (plugin, plugin.get("ipam", {})):
             known = [n for n in SETTING_NAMES if cnisettings.SETTINGS[n].key in section]
-            cnisettings.from_conf(section, known)
+            cnisettings.from_conf(section, cnisettings.kind("Known", known))
 
 
 def test_agent_write_conflist_with_a_bad_setting_writes_nothing(tmp_path):

@@ -67,7 +67,7 @@ FWMARK_RULE = "1024:\tfrom all fwmark 0x80/0x80 lookup main proto boot"
 IP = shutil.which("ip")
 
 
-def cfg(**overrides) -> dict:
+def cfg(**overrides) -> settings.SNAT:
     """Settings as the plugin parses them, from conflist keys."""
     return settings.from_conf(overrides, settings.SNAT)
 
@@ -288,7 +288,7 @@ def test_add_writes_the_rendered_rules_word_for_word_and_only_in_its_variant(nod
     # the rules as rendered are exactly what iptables-save prints: steady state costs one save per table
     assert ours(node.tables(variant)) == expected_tables(keys, NODE)
     assert node.tables({"nft": "legacy", "legacy": "nft"}[variant]) == {}
-    mark = cfg(**keys)["AWS_VPC_K8S_CNI_CONNMARK"]
+    mark = cfg(**keys).connmark
     assert node.ip_rules() == ([f"1024:\tfrom all fwmark {mark:#x}/{mark:#x} lookup main proto boot"]
                                if want.fwmark else [])
     assert node.rp_filter() == ("2" if want.loose_rp_filter else "1")

@@ -224,7 +224,7 @@ class World:
                              "ipCooldownPeriod": 0, "clusterName": "lab"}}
         if plugin == "portmap-compat":
             return {**common, "type": "portmap-compat", "capabilities": {"portMappings": True}, "snat": True,
-                    "netfilterMode": "nft", "prevResult": prev_result(self.pod_netns, version),
+                    "dataDir": self.data_dir, "netfilterMode": "nft", "prevResult": prev_result(self.pod_netns, version),
                     "runtimeConfig": {"portMappings": [
                         {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
                         {"hostPort": 5353, "containerPort": 53, "protocol": "udp", "hostIP": PRIMARY_IP}]}}
@@ -380,33 +380,33 @@ def tree_lines(root: str) -> list[str]:
 
 
 # --- which configurations may be run at all -----------------------------------------------------------
-_DEFAULT_DATA_DIR = cnisettings.SETTINGS["AWS_VPC_CNI_DATA_DIR"].default
-_DEFAULT_LOG = cnisettings.SETTINGS["AWS_VPC_K8S_PLUGIN_LOG_FILE"].default
+_LOG_FILE = cnisettings.kind("LogFile", ["AWS_VPC_K8S_PLUGIN_LOG_FILE"])
+_DATA_DIR = cnisettings.kind("DataDir", ["AWS_VPC_CNI_DATA_DIR"])
+
+
+def _path_used(section: dict, kind: type) -> str | None:
+    """The file or folder the one setting of `kind` names in a conflist `section`, parsed as the plugins
+    parse it (absent: the node's default); None if the plugins refuse it or it is not a path (stderr)."""
+    try:
+        (value,) = cnisettings.from_conf(section, kind)
+    except cnisettings.SettingError:
+        return None
+    return value if value.startswith("/") else None
 
 
 def writes_outside(plugin: str, conf, root: str) -> bool:
     """True if `plugin` given `conf` could use a data dir or log file outside `root`: an absent key (the
     node's default) or a valid absolute path elsewhere. The fuzzer never runs such a config, so nothing
-    on this machine outside the test's tmp dir can be written by an accepted one. (portmap-compat has
-    no data dir: its netfilter lock is always in the node's default one.)"""
+    on this machine outside the test's tmp dir can be written by an accepted one."""
     if not isinstance(conf, dict):
         return False
-    paths = [conf.get("pluginLogFile", _DEFAULT_LOG)]
+    used = [_path_used(conf, _LOG_FILE)]
     ipam = conf.get("ipam")
     if plugin == "aws-eni-ipam":
         section = conf if ipam is None else ipam
-        paths += [section.get("dataDir", _DEFAULT_DATA_DIR)] if isinstance(section, dict) else []
+        used += [_path_used(section, _DATA_DIR)] if isinstance(section, dict) else []
     elif plugin == "aws-vpc-bridge":
-        paths += [ipam.get("dataDir", _DEFAULT_DATA_DIR)] if isinstance(ipam, dict) else []
-    elif plugin == "aws-snat":
-        paths.append(conf.get("dataDir", _DEFAULT_DATA_DIR))
-    for path in paths:
-        if not isinstance(path, str):
-            continue
-        try:
-            cnisettings.SETTINGS["AWS_VPC_CNI_DATA_DIR"].parse(path)
-        except (ValueError, TypeError):
-            continue  # refused
-        if not is_under(path, root):
-            return True
-    return False
+        used += [_path_used(ipam, _DATA_DIR)] if isinstance(ipam, dict) else []
+    elif plugin in ("aws-snat", "portmap-compat"):
+        used.append(_path_used(conf, _DATA_DIR))
+    return any(path is not None and not is_under(path, root) for path in used)

@@ -52,15 +52,16 @@ def test_plugins_get_the_log_settings_of_the_environment():
            "AWS_VPC_CNI_LOG_MAX_SIZE": "7", "AWS_VPC_CNI_LOG_MAX_BACKUPS": "2", "AWS_VPC_CNI_LOG_MAX_AGE": "3"}
     cfg = settings.from_env(env)
     for plugin in render_conflist(cfg)["plugins"]:
-        assert settings.from_conf(plugin, env) == {name: cfg[name] for name in env}, plugin["type"]
+        log = settings.from_conf(plugin, settings.PLUGIN_LOG)
+        assert log == ("stderr", "WARN", 7, 2, 3) and settings.to_conf(log) == settings.to_conf(cfg, settings.PLUGIN_LOG), \
+            plugin["type"]
 
 
 def test_the_ipam_gets_the_prefix_delegation_settings_of_the_environment():
     env = {"ENABLE_PREFIX_DELEGATION": "true", "WARM_PREFIX_TARGET": "3"}
     cfg = settings.from_env(env)
-    ipam = render_conflist(cfg)["plugins"][0]["ipam"]
-    assert settings.from_conf(ipam, env) == {name: cfg[name] for name in env} == \
-        {"ENABLE_PREFIX_DELEGATION": True, "WARM_PREFIX_TARGET": 3}
+    ipam = settings.from_conf(render_conflist(cfg)["plugins"][0]["ipam"], settings.IPAM)
+    assert (ipam.prefix_delegation, ipam.warm_prefix_target) == (cfg.prefix_delegation, cfg.warm_prefix_target) == (True, 3)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in os.listdir(CONFLISTS) if n.endswith(".conflist")))

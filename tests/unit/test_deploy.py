@@ -345,8 +345,8 @@ def test_upstreams_manifest_values_mean_our_defaults(which):
     agent's log path (upstream writes it through the container's /host mount of the same host file)."""
     theirs = {k: v for k, v in _upstream_env(which).items() if k in settings.SETTINGS and v is not None}
     warnings = []
-    read = settings.from_env(theirs, warn=warnings.append)
-    default = settings.from_env({})
+    read = settings.by_name(settings.from_env(theirs, warn=warnings.append))
+    default = settings.by_name(settings.from_env({}))
     assert not warnings
     assert {k: v for k, v in read.items() if read[k] != default[k]} == (
         {"AWS_VPC_K8S_CNI_LOG_FILE": "/host/var/log/aws-routed-eni/ipamd.log"} if "AWS_VPC_K8S_CNI_LOG_FILE" in theirs else {})

@@ -8,14 +8,14 @@ from cnicore.settings import SettingError
 
 def test_defaults_match_upstream():
     values = settings.from_env({})
-    assert values["WARM_IP_TARGET"] is None and values["MINIMUM_IP_TARGET"] is None
-    assert values["WARM_ENI_TARGET"] == 1 and values["IP_COOLDOWN_PERIOD"] == 30
-    assert values["AWS_VPC_K8S_CNI_EXTERNALSNAT"] is False
-    assert values["AWS_VPC_K8S_CNI_RANDOMIZESNAT"] == "prng"
-    assert values["AWS_VPC_CNI_NODE_PORT_SUPPORT"] is True
-    assert values["AWS_VPC_K8S_CNI_CONNMARK"] == 0x80
-    assert values["AWS_VPC_K8S_CNI_VETHPREFIX"] == "eni"
-    assert values["AWS_VPC_ENI_MTU"] == values["POD_MTU"] == 9001
+    assert values.warm_ip_target is None and values.minimum_ip_target is None
+    assert values.warm_eni_target == 1 and values.ip_cooldown_period == 30
+    assert values.external_snat is False
+    assert values.randomize_snat == "prng"
+    assert values.node_port_support is True
+    assert values.connmark == 0x80
+    assert values.veth_prefix == "eni"
+    assert values.eni_mtu == values.pod_mtu == 9001
 
 
 def test_env_renders_to_conf_and_reads_back_identically():
@@ -23,11 +23,11 @@ def test_env_renders_to_conf_and_reads_back_identically():
            "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS": "192.168.0.0/16, 172.16.0.0/12",
            "AWS_VPC_K8S_CNI_CONNMARK": "0x40", "AWS_VPC_ENI_MTU": "1500", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL": "info"}
     values = settings.from_env(env)
-    assert values["POD_MTU"] == 1500  # follows the ENI MTU unless set
+    assert values.pod_mtu == 1500  # follows the ENI MTU unless set
     conf = settings.to_conf(values)
     assert "warmIPTarget" in conf and conf["excludeSNATCIDRs"] == ["192.168.0.0/16", "172.16.0.0/12"]
     assert "maxENI" not in conf  # unset stays unset
-    assert settings.from_conf(conf, list(values)) == values
+    assert settings.from_conf(conf, settings.AGENT) == values
 
 
 # What stays refused: what upstream refuses too, and what cannot work at all (each upstream spelling
@@ -55,7 +55,7 @@ def test_bad_values_name_the_setting(name, value):
                                        ("pluginLogFile", "stdout"), ("pluginLogLevel", "TRACE")])
 def test_bad_conf_values_name_the_key_and_variable(key, value):
     with pytest.raises(SettingError) as exc:
-        settings.from_conf({key: value}, list(settings.SETTINGS))
+        settings.from_conf({key: value}, settings.AGENT)
     assert key in exc.value.msg
 
 

@@ -166,7 +166,7 @@ def test_the_agent_reads_each_setting_as_upstream(row):
             settings.from_env(_env(row), warn=warnings.append)
         assert exc.value.code == 7 and name in exc.value.msg
         return
-    assert settings.from_env(_env(row), warn=warnings.append)[name] == expected
+    assert settings.by_name(settings.from_env(_env(row), warn=warnings.append))[name] == expected
     assert bool(warnings) == warns, warnings
     assert all(name in w for w in warnings), warnings  # each warning names the setting
 
@@ -194,17 +194,17 @@ def test_the_rendered_conflist_gives_the_plugins_the_same_value(row):
     else:
         assert carrying, f"the agent does not render {name} ({key})"
     for entry in carrying:  # a plugin's parse is strict: the rendered value must need no warning
-        assert settings.from_conf(entry, [name])[name] == expected
+        assert settings.by_name(settings.from_conf(entry, settings.kind("One", [name])))[name] == expected
 
 
 def test_pod_mtu_follows_the_eni_mtu_as_written():
     # cmd/aws-vpc-cni/main.go@0129baff generateJSON: podMTU := utils.GetEnv(envPodMTU, eniMTU), then the
     # plugin's GetPodMTU (pkg/networkutils/network.go@00892598) reads it.
-    assert settings.from_env({"AWS_VPC_ENI_MTU": "1500"})["POD_MTU"] == 1500
-    assert settings.from_env({"AWS_VPC_ENI_MTU": "1500", "POD_MTU": "1400"})["POD_MTU"] == 1400
+    assert settings.from_env({"AWS_VPC_ENI_MTU": "1500"}).pod_mtu == 1500
+    assert settings.from_env({"AWS_VPC_ENI_MTU": "1500", "POD_MTU": "1400"}).pod_mtu == 1400
     # 100 is clamped to 576 for the ENI, but the pod MTU reads "100" and falls back to 9001 (upstream's quirk).
     values = settings.from_env({"AWS_VPC_ENI_MTU": "100"}, warn=lambda _: None)
-    assert (values["AWS_VPC_ENI_MTU"], values["POD_MTU"]) == (576, 9001)
+    assert (values.eni_mtu, values.pod_mtu) == (576, 9001)
 
 
 def test_an_upstream_conflist_entry_parses():
@@ -212,10 +212,9 @@ def test_an_upstream_conflist_entry_parses():
     # it with the defaults of config/master/aws-k8s-cni.yaml.
     entry = {"type": "aws-cni", "vethPrefix": "eni", "mtu": "9001", "pluginLogFile": "/var/log/aws-routed-eni/plugin.log",
              "pluginLogLevel": "DEBUG"}
-    names = ["AWS_VPC_K8S_CNI_VETHPREFIX", "POD_MTU", "AWS_VPC_K8S_PLUGIN_LOG_FILE", "AWS_VPC_K8S_PLUGIN_LOG_LEVEL"]
-    assert settings.from_conf(entry, names) == {"AWS_VPC_K8S_CNI_VETHPREFIX": "eni", "POD_MTU": 9001,
-                                                "AWS_VPC_K8S_PLUGIN_LOG_FILE": DEFAULT_PLUGIN_LOG,
-                                                "AWS_VPC_K8S_PLUGIN_LOG_LEVEL": "DEBUG"}
+    bridge, log = settings.from_conf(entry, settings.BRIDGE), settings.from_conf(entry, settings.PLUGIN_LOG)
+    assert (bridge.veth_prefix, bridge.pod_mtu) == ("eni", 9001)
+    assert (log.plugin_log_file, log.plugin_log_level) == (DEFAULT_PLUGIN_LOG, "DEBUG")
 
 
 DEFAULT_PLUGIN_LOG = settings.DEFAULT_PLUGIN_LOG
@@ -269,5 +268,7 @@ PREFIX_ROWS = [
 def test_prefix_settings_are_read_as_upstream_by_the_agent_and_the_ipam(row):
     test_the_agent_reads_each_setting_as_upstream(row)
     name, _, expected, _, _ = row
-    entry = settings.to_conf({name: expected})  # what the agent renders, read back strictly by the plugin
-    assert settings.from_conf(entry, [name])[name] == expected
+    one = settings.kind("One", [name])
+    entry = settings.to_conf(one(expected))  # what the agent renders, read back strictly by the plugin
+    assert settings.from_conf(entry, settings.IPAM) == settings.from_conf({}, settings.IPAM)._replace(
+        **{settings.SETTINGS[name].attr: expected})

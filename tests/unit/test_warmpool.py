@@ -168,8 +168,7 @@ def test_idle_eni_is_freed_even_while_single_ips_wait():
     ({"WARM_IP_TARGET": "0"}, S()),  # upstream's noWarmIPTarget is 0: unset
 ])
 def test_settings_from_the_users_settings(env, expect):
-    names = ["WARM_IP_TARGET", "MINIMUM_IP_TARGET", "WARM_ENI_TARGET", "MAX_ENI"]
-    assert PoolSettings.from_settings(user_settings.from_env(env, names)) == expect
+    assert PoolSettings.from_settings(user_settings.from_env(env, user_settings.IPAM)) == expect
 
 
 @pytest.mark.parametrize("kwargs,setting", [
