@@ -15,7 +15,8 @@ from scale import run  # tests/ is on sys.path (rootdir conftest), as for labnod
 @pytest.fixture(scope="module")
 def result():
     args = argparse.Namespace(nodes=6, cold_nodes=3, pods=30, hour=300.0, time_scale=20.0, churn=5,
-                              churn_minutes=2, dying=1, death_window=420.0, workers=8, timeout=900)
+                              churn_minutes=2, dying=1, death_window=420.0, workers=8, timeout=900,
+                              cold_time_scale=20.0)
     return run.outside(args)
 
 

@@ -2,7 +2,7 @@
 token buckets and latencies on, in compressed time; writes scale-results.json and prints the table.
 
     python -m tests.scale.run [--nodes 1000] [--cold-nodes 200] [--pods 30] [--hour 3600]
-                              [--time-scale 4] [--churn 5]
+                              [--time-scale 4] [--cold-time-scale 0.5] [--churn 5]
                               [--churn-minutes 10] [--dying 5] [--death-window 3900]
 
 The simulation runs inside the lab's node1 namespace: the lab's EC2 front, with its buckets, listens
@@ -28,8 +28,8 @@ TARGETS = {"ec2_calls_per_node_hour": 2.0, "cold_start_ratio": 1.5, "pod_errors"
 UPSTREAM_CALLS_PER_NODE_HOUR = 1.0
 
 
-def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale: float, churn: int, churn_minutes: int, dying: int, death_window: float, workers: int = 32,
-             warmup_limit: float = 3600.0, cold_limit: float = 3600.0) -> dict:
+def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale: float, churn: int, churn_minutes: int, dying: int, death_window: float, workers: int = 256,
+             cold_scale: float | None = None, warmup_limit: float = 3600.0, cold_limit: float = 3600.0) -> dict:
     from vpclab.latency import Latency
 
     from .sim import Cluster
@@ -39,9 +39,12 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
               flush=True)
 
     cluster = Cluster(lab, nodes, scale=scale, workers=workers)
+    harness = {}
+    cold_scale = cold_scale or scale
     try:
         progress(f"{nodes} nodes start")
         warmup = cluster.run(warmup_limit, until=cluster.all_warm)
+        harness["warmup"] = cluster.measured()
         if not cluster.all_warm():
             raise SystemExit(f"the nodes' warm pools were not filled after {warmup:.0f} simulated s")
         progress("steady state")
@@ -49,20 +52,41 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
         lab.ec2_throttling(reset=True)
         rounds = cluster.rounds
         steady = cluster.run(hour)
+        harness["steady"] = cluster.measured()
         steady_round_interval = steady * nodes / max(cluster.rounds - rounds, 1)
         calls = lab.ec2_calls(reset=True)
         steady_buckets = lab.ec2_throttling(reset=True)["buckets"]
         node_hours = nodes * steady / 3600
         per_api = {a: n / node_hours for a, n in sorted(calls.items())}
 
-        progress("cold start")
+        # the cold start at its own time scale: its figure is a time, set by EC2's latencies and
+        # buckets only if the host computes every node's steps when they are due
+        if cold_scale != scale:
+            cluster.set_scale(cold_scale)
+        progress(f"cold start (time scale {cold_scale:g})")
         chosen = cluster.schedule_pods(min(cold_nodes, nodes), pods)
         before = cluster.node_calls()
+        lat_before = cluster.node_latency()
+        errors_before = [Counter({(a, c): n for a, c, n in node.pool.ec2_errors()}) for node in cluster.nodes]
         code11_before = cluster.code11
+        cold_start_at = cluster.clock()
         cold = cluster.run(cold_limit, until=lambda: cluster.all_placed(chosen))
+        harness["cold_start"] = cluster.measured()
         cold_buckets = lab.ec2_throttling(reset=True)["buckets"]
+        if cold_scale != scale:
+            cluster.set_scale(scale)
         after = cluster.node_calls()
+        lat = sum((cluster.node_latency()[c.index] - lat_before[c.index] for c in chosen), Counter())
         latency = Latency(enabled=True)
+        # each action's time as the agent saw it (simulated s: wall x the scale) against the lab's model
+        seen_latency = {a: {"model_s": latency.of(a), "seen_s": round(lat[a] / lat[a + "#"] / 1000 * cold_scale, 3),
+                            "requests": lat[a + "#"]}
+                        for a in sorted(k for k in lat if not k.endswith("#"))}
+        failed = sum((Counter({(a, c): n for a, c, n in cluster.nodes[c.index].pool.ec2_errors()})
+                      - errors_before[c.index] for c in chosen), Counter())
+        done_at = sorted(c.placed_at - cold_start_at for c in chosen if c.placed_at)
+        node_done = {q: round(done_at[min(len(done_at) - 1, int(q / 100 * len(done_at)))], 1)
+                     for q in (10, 50, 90, 100)} if done_at else {}
         serial = max(sum(latency.of(a) * n for a, n in (after[c.index] - before[c.index]).items()) for c in chosen)
         bucket_floor = max([(b["spent"] - b["capacity"]) / b["refill_per_second"] for b in cold_buckets.values()]
                            + [0.0])
@@ -73,6 +97,7 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
 
         progress("churn")
         churn_seconds = cluster.churn(chosen, churn, churn_minutes)
+        harness["churn_settle"] = cluster.measured()
         churn_calls = lab.ec2_calls(reset=True)
         churn_buckets = lab.ec2_throttling(reset=True)["buckets"]
         churn_unplaced = sum(len(c.pending) for c in chosen)
@@ -83,6 +108,7 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
         states = {"attached": busy[-dying:], "created": idle[-dying:], "attached-no-dot": idle[-2 * dying:-dying]}
         at_death = cluster.kill(states)
         cluster.run(death_window)
+        harness["death_window"] = cluster.measured()
         death_buckets = lab.ec2_throttling(reset=True)["buckets"]
         lab.ec2_calls(reset=True)
         alive = set(lab.snapshot().enis)
@@ -93,7 +119,12 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
                         for buckets in (steady_buckets, cold_buckets, churn_buckets, death_buckets))
         live_nodes = nodes - sum(len(v) for v in states.values())
         return {
-            "nodes": nodes, "time_scale": scale, "warmup_seconds": round(warmup, 1), "steady_seconds": round(steady, 1),
+            "nodes": nodes, "time_scale": scale, "cold_start_time_scale": cold_scale,
+            "time_scale_pieces": cluster.clock.pieces, "workers": workers, "harness": harness,
+            # the buckets the steady state used, at its end (the cold start's change of time scale
+            # refills every bucket: these show it changes next to nothing; unused ones are full)
+            "steady_end_buckets": {k: {"tokens": round(b["tokens"], 1), "capacity": b["capacity"]}
+                                   for k, b in steady_buckets.items()}, "warmup_seconds": round(warmup, 1), "steady_seconds": round(steady, 1),
             "steady_round_interval_seconds": round(steady_round_interval, 2),
             "ec2_calls_per_node_hour": round(sum(per_api.values()), 3),
             "ec2_calls_per_node_hour_by_api": {a: round(v, 3) for a, v in per_api.items()},
@@ -102,6 +133,8 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
             "cold_start_all_placed": placed, "cold_start_floor_seconds": round(floor, 1),
             "cold_start_floor_buckets": round(bucket_floor, 1), "cold_start_floor_serial": round(serial, 1),
             "cold_start_ratio": round(cold / floor, 3) if floor and placed else float("inf"),
+            "cold_start_latency": seen_latency,
+            "cold_start_failed_requests": {f"{a} {c}": n for (a, c), n in sorted(failed.items())}, "cold_start_node_done_percentiles": node_done,
             "cold_start_calls": dict(sum((after[c.index] - before[c.index] for c in chosen), Counter())),
             "cold_start_throttled": {k: b["throttled"] for k, b in cold_buckets.items() if b["throttled"]},
             "throttled_requests": throttled,
@@ -130,6 +163,7 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
 
 def table(r: dict) -> str:
     rows = [("figure", "agent", "upstream", "target")]
+    rows.append(("time scale (cold start)", f"{r['time_scale']:g} ({r['cold_start_time_scale']:g})", "", ""))
     rows.append(("EC2 calls per node-hour (steady)", f"{r['ec2_calls_per_node_hour']:.2f}",
                  f"~{UPSTREAM_CALLS_PER_NODE_HOUR:g}", "<= 2"))
     for api, rate in sorted(r["ec2_calls_per_node_hour_by_api"].items()):
@@ -137,6 +171,10 @@ def table(r: dict) -> str:
     rows.append(("cold start s (all pods placed)", str(r["cold_start_seconds"]), "", ""))
     rows.append(("cold start floor s", str(r["cold_start_floor_seconds"]), "", ""))
     rows.append(("cold start / floor", str(r["cold_start_ratio"]), "", "<= 1.5"))
+    rows.append(("  agent saw, s (model)", ", ".join(f"{a.replace('NetworkInterface', 'NI')} {v['seen_s']:g} ({v['model_s']:g})"
+                                                   for a, v in r["cold_start_latency"].items()), "", ""))
+    rows.append(("  steps late, mean/max s", f"{r['harness']['cold_start']['late_mean_s']}/"
+                                              f"{r['harness']['cold_start']['late_max_s']}", "", ""))
     rows.append(("requests throttled", str(r["throttled_requests"]), "", ""))
     rows.append(("code-11 retries (apart)", str(r["code11_retries"]), "", ""))
     rows.append(("errors that reached a pod", str(r["pod_errors"]), "", "0"))
@@ -152,7 +190,8 @@ def inside(args) -> None:
     lab.set_ec2_timing(throttling=True, latency=True, time_scale=args.time_scale)
     print(json.dumps(simulate(lab, nodes=args.nodes, cold_nodes=args.cold_nodes, pods=args.pods, hour=args.hour,
                               scale=args.time_scale, churn=args.churn, churn_minutes=args.churn_minutes,
-                              dying=args.dying, death_window=args.death_window, workers=args.workers)))
+                              dying=args.dying, death_window=args.death_window, workers=args.workers,
+                              cold_scale=args.cold_time_scale)))
 
 
 def outside(args) -> dict:
@@ -166,7 +205,8 @@ def outside(args) -> dict:
                 "--cold-nodes", str(args.cold_nodes), "--pods", str(args.pods), "--hour", str(args.hour),
                 "--time-scale", str(args.time_scale), "--churn", str(args.churn),
                 "--churn-minutes", str(args.churn_minutes), "--dying", str(args.dying),
-                "--death-window", str(args.death_window), "--workers", str(args.workers)]
+                "--death-window", str(args.death_window), "--workers", str(args.workers),
+                "--cold-time-scale", str(args.cold_time_scale or args.time_scale)]
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         proc = subprocess.run(lab.exec_argv("node1", argv), env=lab.exec_env("node1"), cwd=root,
                               stdout=subprocess.PIPE, text=True, timeout=args.timeout)
@@ -191,7 +231,9 @@ def main(argv=None) -> None:
     p.add_argument("--death-window", type=float, default=3900.0,
                    help="simulated seconds the cluster runs after the deaths (the sweep takes ENIs older "
                         "than an hour)")
-    p.add_argument("--workers", type=int, default=32, help="threads running node rounds (EC2's latency is "
+    p.add_argument("--cold-time-scale", type=float, default=0.5,
+                   help="the cold start's own time scale (its figure is a duration: the host must keep up)")
+    p.add_argument("--workers", type=int, default=256, help="threads running node rounds (EC2's latency is "
                                                            "spent asleep: many rounds wait side by side)")
     p.add_argument("--timeout", type=float, default=6 * 3600)
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
