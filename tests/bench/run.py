@@ -26,7 +26,13 @@ What it does, in order (everything inside a VPC lab made for this run, removed a
      private containerds in node1, one on our conflist and one on the reference's, the same installed
      binaries in one bin dir; --cri-cycles pod cycles per side, alternating side by side, each timed
      from the bench as RunPodSandbox + PodSandboxStatus (as kubelet asks after it) + StopPodSandbox
-     + RemovePodSandbox.
+     + RemovePodSandbox;
+ 10. through podman (tests/support/podman_world.py's private podman 4.3 with its CNI backend): two
+     podmans in node1, each with one chain's conflist alone in its network dir, as a node has it (podman
+     runs VERSION on every plugin of every conflist there, in `run` and again in the cleanup that runs
+     DEL); --podman-cycles `podman run --rm --network <chain> IMAGE true` per side, alternating, each
+     timed from the bench: create, netns, ADD, start, exit, DEL, remove. Reported, with no target of
+     its own (issue 19 sets one for the CRI view).
 
 Each timed operation is one cnitool exec started by a driver process that lives in the node's
 namespace (tests/bench/driver.py): wall time from fork to reap, and CPU seconds as the
@@ -43,6 +49,7 @@ import argparse
 import hashlib
 import json
 import os
+import pathlib
 import platform
 import shutil
 import signal
@@ -61,6 +68,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # step 9's harness, tests/suppo
 CNITOOL = os.path.join(ROOT, ".tools", "bin", "cnitool")
 REF_PLUGINS = "/usr/lib/cni"
 RESULTS = os.path.join(ROOT, "bench-results.json")
+CONFLIST_FILE = "10-bench.conflist"  # each chain's, in its conf dir
 CNI_CACHE = "/var/lib/cni/results"  # libcni's fixed cache dir (cnitool has no option for it)
 INSTANCE_TYPE = "c5.18xlarge"
 POOL_IPS = 735  # 15 ENIs x (50 - 1) secondary IPs
@@ -266,7 +274,7 @@ def our_conflist(network: str, data_dir: str, log_file: str, with_snat: bool) ->
 
 def write_conf(conf_dir: str, conflist: dict) -> str:
     os.makedirs(conf_dir, exist_ok=True)
-    with open(os.path.join(conf_dir, "10-bench.conflist"), "w") as f:
+    with open(os.path.join(conf_dir, CONFLIST_FILE), "w") as f:
         json.dump(conflist, f, indent=2)
     return conf_dir
 
@@ -289,6 +297,7 @@ class Bench:
         self.drivers: dict[str, Driver] = {}
         self.agents: dict[str, Agent] = {}
         self.containerds: dict = {}  # chain key -> cri_world.Containerd (step 9)
+        self.podmans: dict = {}  # chain key -> podman_world.PodmanNode (step 10)
         self.pod_count = 0
         self.results: dict = {"machine": machine(), "source": source(),
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -617,6 +626,30 @@ class Bench:
         say(f"CRI pod cycle p50: ours {out['ours']['p50']:.0f} ms, reference {out['ref']['p50']:.0f} ms")
         return out
 
+    def podman_cycles(self, n: int) -> dict:
+        """Step 10: containers run and removed by podman, ours and the reference alternating (see the
+        module's docstring)."""
+        say(f"podman: {n} `podman run --rm` cycles per chain")
+        from support.podman_world import IMAGE, PodmanNode  # this step only
+        chains = (self.ours["node1"], self.ref)
+        for chain in chains:
+            with open(os.path.join(chain.conf_dir, CONFLIST_FILE)) as f:
+                conflist = json.load(f)
+            podman = self.podmans[chain.key] = PodmanNode(self.lab, "node1", pathlib.Path(self.tmp) / f"podman-{chain.key}",
+                                                          bin_dir=self.bin_dir, conflist=conflist)
+            podman.load_image()
+        walls = {chain.key: [] for chain in chains}
+        for i in range(n + 1):  # the first cycle of each side is untimed (container storage, caches warm)
+            for chain in (chains if i % 2 == 0 else chains[::-1]):
+                t0 = time.perf_counter()
+                self.podmans[chain.key].podman("run", "--rm", "--network", chain.network, IMAGE, "true")
+                if i:
+                    walls[chain.key].append(time.perf_counter() - t0)
+        out = {key: {k: round(v, 1) for k, v in summary(w).items()} for key, w in walls.items()}
+        out["ratio"] = ratio(out["ours"]["p50"], out["ref"]["p50"])
+        say(f"podman run --rm p50: ours {out['ours']['p50']:.0f} ms, reference {out['ref']['p50']:.0f} ms")
+        return out
+
     # --- all of it ------------------------------------------------------------------------------
     def run(self) -> dict:
         opts = self.opts
@@ -645,6 +678,7 @@ class Bench:
             "scale_700_assigned": handler_times(self.log_file["node2"], self.phase_pods["scale_b_node2"]),
         }
         res["cri"] = self.cri_cycles(opts.cri_cycles)
+        res["podman"] = self.podman_cycles(opts.podman_cycles)
         res["fresh_node"] = self.fresh_nodes(opts.fresh_pods)
         for mode, figures in res["fresh_node"].items():
             res[f"fresh_{mode}_seconds"] = figures["seconds"]
@@ -673,6 +707,9 @@ class Bench:
             "ec2_calls_per_warm_op": round(plugin_calls / warm_ops, 4) if warm_ops else float("nan"),
             "ref_cri_cycle_p50_ms": res["cri"]["ref"]["p50"], "ours_cri_cycle_p50_ms": res["cri"]["ours"]["p50"],
             "cri_cycle_ratio": round(res["cri"]["ratio"], 2),
+            "ref_podman_cycle_p50_ms": res["podman"]["ref"]["p50"],
+            "ours_podman_cycle_p50_ms": res["podman"]["ours"]["p50"],
+            "podman_cycle_ratio": round(res["podman"]["ratio"], 2),
         })
         # issue 19's names for the CPU ratios (the first round's add_cpu_ratio/del_cpu_ratio stay)
         res["cpu_add_ratio"], res["cpu_del_ratio"] = res["add_cpu_ratio"], res["del_cpu_ratio"]
@@ -683,6 +720,9 @@ class Bench:
         for containerd in self.containerds.values():  # before the lab: their sandboxes DEL through it
             with suppress(Exception):
                 containerd.stop()
+        for podman in self.podmans.values():  # the same: their containers DEL through the lab
+            with suppress(Exception):
+                podman.close()
         for driver in self.drivers.values():
             with suppress(Exception):
                 driver.close()
@@ -777,6 +817,9 @@ def table(res: dict) -> str:
     cri = res["cri"]
     lines.append(f"CRI pod cycle (Run + Status + Stop + Remove) p50 ms: ours {cri['ours']['p50']}, reference "
                  f"{cri['ref']['p50']} (p90 {cri['ours']['p90']} vs {cri['ref']['p90']}, {cri['ours']['n']} each)")
+    pm = res["podman"]
+    lines.append(f"podman run --rm p50 ms: ours {pm['ours']['p50']}, reference {pm['ref']['p50']} "
+                 f"(p90 {pm['ours']['p90']} vs {pm['ref']['p90']}, {pm['ours']['n']} each; ratio {res['podman_cycle_ratio']})")
     lines.append(f"EC2 calls during {ec2['warm_ops']} warm ops: lab {sum(ec2['lab_calls'].values())}, "
                  f"agents {ec2['agent_calls']}, plugins {ec2['plugin_calls']}")
     for mode, fresh in res["fresh_node"].items():
@@ -804,6 +847,7 @@ def main(argv=None) -> int:
     parser.add_argument("--scale-pods", type=int, default=20, help="ADD/DEL cycles per node in the scale step")
     parser.add_argument("--startup-runs", type=int, default=20, help="VERSION execs per program")
     parser.add_argument("--cri-cycles", type=int, default=20, help="CRI pod cycles per chain (step 9)")
+    parser.add_argument("--podman-cycles", type=int, default=20, help="podman run --rm cycles per chain (step 10)")
     parser.add_argument("--fresh-pods", type=int, default=100, help="pods on a fresh node per mode (step 8)")
     parser.add_argument("--output", default=RESULTS)
     opts = parser.parse_args(argv)

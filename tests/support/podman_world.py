@@ -33,6 +33,9 @@ from vpclab import netns
 
 DIST_BIN = os.path.join(ROOT, "dist", "bin")
 PLUGINS = ("aws-vpc-bridge", "aws-eni-ipam", "aws-snat", "portmap-compat")
+# Debian's Go plugins beside ours: podman brings up the container's lo with `loopback`; the others make
+# the reference chain (bridge, host-local, portmap), which a PodmanNode's conflist may name.
+GO_PLUGINS = ("loopback", "bridge", "host-local", "portmap")
 IMAGE = "localhost/avc-busybox:1"
 CNI_RESULTS = "/var/lib/cni/results"  # libcni's cache (podman 4.3 passes no cache dir of its own)
 RUNC_STATE = "/run/runc"  # runc's default root, which podman uses
@@ -75,9 +78,12 @@ def _toml(value: str) -> str:
 class PodmanNode(LabNode):
     """A private podman on one lab node; close() removes every container and checks nothing is left."""
 
-    def __init__(self, lab, node, tmp_path):
-        super().__init__(lab, node, tmp_path, bin_dir=DIST_BIN)
-        assert os.access(os.path.join(DIST_BIN, "aws-vpc-bridge"), os.X_OK), \
+    def __init__(self, lab, node, tmp_path, bin_dir=DIST_BIN, conflist: dict | None = None):
+        """`conflist`: the one network this podman knows (default: our default chain as the agent
+        renders it for this node). podman runs VERSION on every plugin of every conflist in its
+        network dir at each start, so a node's cost depends on what the dir holds."""
+        super().__init__(lab, node, tmp_path, bin_dir=bin_dir)
+        assert os.access(os.path.join(bin_dir, "aws-vpc-bridge"), os.X_OK), \
             "the frozen bundle is missing: `make build` (make test builds it first)"
         self.root = str(tmp_path / f"{node}-podman")
         self.plugin_dir = os.path.join(self.root, "cni-bin")
@@ -85,11 +91,17 @@ class PodmanNode(LabNode):
         self.netns_path = netns.path(lab.netns(node))
         os.makedirs(self.plugin_dir)
         for name in PLUGINS:
-            os.symlink(os.path.join(DIST_BIN, name), os.path.join(self.plugin_dir, name))
-        os.symlink(os.path.join(REFERENCE_PLUGINS, "loopback"), os.path.join(self.plugin_dir, "loopback"))
-        subprocess.run([os.path.join(DIST_BIN, "aws-vpc-cni-agent"), "write-conflist", self.conf_dir], check=True,
-                       capture_output=True, env={"AWS_VPC_CNI_DATA_DIR": self.data_dir, "IP_COOLDOWN_PERIOD": "0",
-                                                 "AWS_VPC_K8S_PLUGIN_LOG_FILE": self.log_file})
+            os.symlink(os.path.join(bin_dir, name), os.path.join(self.plugin_dir, name))
+        for name in GO_PLUGINS:
+            os.symlink(os.path.join(REFERENCE_PLUGINS, name), os.path.join(self.plugin_dir, name))
+        if conflist is None:
+            subprocess.run([os.path.join(bin_dir, "aws-vpc-cni-agent"), "write-conflist", self.conf_dir], check=True,
+                           capture_output=True, env={"AWS_VPC_CNI_DATA_DIR": self.data_dir, "IP_COOLDOWN_PERIOD": "0",
+                                                     "AWS_VPC_K8S_PLUGIN_LOG_FILE": self.log_file})
+        else:
+            os.makedirs(self.conf_dir)
+            with open(os.path.join(self.conf_dir, f"{conflist['name']}.conflist"), "w") as f:
+                json.dump(conflist, f)
         self.containers_conf = os.path.join(self.root, "containers.conf")
         self.storage_conf = os.path.join(self.root, "storage.conf")
         with open(self.containers_conf, "w") as f:
