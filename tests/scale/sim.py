@@ -55,12 +55,6 @@ NETWORK = "aws-cni"
 CLUSTER = "scale"
 
 
-def cooldown(cfg):
-    """IP_COOLDOWN_PERIOD from the agent's settings: a typed record (cfg.ip_cooldown_period) once
-    settings.from_env returns one, a dict keyed by variable names before."""
-    return cfg.ip_cooldown_period if hasattr(cfg, "ip_cooldown_period") else cfg["IP_COOLDOWN_PERIOD"]
-
-
 class SimClock:
     """Simulated time: `scale` simulated seconds per wall second, piecewise (set_scale starts a new
     piece where the last one is, so simulated time never jumps); `pieces` lists (simulated time,
@@ -133,7 +127,7 @@ class Node:
         with self.store.locked() as tx:
             doc = tx.read()
             try:
-                Pool(doc, now, cooldown(self.pool.cfg)).assign(name, "eth0")
+                Pool(doc, now, self.pool.cfg.ip_cooldown_period).assign(name, "eth0")
             except PoolExhausted:
                 return False
             tx.write(doc)
@@ -143,7 +137,7 @@ class Node:
         """One pod DEL: its IP cools down in the store, as the plugin leaves it."""
         with self.store.locked() as tx:
             doc = tx.read()
-            Pool(doc, now, cooldown(self.pool.cfg)).release(name, "eth0")
+            Pool(doc, now, self.pool.cfg.ip_cooldown_period).release(name, "eth0")
             tx.write(doc)
         self.placed.discard(name)
 
