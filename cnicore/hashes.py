@@ -14,12 +14,10 @@ def __getattr__(name: str):
     elif name == "blake2b":
         from _blake2 import blake2b as function
     elif name in ("sha256", "sha512"):
-        try:
-            from _sha256 import sha256
-            from _sha512 import sha512
+        try:  # Python 3.11: one library each
+            function = getattr(__import__(f"_{name}"), name)
         except ImportError:
-            from _sha2 import sha256, sha512
-        function = sha256 if name == "sha256" else sha512
+            function = getattr(__import__("_sha2"), name)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = function

@@ -10,8 +10,8 @@ one the agent puts back and the agent needs no plugin package.
 from __future__ import annotations
 
 import errno
-import ipaddress
 
+from cnicore import ipv4
 from cnicore.record import record
 from cnicore.rtnl import (MAIN_TABLE, RT_SCOPE_LINK, RTPROT_KERNEL, Link, Netns, DataPathError, Route, Rule, is_mac,
                           route_text)
@@ -36,14 +36,14 @@ class SecondaryEni(record("SecondaryEni", "mac device_number subnet mtu primary_
             raise ValueError(f"ENI {mac} device number {device_number!r} must be 1..251 "
                              "(0 is the primary ENI, routed by main; tables 253-255 are reserved)")
         try:
-            network = ipaddress.IPv4Network(subnet)
+            network = ipv4.network(subnet)
         except ValueError as exc:
             raise ValueError(f"ENI {mac} subnet {subnet!r} is not an IPv4 CIDR: {exc}") from None
-        if network.prefixlen > 30:
+        if network[1] > 30:
             raise ValueError(f"ENI {mac} subnet {subnet} is too small for a gateway")
         if primary_ip is not None:
             try:
-                inside = ipaddress.IPv4Address(primary_ip) in network
+                inside = ipv4.contains(network, ipv4.address(primary_ip))
             except ValueError:
                 inside = False
             if not inside:
@@ -58,14 +58,14 @@ class SecondaryEni(record("SecondaryEni", "mac device_number subnet mtu primary_
     @property
     def gateway(self) -> str:
         """The VPC router's address: the subnet's base address + 1."""
-        return str(ipaddress.IPv4Network(self.subnet).network_address + 1)
+        return ipv4.text(ipv4.network(self.subnet)[0] + 1)
 
     @property
     def address(self) -> str | None:
         """`<primary IP>/<subnet prefix>` as it sits on the ENI's interface."""
         if self.primary_ip is None:
             return None
-        return f"{self.primary_ip}/{ipaddress.IPv4Network(self.subnet).prefixlen}"
+        return f"{self.primary_ip}/{ipv4.network(self.subnet)[1]}"
 
 
 def check_mtu(what: str, mtu: int) -> None:
@@ -152,7 +152,8 @@ def ensure_eni_table(host: Netns, eni: SecondaryEni) -> str:
 
 
 def _delete_kernel_subnet_route(host: Netns, eni: SecondaryEni, link: Link) -> None:
-    subnet = str(ipaddress.IPv4Network(eni.subnet))
+    base, prefixlen = ipv4.network(eni.subnet)
+    subnet = f"{ipv4.text(base)}/{prefixlen}"
     host.delete_route(f"delete the kernel's route {subnet} dev {link.name}",
                       Route(subnet, link.index, scope=RT_SCOPE_LINK), MAIN_TABLE, RTPROT_KERNEL,
                       tolerate=(errno.ESRCH,))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 # Every plugin imports this module on every exec, so it imports nothing costly at the top (README
 # "Start-up cost"): no dataclasses, no typing (the annotations below are never evaluated), ipaddress
-# only where a CIDR list is parsed.
+# only where a CIDR list holds an entry not written as it writes one.
 import sys
 
 from .errors import CNIError, INVALID_CONFIG
@@ -212,11 +212,15 @@ def _exclude_cidrs(value, warn) -> tuple[str, ...]:
         items = value
     else:
         raise ValueError("must be a comma-separated list of IPv4 CIDRs")
-    import ipaddress
+    from .ipv4 import plain_network
     out = []
     for item in items:
         if not isinstance(item, str):
             raise ValueError(f"{item!r} is not an IPv4 CIDR")
+        if plain_network(item.strip()):  # as ipaddress writes it: taken as is, without importing it
+            out.append(item.strip())
+            continue
+        import ipaddress
         address, _, bits = item.strip().partition("/")
         try:
             if not bits or not bits.isascii() or not bits.isdigit() or not address.isascii():

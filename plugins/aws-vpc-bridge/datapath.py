@@ -20,9 +20,9 @@ raised before anything changes.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 
+from cnicore import ipv4
 from cnicore.podroutes import (FROM_POD_RULE_PRIORITY, SecondaryEni, check_eni, check_mtu, delete_pod_rules,
                                ensure_eni_table, pod_rules)
 from cnicore.record import record
@@ -49,14 +49,15 @@ class PodNetwork(record("PodNetwork", "attachment netns host_veth pod_ip mtu eni
             raise ValueError("pod netns path is empty")
         check_ifname("host veth", host_veth)
         try:
-            ip = ipaddress.IPv4Address(pod_ip)
+            value = ipv4.address(pod_ip)
         except ValueError:
             raise ValueError(f"pod IP {pod_ip!r} is not an IPv4 address") from None
         check_mtu("pod veth", mtu)
         if eni is not None:
-            if ip not in ipaddress.IPv4Network(eni.subnet):
+            ip = ipv4.text(value)
+            if not ipv4.contains(ipv4.network(eni.subnet), value):
                 raise ValueError(f"pod IP {ip} is outside ENI {eni.mac} subnet {eni.subnet}")
-            if str(ip) == eni.gateway:
+            if ip == eni.gateway:
                 raise ValueError(f"pod IP {ip} is the gateway of subnet {eni.subnet}")
         return super().__new__(cls, attachment, netns, host_veth, pod_ip, mtu, eni)
 
@@ -174,7 +175,7 @@ def teardown_pod(attachment: Attachment, *, host_veth: str | None = None,
         check_ifname("host veth", host_veth)
     if pod_ip is not None:
         try:
-            ipaddress.IPv4Address(pod_ip)
+            ipv4.address(pod_ip)
         except ValueError:
             raise ValueError(f"pod IP {pod_ip!r} is not an IPv4 address") from None
     with Netns() as host:
