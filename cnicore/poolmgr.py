@@ -51,7 +51,7 @@ import time
 
 from . import instance_limits, warmpool
 from .ec2 import ENI_DESCRIPTION_PREFIX  # cnicore.ec2 imports boto3 only when it calls EC2
-from .ec2budget import EC2Budget, disagreements
+from .ec2budget import REASON_ACTION, EC2Budget, disagreements
 from .errors import AWS_FAILURE, CNIError
 from .pool import Blocked, Document, LastError, NodeFacts, Pool, new_document, prefix_addresses
 from .store import Store
@@ -77,6 +77,7 @@ class NodePool:
         self._imds = imds
         self._ec2 = ec2
         self._allocated: set[str] = set()  # ENIs this process attached (and set DeleteOnTermination on)
+        self._unmanaged: set[str] = set()  # MACs of attached ENIs EC2's last view showed as not the pool's
         self._throttled = False  # EC2 throttled, failed with 5xx or did not answer in this round
         self._rng: random.Random | None = None  # seeded by the instance ID (see `budget`)
         self._budget: EC2Budget | None = None
@@ -167,8 +168,9 @@ class NodePool:
         pool = Pool(doc, self.clock())
         stored = Document(doc).enis
         seen = set()
+        self._unmanaged = {eni.mac for eni in enis if eni.tags.get(NO_MANAGE_TAG, "").lower() == "true"}
         for eni in enis:
-            if eni.device_index is None or eni.tags.get(NO_MANAGE_TAG, "").lower() == "true":
+            if eni.device_index is None or eni.mac in self._unmanaged:
                 continue
             seen.add(eni.eni_id)
             known = stored.get(eni.eni_id)
@@ -392,6 +394,17 @@ class NodePool:
         budget = self.budget(doc)
         if agrees is not None:
             budget.compared(agrees)
+        if budget.read_due() == REASON_ACTION:
+            # an earlier round acted and could not read back what it did (EC2 throttled it): grown
+            # on the store alone, this round would attach a second ENI for the one attached then
+            calls = sum(self.ec2_calls().values())
+            enis = self._ec2_view(doc)
+            self._after_ec2_round(doc, calls)
+            Document(doc).agent.last_tick = self.clock()
+            decision = self._merge(store, doc, enis, waiting)
+            if enis is None:
+                return decision
+            budget.read()
         with store.locked() as tx:
             doc = tx.read()
             _update_node(doc, node)
@@ -424,7 +437,8 @@ class NodePool:
 
     def _imds_agrees(self, doc: dict) -> bool | None:
         """Whether IMDS lists the store's ENIs with the store's secondary IPs and /28 prefixes (the
-        primary IP and a prefix's addresses apart); None (no comparison) when IMDS fails."""
+        primary IP and a prefix's addresses apart), and no other ENI but those EC2's last view showed
+        as not the pool's (NO_MANAGE_TAG); None (no comparison) when IMDS fails."""
         from .imds import IMDSError
         store, imds = {}, {}
         try:
@@ -434,6 +448,8 @@ class NodePool:
                 store[eni.mac] = {ip for ip in eni.ips if ip not in in_prefixes} | set(eni.prefixes)
                 if eni.mac in attached:
                     imds[eni.mac] = set(self.imds.local_ipv4s(eni.mac)[1:]) | set(self.imds.ipv4_prefixes(eni.mac))
+            for mac in attached - store.keys() - self._unmanaged:
+                imds[mac] = set()  # attached, and the store does not know it: EC2's view will tell
         except IMDSError as exc:
             self.log.warn(f"IMDS not compared with the store this round: {exc}")
             return None

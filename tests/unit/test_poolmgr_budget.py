@@ -14,7 +14,7 @@ from cnicore.ec2budget import BACKOFF_MAX, EC2_READ_INTERVAL, IMDS_GRACE, INTERV
 from cnicore.imds import ENIMetadata, IMDSUnreachable, InstanceIdentity
 from cnicore.leaksweep import SWEEP_INTERVAL, SWEEP_JITTER
 from cnicore.pool import Pool
-from cnicore.poolmgr import NodePool
+from cnicore.poolmgr import NO_MANAGE_TAG, NodePool
 from cnicore.store import Store
 
 TICK = 5.0
@@ -39,6 +39,7 @@ class FakeEC2:
         self.calls, self.errors, self.latency = {}, {}, {}
         self.sweeps = []
         self.throttling = False
+        self.throttle_first_assign_to_new_eni = False
         self._ips = (f"10.0.{n // 250}.{n % 250 + 2}" for n in itertools.count(10))
         self._ids = itertools.count(1)
         primary = self._eni(0)
@@ -53,6 +54,12 @@ class FakeEC2:
         if self.throttling:
             raise EC2Throttled(action, "RequestLimitExceeded", "Request limit exceeded.")
 
+    def behind_our_back_attach(self, tags=None):
+        eni = self._eni(len(self.enis))
+        eni["ips"], eni["tags"] = [next(self._ips) for _ in range(3)], tags or {}
+        self.enis[eni["id"]] = eni
+        return eni["id"]
+
     def behind_our_back_assign(self, eni_id, n):
         self.enis[eni_id]["ips"] += [next(self._ips) for _ in range(n)]
 
@@ -60,10 +67,15 @@ class FakeEC2:
     def instance_enis(self):
         self._count(DESCRIBE)
         return [ENI(e["id"], e["mac"], SUBNET, "in-use", f"{ENI_DESCRIPTION_PREFIX}{self.instance_id}", e["primary"],
-                    tuple(e["ips"]), e["device"], f"attach-{e['id'][4:]}", self.instance_id, {}, tuple(e["prefixes"]))
+                    tuple(e["ips"]), e["device"], f"attach-{e['id'][4:]}", self.instance_id, e.get("tags", {}),
+                    tuple(e["prefixes"]))
                 for e in sorted(self.enis.values(), key=lambda e: e["device"])]
 
     def assign_ips(self, eni_id, count):
+        if self.throttle_first_assign_to_new_eni and self.enis[eni_id]["device"] and not self.enis[eni_id]["ips"]:
+            self.throttle_first_assign_to_new_eni = False
+            self.calls["AssignPrivateIpAddresses"] = self.calls.get("AssignPrivateIpAddresses", 0) + 1
+            raise EC2Throttled("AssignPrivateIpAddresses", "RequestLimitExceeded", "Request limit exceeded.")
         self._count("AssignPrivateIpAddresses")
         self.behind_our_back_assign(eni_id, count)
 
@@ -77,6 +89,9 @@ class FakeEC2:
         eni = self._eni(len(self.enis))
         self.enis[eni["id"]] = eni
         return ENI(eni["id"], eni["mac"], SUBNET, "in-use", "", eni["primary"], (), eni["device"])
+
+    def delete_on_termination(self, eni_id, attachment_id):
+        self._count("ModifyNetworkInterfaceAttribute")
 
     def free_eni(self, eni_id):
         self._count("DetachNetworkInterface")
@@ -234,6 +249,33 @@ def test_a_disagreement_that_heals_within_the_grace_costs_nothing(tmp_path):
     assert node.describes() == before
 
 
+@pytest.mark.parametrize("tags", [{}, {NO_MANAGE_TAG: "true"}], ids=["managed", "no_manage"])
+def test_an_eni_imds_lists_and_the_store_does_not_costs_one_read_after_the_grace(tmp_path, tags):
+    """Attached by someone else (or by an agent killed before it read back): IMDS shows its MAC, which
+    the store lacks. One read after the grace takes it in; an ENI the pool must not manage
+    (NO_MANAGE_TAG) stays out of the store, and its MAC does not cost a read every grace."""
+    node = Node(tmp_path)
+    node.settle()
+    before = node.describes()
+    eni_id = node.ec2.behind_our_back_attach(tags)
+    calls, attached_at = dict(node.ec2.calls), node.clock.now
+    node.imds.sync()
+    while node.describes() == before and node.clock.now < attached_at + 2 * IMDS_GRACE:
+        node.tick()
+    # a fresh disagreement is IMDS catching up, not chased; a lasting one costs one read
+    assert node.describes() == before + 1 and IMDS_GRACE <= node.clock.now - attached_at <= IMDS_GRACE + 2 * TICK
+    if tags:  # left out of the store, and nothing more
+        assert eni_id not in node.doc()["enis"] and node.ec2.calls == {**calls, DESCRIBE: calls[DESCRIBE] + 1}
+    else:  # taken in: its 3 IPs are a surplus that the pool gives back, and then the ENI
+        assert eni_id in node.doc()["enis"]
+    for _ in range(int(1200 / TICK)):
+        node.tick()
+    settled = dict(node.ec2.calls)
+    for _ in range(int(1200 / TICK)):  # then quiet: nothing disagrees any more
+        node.tick()
+    assert node.ec2.calls == settled and node.free() == 3
+
+
 def test_an_action_of_ours_is_followed_by_exactly_one_read(tmp_path):
     node = Node(tmp_path)
     node.settle()
@@ -275,6 +317,26 @@ def test_throttling_backs_off_reads_and_actions_with_a_doubling_pause_recorded_f
     doc = node.doc()
     assert doc["agent"]["backoff"] is None and node.free() == 3
     assert node.ec2.calls[DESCRIBE] >= 1
+
+
+def test_an_eni_attached_in_a_throttled_round_is_read_before_the_next_grow(tmp_path):
+    """A round attaches an ENI and is throttled on its first AssignPrivateIpAddresses, so it reads
+    nothing back: the next round must learn that ENI from EC2 before it grows, not attach another
+    (at 1,000 nodes, `make scale` saw such rounds end in AttachmentLimitExceeded)."""
+    node = Node(tmp_path)
+    node.settle()
+    node.ec2.throttle_first_assign_to_new_eni = True
+    for _ in range(20):  # pods take every free IP until a round attaches an ENI
+        node.take(node.free())
+        node.tick()
+        if "CreateNetworkInterface" in node.ec2.calls:
+            break
+    assert node.ec2.calls["CreateNetworkInterface"] == 1 and len(node.ec2.enis) == 2
+    assert len(node.doc()["enis"]) == 1  # the throttled round read nothing back
+    for _ in range(10):
+        node.tick(step=BACKOFF_MAX)
+    assert node.ec2.calls["CreateNetworkInterface"] == 1 and len(node.ec2.enis) == 2
+    assert len(node.doc()["enis"]) == 2 and node.free() == 3
 
 
 def test_a_restarted_agent_keeps_the_backoff_the_store_records(tmp_path):
