@@ -3,12 +3,11 @@ plugins are exec'd with only `CNI_*` variables, so the settings travel in it."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
 from cnicore import settings
-from cnicore.fsutil import make_dirs
+from cnicore.fsutil import make_dirs, write_atomic
 
 DEFAULT_NETWORK = "aws-vpc"
 # The highest version the runtimes we test against take: containerd 1.6 and podman 4.3 (their libcni
@@ -35,15 +34,6 @@ def write_conflist(conflist: dict, conf_dir: str, filename: str = CONFLIST_NAME)
     """Write atomically, so a runtime never reads half a file."""
     make_dirs(conf_dir, 0o755)
     path = os.path.join(conf_dir, filename)
-    tmp = os.path.join(conf_dir, f".{filename}.tmp.{os.getpid()}")
     # 0644 whatever the umask: the runtime reads it, nobody but root may change which binaries it runs
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), "w") as f:
-        os.fchmod(f.fileno(), 0o644)
-        json.dump(conflist, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    write_atomic(path, (json.dumps(conflist, indent=2) + "\n").encode(), mode=0o644, durable=True)
     return path

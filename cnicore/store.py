@@ -13,7 +13,7 @@ import time
 
 from . import jsonio
 from .errors import CNIError, STORE_FAILURE
-from .fsutil import make_dirs
+from .fsutil import fsync_dir, make_dirs, write_atomic
 
 SCHEMA = 2
 READABLE_SCHEMAS = (1, 2)  # schema 1 is schema 2 without IPv4 prefixes (cnicore.pool); it is written back as 2
@@ -55,7 +55,7 @@ class Store:
             return None
         aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         os.rename(self.path, aside)
-        _fsync_dir(self.data_dir)
+        fsync_dir(self.data_dir)
         return aside
 
 
@@ -125,41 +125,7 @@ class Transaction:
         doc["schema"] = SCHEMA
         doc["network"] = self.store.network
         data = jsonio.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
-        directory = self.store.data_dir
-        self._remove_stale_temps()
-        tmp = os.path.join(directory, f".{self.store.network}.json.tmp.{os.getpid()}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.store.path)
-            _fsync_dir(directory)
+            write_atomic(self.store.path, data, durable=True)
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             raise StoreError(f"cannot write the state file {self.store.path}: {exc.strerror}") from None
-
-    def _remove_stale_temps(self) -> None:
-        """Temp files of writers that died mid-write; safe to remove because we hold the lock."""
-        prefix = f".{self.store.network}.json.tmp."
-        try:
-            for name in os.listdir(self.store.data_dir):
-                if name.startswith(prefix):
-                    os.unlink(os.path.join(self.store.data_dir, name))
-        except OSError:
-            pass
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

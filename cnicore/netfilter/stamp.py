@@ -40,7 +40,7 @@ from __future__ import annotations
 import os
 
 from .. import nftables
-from ..fsutil import make_dirs
+from ..fsutil import make_dirs, write_atomic
 from .. import hashes  # each digest loads when first used (a shared library each)
 from . import xtables
 
@@ -123,21 +123,11 @@ class Stamp:
         """Write the stamp (atomically); False when it could not be written."""
         if current is None:
             return False
-        temp = f"{self.path}.tmp.{os.getpid()}"
         try:
             make_dirs(os.path.dirname(self.path))
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-            try:
-                os.write(fd, self._content(current))
-            finally:
-                os.close(fd)
-            os.replace(temp, self.path)
+            write_atomic(self.path, self._content(current))
             return True
         except OSError:
-            try:
-                os.unlink(temp)
-            except OSError:
-                pass
             return False
 
     def forget(self) -> None:
