@@ -194,7 +194,7 @@ class Agent:
     def _converge_node_rules(self) -> None:
         """aws-snat's node-wide rules, by aws-snat's own code and stamp (no iptables call while they
         are as it left them), for the settings this agent renders into the conflist."""
-        from aws_snat import main as snat
+        from aws_snat import noderules as snat
         want = snat.node_desired(self.cfg, self.store.network)
         fixed = snat.converge(self.cfg, want, snat.stamp(self.cfg, want))
         if fixed:
@@ -239,7 +239,7 @@ class Agent:
     def apply_primary_mtu(self) -> None:
         """AWS_VPC_ENI_MTU on the primary ENI's interface, as upstream's ipamd sets it at start
         (networkutils SetupHostNetwork); secondary ENIs get it when the bridge plugin sets them up."""
-        from aws_snat.main import primary_interface
+        from aws_snat.noderules import primary_interface
         doc = self.read_doc()
         mac = Document(doc).node.primary_mac if doc else None
         name = primary_interface(mac, self.data_dir) if mac else None

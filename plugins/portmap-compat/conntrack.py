@@ -10,7 +10,7 @@ NATed. Raw netlink with the standard library only: pyroute2's import alone would
 from __future__ import annotations
 
 import struct
-from _socket import IPPROTO_UDP
+from _socket import AF_INET, AF_INET6, IPPROTO_UDP
 
 from cnicore import rawnetlink
 from cnicore.rawnetlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, attr, attributes
@@ -27,11 +27,12 @@ CTA_PROTO_NUM, CTA_PROTO_DST_PORT = 1, 3
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id
 
 
-def delete_by_dst_port(ports: set[int], family: int, proto: int = IPPROTO_UDP) -> int:
-    """Delete the conntrack entries of `family` (AF_INET/AF_INET6) whose original tuple is `proto` to one
+def delete_by_dst_port(ports: set[int], version: int, proto: int = IPPROTO_UDP) -> int:
+    """Delete the conntrack entries of IP `version` (4 or 6) whose original tuple is `proto` to one
     of `ports`, in this network namespace; return how many were deleted. Raises OSError on failure."""
     if not ports:
         return 0
+    family = AF_INET6 if version == 6 else AF_INET
     with rawnetlink.open_socket(NETLINK_NETFILTER) as sock:
         dump = rawnetlink.transact(sock, _kind(IPCTNL_MSG_CT_GET), NLM_F_DUMP, _NFGEN.pack(family, 0, 0))
         doomed = [attrs for attrs in (attributes(body[_NFGEN.size:]) for _, body in dump)

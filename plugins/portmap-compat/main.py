@@ -27,8 +27,6 @@ ADD replaces the container's chain instead of adding to whatever an earlier ADD 
 
 from __future__ import annotations
 
-from _socket import AF_INET, AF_INET6
-
 from cnicore import hashes, settings, skel
 from cnicore.errors import CHECK_FAILED, CNIError, INVALID_CONFIG, PLUGIN_NOT_AVAILABLE
 from cnicore.netfilter import Netfilter, NetfilterError, Rule, TableState, any_chain_exists, quote
@@ -162,7 +160,7 @@ def delete_stale_udp_flows(mappings: list[Mapping], version: int, log) -> None:
         return
     from portmap_compat import conntrack
     try:
-        deleted = conntrack.delete_by_dst_port(ports, AF_INET6 if version == 6 else AF_INET)
+        deleted = conntrack.delete_by_dst_port(ports, version)
         if deleted:
             log.debug("deleted stale UDP conntrack entries", count=deleted, ports=sorted(ports))
     except OSError as exc:

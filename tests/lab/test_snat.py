@@ -19,7 +19,7 @@ import threading
 
 import pytest
 
-from aws_snat import main as snat
+from aws_snat import noderules as snat
 from cnicore import settings
 from cnicore.netfilter import Rule, TableState
 from cnicore.netfilter.model import split_spec
@@ -448,7 +448,7 @@ def test_without_the_primary_mac_on_the_node_add_fails_before_any_rule(make_netn
 def test_node_desired_is_the_state_add_converges_to_from_the_store_and_the_primary_interface(node):
     """The agent converges the node every round through `node_desired`, from its settings alone."""
     keys = {"randomizeSNAT": "hashrandom", "excludeSNATCIDRs": ["198.51.100.0/24"], "dataDir": node.data_dir}
-    script = ("import json, sys; from aws_snat import main as snat; from cnicore import settings; "
+    script = ("import json, sys; from aws_snat import noderules as snat; from cnicore import settings; "
               "cfg = settings.from_conf(json.loads(sys.argv[1]), settings.SNAT); "
               "print(json.dumps(snat.node_desired(cfg, sys.argv[2]), default=repr))")
     out = subprocess.run(["ip", "netns", "exec", node.ns, sys.executable, "-c", script, json.dumps(keys), NETWORK],

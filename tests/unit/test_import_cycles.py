@@ -112,7 +112,7 @@ def test_our_modules_import_one_another_without_a_circle():
 
 
 # What may import what (README "Architecture"): the core imports only the core; a plugin the core and
-# its own package; the agent the core, its own package, and aws-snat's main, whose node rules and
+# its own package; the agent the core, its own package, and aws-snat's noderules, whose node rules and
 # primary-interface lookup it runs as aws-snat does (so the rules have one author).
 ALLOWED_LAYERS = {
     "cnicore": ("cnicore",),
@@ -120,7 +120,7 @@ ALLOWED_LAYERS = {
     "aws_vpc_bridge": ("cnicore", "aws_vpc_bridge"),
     "aws_snat": ("cnicore", "aws_snat"),
     "portmap_compat": ("cnicore", "portmap_compat"),
-    "aws_vpc_cni_agent": ("cnicore", "aws_vpc_cni_agent", "aws_snat.main"),
+    "aws_vpc_cni_agent": ("cnicore", "aws_vpc_cni_agent", "aws_snat.noderules"),
 }
 
 

@@ -34,7 +34,7 @@ FOREIGN = {
     "plugins/aws-eni-ipam/main.py": ({"ips"}, "prevResult"),
     "plugins/aws-vpc-bridge/main.py": ({"ips", "mac"}, "the IPAM result and prevResult"),
     "plugins/portmap-compat/main.py": ({"ips"}, "prevResult"),
-    "plugins/aws-snat/main.py": ({"mac"}, "an IMDS path"),
+    "plugins/aws-snat/noderules.py": ({"mac"}, "an IMDS path"),
 }
 
 
