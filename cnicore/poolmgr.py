@@ -215,9 +215,9 @@ class NodePool:
         from .ec2 import EC2Error, InsufficientAddresses, PrefixesUnsupported
         ec2 = self.ec2(doc)
         node, agent = Document(doc).node, Document(doc).agent
+        budget = self.budget(doc)
         try:
             for step in steps:
-                self.budget(doc).acted()
                 if isinstance(step, warmpool.AssignIPs):
                     ec2.assign_ips(step.eni_id, step.count)
                 elif isinstance(step, warmpool.AssignPrefixes):
@@ -225,16 +225,18 @@ class NodePool:
                 else:
                     eni = ec2.allocate_eni(node.subnet_id, node.security_groups)
                     self._allocated.add(eni.eni_id)
+                    budget.acted()  # attached, whatever becomes of the assign
                     self.log.info("attached a new ENI", eni=eni.eni_id, device=eni.device_index)
                     (ec2.assign_prefixes if step.prefixes else ec2.assign_ips)(eni.eni_id, step.count)
-        except InsufficientAddresses as exc:
-            agent.insufficient_addresses_at = self.clock()
-            agent.insufficient_reason = _insufficient_reason(exc.code, node)
-            self._record_error(doc, exc)
-        except PrefixesUnsupported as exc:
-            agent.prefixes_refused_at = self.clock()
-            self._record_error(doc, exc)
+                budget.acted()
         except EC2Error as exc:
+            if _may_have_changed_the_node(exc):
+                budget.acted()
+            if isinstance(exc, InsufficientAddresses):
+                agent.insufficient_addresses_at = self.clock()
+                agent.insufficient_reason = _insufficient_reason(exc.code, node)
+            elif isinstance(exc, PrefixesUnsupported):
+                agent.prefixes_refused_at = self.clock()
             self._record_error(doc, exc)
 
     def _record_error(self, doc: dict, exc) -> None:
@@ -579,6 +581,18 @@ def _update_node(doc: dict, seen: tuple[list[str], str | None] | None) -> None:
         node.vpc_cidrs = seen[0]
         if seen[1] is not None:
             node.vpc_id = seen[1]
+
+
+def _may_have_changed_the_node(exc) -> bool:
+    """Whether a grow request that failed may still have changed what EC2 attaches to the node, so
+    that EC2's view must be read before the next grow. A request EC2 refused (throttled, a limit, a
+    bad parameter) did nothing: reading after each would cost a cold start one
+    DescribeNetworkInterfaces per throttled grow. A 5xx or no answer may have run it; a failed
+    ModifyNetworkInterfaceAttribute follows an attach whose undoing may have failed too."""
+    from .ec2 import THROTTLING_CODES, EC2Throttled, EC2Unreachable
+    if exc.action == "ModifyNetworkInterfaceAttribute":
+        return True
+    return isinstance(exc, (EC2Throttled, EC2Unreachable)) and exc.code not in THROTTLING_CODES
 
 
 def _insufficient_reason(code: str, node) -> str:
