@@ -22,18 +22,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from support.labnode import BIN, CNITOOL, NETWORK, PREFIX, REFERENCE_PLUGINS, LabNode, NodeView
+from support.labnode import BIN, CNITOOL, NETWORK, PREFIX, REFERENCE_PLUGINS, LabNode, NodeView, cnitool_container_id
 
 from cnicore.veths import Attachment, host_veth_name
 
 UP, DOWN, DIRTY = "up", "down", "dirty"
 FULL_CHAIN = ("aws-vpc-bridge", "aws-snat", "portmap-compat")
+LIBCNI_DIR = "/var/lib/cni"  # libcni's cache dir (cnitool sets none of its own)
 BRIDGE_ONLY = ("aws-vpc-bridge",)
-
-
-def cid_of(netns_path: str) -> str:
-    """The container ID cnitool derives from the netns path."""
-    return "cnitool-" + hashlib.sha512(netns_path.encode()).hexdigest()[:20]
 
 
 @dataclass
@@ -51,7 +47,7 @@ class Pod:
 
     @property
     def cid(self) -> str:
-        return cid_of(self.path)
+        return cnitool_container_id(self.path)
 
     @property
     def veth(self) -> str:
@@ -132,6 +128,11 @@ class ChainNode(LabNode):
         super().__init__(lab, node, tmp_path, **ipam_settings)
         self.write_conflist(plugins=plugins)
         self.cni_path = ":".join(p for p in (cni_path_first, BIN, REFERENCE_PLUGINS) if p)
+        # libcni's cache (/var/lib/cni) of this node's cnitool runs: the test's own dir, bound over
+        # /var/lib/cni in a mount namespace of each run, so no run touches the machine's cache
+        self.cni_cache = str(tmp_path / f"{node}-cni-cache")
+        os.makedirs(self.cni_cache, exist_ok=True)
+        os.makedirs(LIBCNI_DIR, exist_ok=True)
 
     def env(self, pod: Pod, extra: dict | None = None) -> dict:
         env = {"NETCONFPATH": self.conf_dir, "CNI_PATH": self.cni_path,
@@ -145,7 +146,11 @@ class ChainNode(LabNode):
         """cnitool COMMAND for the pod. `kill`: None, ("group", delay) or ("plugin", name, delay):
         SIGKILL every process of the run after `delay` s, or only the named plugin's process `delay`
         s after it starts (its children, e.g. the IPAM plugin, live on)."""
-        argv = self.lab.exec_argv(self.node, [CNITOOL, command, NETWORK, pod.path])
+        if command.upper() == "DEL":
+            self._drop_torn_cache(pod)
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                f'mount --bind "$0" {LIBCNI_DIR} && exec "$@"', self.cni_cache,
+                *self.lab.exec_argv(self.node, [CNITOOL, command, NETWORK, pod.path])]
         started = time.monotonic()
         proc = subprocess.Popen(argv, env=self.env(pod, env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
@@ -167,6 +172,25 @@ class ChainNode(LabNode):
             raise
         wait_group_gone(proc.pid)
         return Outcome(proc.returncode, out, err, killed, time.monotonic() - started)
+
+    def cached_result_path(self, pod: Pod) -> str:
+        """libcni's cached ADD result of the pod's attachment."""
+        return os.path.join(self.cni_cache, "results", f"{NETWORK}-{pod.cid}-eth0")
+
+    def _drop_torn_cache(self, pod: Pod) -> None:
+        """libcni writes its cached result in place (os.WriteFile), so a cnitool killed while writing
+        it leaves a torn file, and every later DEL of that attachment fails to decode it ("unexpected
+        end of JSON input") before any plugin runs. A runtime in that state has lost its cache; remove
+        the torn entry as it would. Only a killed run (the pod is DIRTY) may leave one."""
+        path = self.cached_result_path(pod)
+        try:
+            with open(path) as f:
+                json.load(f)
+        except FileNotFoundError:
+            return
+        except ValueError:
+            assert pod.state == DIRTY, f"libcni's cached result of {pod.name} is torn, but no run of it was killed"
+            os.unlink(path)
 
     @staticmethod
     def _kill_plugin(proc: subprocess.Popen, plugin: str, delay: float) -> str | None:
