@@ -46,7 +46,6 @@ Writes bench-results.json at the repo root and prints a table with the targets.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import pathlib
@@ -738,8 +737,9 @@ class Bench:
 
 
 def container_id(pod: Pod) -> str:
-    """The container ID cnitool derives from the netns path (libcni's cnitool: sha512, 10 bytes)."""
-    return "cnitool-" + hashlib.sha512(netns.path(pod.netns).encode()).hexdigest()[:20]
+    """The container ID cnitool derives from the pod's netns path."""
+    from support.labnode import cnitool_container_id
+    return cnitool_container_id(netns.path(pod.netns))
 
 
 def handler_times(log_file: str, pods: list[Pod] | None = None) -> dict:

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from portmap_compat.main import dnat_chain, old_snat_chain
-from support.portmap_world import (PLUGIN, REFERENCE, GO_PLUGINS, SYSTEM_PATH, cnitool_container_id, invoke, legacy_bin,
+from support.portmap_world import (PLUGIN, REFERENCE, GO_PLUGINS, SYSTEM_PATH, pod_container_id, invoke, legacy_bin,
                            mark_mode, nat, rules, start_server, tcp_get, udp_ask, user_chains, veth)
 from support.portmap_world import cnitool as run_cnitool
 from support.runtime_input import CONTAINERD_CNI_ARGS, CONTAINERD_PORT_MAPPING
@@ -559,7 +559,7 @@ def cnitool_cache():
     yield pods
     for pod in pods:
         try:
-            os.unlink(f"/var/lib/cni/results/{NET}-{cnitool_container_id(pod)}-eth0")
+            os.unlink(f"/var/lib/cni/results/{NET}-{pod_container_id(pod)}-eth0")
         except FileNotFoundError:
             pass
 
@@ -593,7 +593,7 @@ def test_host_ports_reach_the_pod_from_another_host_the_node_and_the_pod(node, v
     result = run_cnitool(cnitool, node_ns, "add", NET, pod, cap_args={"portMappings": mappings}, **tool)
     pod_ip = result["ips"][0]["address"].split("/")[0]
     servers.append(start_server(pod, "pod"))
-    cid = cnitool_container_id(pod)
+    cid = pod_container_id(pod)
     table = nat(node_ns, variant)
     assert f'-m comment --comment "dnat name: \\"{NET}\\" id: \\"{cid}\\""' in " ".join(table["CNI-HOSTPORT-DNAT"])
     assert not rules(nat(node_ns, other(variant)))

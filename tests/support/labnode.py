@@ -12,6 +12,13 @@ from support.paths import ROOT
 BIN = os.path.join(sys.prefix, "bin")
 NETWORK = "aws-vpc"
 CNITOOL = os.path.join(ROOT, ".tools", "bin", "cnitool")
+
+
+def cnitool_container_id(netns_path: str) -> str:
+    """The container ID cnitool derives from a netns path: 'cnitool-' and the first 10 bytes of its
+    SHA-512, in hex."""
+    import hashlib
+    return "cnitool-" + hashlib.sha512(netns_path.encode()).hexdigest()[:20]
 REFERENCE_PLUGINS = "/usr/lib/cni"
 PREFIX = "eni"  # the host veths' name prefix the tests' conflists use
 

@@ -8,7 +8,6 @@ namespace's tables. The reference plugin drives whatever `iptables` its PATH nam
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -17,6 +16,8 @@ import sys
 import time
 
 from vpclab import netns
+
+from support.labnode import cnitool_container_id
 
 PLUGIN = os.path.join(sys.prefix, "bin", "portmap-compat")
 REFERENCE = "/usr/lib/cni/portmap"
@@ -171,6 +172,6 @@ def cnitool(cnitool_path: str, ns: str, command: str, network: str, pod_ns: str,
     return json.loads(proc.stdout) if proc.stdout.strip() else None
 
 
-def cnitool_container_id(pod_ns: str) -> str:
-    """cnitool's container ID for a netns path: 'cnitool-' + the first 20 hex digits of its SHA-512."""
-    return "cnitool-" + hashlib.sha512(netns.path(pod_ns).encode()).hexdigest()[:20]
+def pod_container_id(pod_ns: str) -> str:
+    """cnitool's container ID for a pod namespace."""
+    return cnitool_container_id(netns.path(pod_ns))
