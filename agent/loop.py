@@ -278,7 +278,8 @@ class Agent:
         return {"node": Document(doc).node.as_dict(), "enis": pool.eni_stats(), "figures": figures,
                 "blocked": None if blocked is None else blocked.as_dict(),
                 "last_error": None if error is None else error.as_dict(),
-                "ec2_calls": calls, "ec2_errors": self.pool.ec2_errors(), "ec2_latency": self.pool.ec2_latency(),
+                "ec2_calls": calls, "ec2_reads": dict(self.pool.ec2_reads), "ec2_errors": self.pool.ec2_errors(),
+                "ec2_latency": self.pool.ec2_latency(),
                 "ticks": self.ticks, "startup_error": self.startup_error,
                 "in_progress": dict(self.in_progress), "errors": dict(self.errors), "ready": self.ready}
 

@@ -43,6 +43,7 @@ ModifyNetworkInterfaceAttribute) gets DeleteOnTermination on the next tick (`ado
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import os
@@ -51,12 +52,13 @@ import time
 
 from . import instance_limits, warmpool
 from .ec2 import ENI_DESCRIPTION_PREFIX  # cnicore.ec2 imports boto3 only when it calls EC2
-from .ec2budget import REASON_ACTION, EC2Budget, disagreements
+from .ec2budget import REASON_ACTION, REASON_START, EC2Budget, disagreements
 from .errors import AWS_FAILURE, CNIError
 from .pool import Blocked, Document, LastError, NodeFacts, Pool, new_document, prefix_addresses
 from .store import Store
 
 NO_MANAGE_TAG = "node.k8s.amazonaws.com/no_manage"  # upstream: an ENI so tagged is not the CNI's
+READ_LEAK_SWEEP = "leak-sweep"  # an `ec2_reads` reason beside ec2budget's: the hourly leaked-ENI sweep
 
 
 class GrowError(CNIError):
@@ -82,6 +84,9 @@ class NodePool:
         self._rng: random.Random | None = None  # seeded by the instance ID (see `budget`)
         self._budget: EC2Budget | None = None
         self._sweep = None  # cnicore.leaksweep.LeakSweep, once the node's VPC is known
+        # why this process listed ENIs in EC2 (DescribeNetworkInterfaces): an ec2budget REASON_* or
+        # READ_LEAK_SWEEP, the count of each: where a node's steady EC2 cost comes from
+        self.ec2_reads: collections.Counter[str] = collections.Counter()
 
     # --- AWS access (created on first use: boto3 is imported only then) -------------------------
     @property
@@ -280,6 +285,7 @@ class NodePool:
         return None
 
     def refresh(self, doc: dict) -> None:
+        self.ec2_reads[REASON_START] += 1
         self.apply_ec2_view(doc, self.ec2_view(doc, self.ec2(doc).instance_enis()))
 
     # --- the users ----------------------------------------------------------------------------
@@ -298,6 +304,7 @@ class NodePool:
                 doc = None
         if doc is None:
             doc = self.new_document()
+        self.ec2_reads[REASON_START] += 1
         enis = self.ec2_view(doc, self.ec2(doc).instance_enis())
         node = self._node_view(doc)
         with store.locked() as tx:
@@ -363,7 +370,7 @@ class NodePool:
         if steps:
             self.grow(doc, steps)
             if not self._throttled:
-                enis = self._ec2_view(doc)
+                enis = self._ec2_view(doc, REASON_ACTION)
         self._after_ec2_round(doc, calls)
         self._merge(store, doc, enis)
 
@@ -400,7 +407,7 @@ class NodePool:
             # an earlier round acted and could not read back what it did (EC2 throttled it): grown
             # on the store alone, this round would attach a second ENI for the one attached then
             calls = sum(self.ec2_calls().values())
-            enis = self._ec2_view(doc)
+            enis = self._ec2_view(doc, REASON_ACTION)
             self._after_ec2_round(doc, calls)
             Document(doc).agent.last_tick = self.clock()
             decision = self._merge(store, doc, enis, waiting)
@@ -429,7 +436,8 @@ class NodePool:
         if not self._throttled:
             self._repair_adopted(doc)
             self._sweep_leaked(doc)
-        enis = self._ec2_view(doc) if not self._throttled and budget.read_due() else None
+        reason = None if self._throttled else budget.read_due()
+        enis = self._ec2_view(doc, reason) if reason else None
         self._after_ec2_round(doc, calls)
         agent.last_tick = self.clock()
         decision = self._merge(store, doc, enis, waiting)
@@ -480,10 +488,11 @@ class NodePool:
             self.log.warn(f"node facts not refreshed: {exc}")
             return None
 
-    def _ec2_view(self, doc: dict):
+    def _ec2_view(self, doc: dict, reason: str):
         """The instance's ENIs as EC2 lists them (see `ec2_view`), or None (error recorded) if EC2
-        does not say."""
+        does not say. `reason`: why it is read (counted in `ec2_reads`)."""
         from .ec2 import EC2Error
+        self.ec2_reads[reason] += 1
         try:
             return self.ec2_view(doc, self.ec2(doc).instance_enis())
         except EC2Error as exc:
@@ -557,6 +566,8 @@ class NodePool:
         if self._sweep is None:
             self._sweep = LeakSweep(self.ec2(doc), vpc_id, self.cfg.cluster_name, self.log, clock=self.clock,
                                     rng=self._rng)
+        if self._sweep.due() and self.cfg.cluster_name:  # without a cluster name it lists nothing
+            self.ec2_reads[READ_LEAK_SWEEP] += 1
         try:
             self._sweep.maybe_run()
         except EC2Error as exc:

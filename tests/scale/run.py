@@ -51,10 +51,12 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
         lab.ec2_calls(reset=True)
         lab.ec2_throttling(reset=True)
         rounds = cluster.rounds
+        reads = cluster.reads()
         steady = cluster.run(hour)
         harness["steady"] = cluster.measured()
         steady_round_interval = steady * nodes / max(cluster.rounds - rounds, 1)
         calls = lab.ec2_calls(reset=True)
+        steady_reads = cluster.reads() - reads
         steady_buckets = lab.ec2_throttling(reset=True)["buckets"]
         node_hours = nodes * steady / 3600
         per_api = {a: n / node_hours for a, n in sorted(calls.items())}
@@ -129,6 +131,9 @@ def simulate(lab, *, nodes: int, cold_nodes: int, pods: int, hour: float, scale:
             "steady_round_interval_seconds": round(steady_round_interval, 2),
             "ec2_calls_per_node_hour": round(sum(per_api.values()), 3),
             "ec2_calls_per_node_hour_by_api": {a: round(v, 3) for a, v in per_api.items()},
+            # why each steady DescribeNetworkInterfaces was sent (ec2budget's REASON_*, leak-sweep)
+            "steady_ec2_reads_by_reason": dict(sorted(steady_reads.items())),
+            "steady_describes": calls.get("DescribeNetworkInterfaces", 0),
             "steady_throttled": sum(b["throttled"] for b in steady_buckets.values()),
             "cold_nodes": len(chosen), "pods_per_node": pods, "cold_start_seconds": round(cold, 1),
             "cold_start_all_placed": placed, "cold_start_floor_seconds": round(floor, 1),
@@ -169,6 +174,8 @@ def table(r: dict) -> str:
                  f"~{UPSTREAM_CALLS_PER_NODE_HOUR:g}", "<= 2"))
     for api, rate in sorted(r["ec2_calls_per_node_hour_by_api"].items()):
         rows.append((f"  {api}", f"{rate:.2f}", "", ""))
+    rows.append(("  describes by reason", ", ".join(f"{k} {v}" for k, v in r["steady_ec2_reads_by_reason"].items())
+                 or "none", "", ""))
     rows.append(("cold start s (all pods placed)", str(r["cold_start_seconds"]), "", ""))
     rows.append(("cold start floor s", str(r["cold_start_floor_seconds"]), "", ""))
     rows.append(("cold start / floor", str(r["cold_start_ratio"]), "", "<= 1.5"))

@@ -355,6 +355,10 @@ class Cluster:
     def node_calls(self) -> list[Counter]:
         return [Counter(n.pool.ec2_calls()) for n in self.nodes]
 
+    def reads(self) -> Counter:
+        """The nodes' reads of EC2's view and leak sweeps so far, per reason (NodePool.ec2_reads)."""
+        return sum((n.pool.ec2_reads for n in self.nodes), Counter())
+
     def node_latency(self) -> list[Counter]:
         """Per node: wall milliseconds spent in EC2 requests, and requests, per action (cnicore.ec2's
         own latency counts: wall time, so simulated time is that times the time scale)."""

@@ -10,11 +10,12 @@ import pytest
 
 from cnicore import settings
 from cnicore.ec2 import ENI, ENI_DESCRIPTION_PREFIX, EC2Throttled
-from cnicore.ec2budget import BACKOFF_MAX, EC2_READ_INTERVAL, IMDS_GRACE, INTERVAL_JITTER
+from cnicore.ec2budget import (BACKOFF_MAX, EC2_READ_INTERVAL, IMDS_GRACE, INTERVAL_JITTER, REASON_ACTION,
+                               REASON_INTERVAL, REASON_START)
 from cnicore.imds import ENIMetadata, IMDSUnreachable, InstanceIdentity
 from cnicore.leaksweep import SWEEP_INTERVAL, SWEEP_JITTER
 from cnicore.pool import Pool
-from cnicore.poolmgr import NO_MANAGE_TAG, NodePool
+from cnicore.poolmgr import NO_MANAGE_TAG, READ_LEAK_SWEEP, NodePool
 from cnicore.store import Store
 
 TICK = 5.0
@@ -200,6 +201,8 @@ def test_a_steady_node_reads_ec2_only_on_its_jittered_interval(tmp_path):
     node = Node(tmp_path)
     node.settle()
     before, calls_before = node.describes(), sum(node.ec2.calls.values())
+    reads_before = dict(node.pool.ec2_reads)
+    assert reads_before[REASON_START] == 1 and set(reads_before) <= {REASON_START, REASON_ACTION}
     reads_at = []
     for _ in range(int(3600 / TICK)):  # an hour of rounds
         node.tick()
@@ -209,6 +212,7 @@ def test_a_steady_node_reads_ec2_only_on_its_jittered_interval(tmp_path):
     # nothing before the earliest end of the jittered interval, at most that one read in the hour
     assert len(reads_at) <= 1 and all(t - start >= EC2_READ_INTERVAL * (1 - INTERVAL_JITTER) - 60 for t in reads_at)
     assert sum(node.ec2.calls.values()) - calls_before == len(reads_at)  # no other EC2 call at all
+    assert node.pool.ec2_reads == {**reads_before, **({REASON_INTERVAL: 1} if reads_at else {})}
     assert node.free() == 3
 
 
@@ -335,8 +339,10 @@ def test_an_eni_attached_in_a_throttled_round_is_read_before_the_next_grow(tmp_p
             break
     assert node.ec2.calls["CreateNetworkInterface"] == 1 and len(node.ec2.enis) == 2
     assert len(node.doc()["enis"]) == 1  # the throttled round read nothing back
+    after_action = node.pool.ec2_reads[REASON_ACTION]
     for _ in range(10):
         node.tick(step=BACKOFF_MAX)
+    assert node.pool.ec2_reads[REASON_ACTION] > after_action  # read back as an action's, not a start's
     assert node.ec2.calls["CreateNetworkInterface"] == 1 and len(node.ec2.enis) == 2
     assert len(node.doc()["enis"]) == 2 and node.free() == 3
 
@@ -404,6 +410,7 @@ def test_the_sweep_runs_hourly_with_jitter_filtered_by_the_nodes_vpc_and_cluster
         for filters in node.ec2.sweeps:
             assert {"Name": "vpc-id", "Values": [VPC]} in filters
             assert {"Name": "tag:cluster.k8s.amazonaws.com/name", "Values": ["prod"]} in filters
+        assert node.pool.ec2_reads[READ_LEAK_SWEEP] == len(sweeps_at)
     assert len(firsts) == 3  # nodes started together sweep at different times
 
 
@@ -413,6 +420,7 @@ def test_no_cluster_name_no_sweep_call(tmp_path):
     for _ in range(int(2 * 3600 / TICK)):
         node.tick()
     assert node.ec2.sweeps == []
+    assert READ_LEAK_SWEEP not in node.pool.ec2_reads
     assert sum("CLUSTER_NAME is not set" in msg for _, msg in node.log.lines) == 1
 
 
