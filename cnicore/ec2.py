@@ -44,11 +44,13 @@ RESOURCE_ID_RE = {prefix: re.compile(rf"^{prefix}-[0-9a-f]{{8,17}}$") for prefix
 
 
 class EC2Error(Exception):
-    """An EC2 action failed; `code` is EC2's error code (or the client-side failure's name)."""
+    """An EC2 action failed; `code` is EC2's error code (or the client-side failure's name).
+    `may_have_run`: an attempt of it got a 5xx or no answer, so EC2 may have done it anyway."""
 
     def __init__(self, action: str, code: str, message: str):
         super().__init__(f"EC2 {action} failed: {code}: {message}")
         self.action, self.code, self.message = action, code, message
+        self.may_have_run = False
 
 
 class EC2Throttled(EC2Error):
@@ -309,6 +311,7 @@ class EC2:
 
         client = self.client
         method = getattr(client, xform_name(action))
+        may_have_run = False  # an earlier attempt got a 5xx or no answer
         for attempt in range(self.retry.attempts):
             if attempt:
                 self._sleep(self.retry.delay(attempt, self._rng))
@@ -326,6 +329,7 @@ class EC2:
                 self._timed(action, started, answer.get("ResponseMetadata", {}).get("HTTPStatusCode", 200), ok=True)
                 return answer
             self.errors[(action, error.code)] += 1
+            may_have_run = error.may_have_run = may_have_run or _unanswered(error)
             self.last_error = error
             if not isinstance(error, (EC2Throttled, EC2Unreachable)):
                 raise error
@@ -364,6 +368,12 @@ def _classify(action: str, response: dict) -> EC2Error:
     if code == ENI_NOT_FOUND:
         return ENINotFound(action, code, message)
     return EC2Error(action, code, message)
+
+
+def _unanswered(error: EC2Error) -> bool:
+    """A 5xx or no answer: unlike a refusal (throttled, a limit, a bad parameter), the request may
+    have run."""
+    return isinstance(error, EC2Unreachable) or (isinstance(error, EC2Throttled) and error.code not in THROTTLING_CODES)
 
 
 def _classify_client_side(action: str, e: Exception) -> EC2Error:

@@ -530,6 +530,8 @@ class NodePool:
     def _release(self, doc: dict, releasing: dict[str, list[str]], prefixes: bool = False) -> None:
         from .ec2 import EC2Error
         for eni_id, ips in releasing.items():
+            # read EC2's view next whatever the outcome: the store dropped these before the call, so
+            # a refused one is put back (as free) only by that read (unlike a grow's refusal)
             self.budget(doc).acted()
             try:
                 if prefixes:
@@ -539,7 +541,7 @@ class NodePool:
                 Document(doc).agent.last_release_at = self.clock()
                 self.log.info(f"gave back surplus {'prefixes' if prefixes else 'IPs'}", eni=eni_id, released=ips)
             except EC2Error as exc:
-                self._record_error(doc, exc)  # EC2's view brings them back as free
+                self._record_error(doc, exc)
 
     def _repair_adopted(self, doc: dict) -> None:
         """DeleteOnTermination on ENIs of ours attached by a process that died before setting it."""
@@ -577,7 +579,7 @@ class NodePool:
         from .ec2 import EC2Error
         if eni_id is None:
             return
-        self.budget(doc).acted()
+        self.budget(doc).acted()  # as for a release: the store dropped the ENI before the call
         try:
             self.ec2(doc).free_eni(eni_id)
             self.log.info("freed an idle ENI", eni=eni_id)
@@ -595,15 +597,13 @@ def _update_node(doc: dict, seen: tuple[list[str], str | None] | None) -> None:
 
 
 def _may_have_changed_the_node(exc) -> bool:
-    """Whether a grow request that failed may still have changed what EC2 attaches to the node, so
-    that EC2's view must be read before the next grow. A request EC2 refused (throttled, a limit, a
-    bad parameter) did nothing: reading after each would cost a cold start one
-    DescribeNetworkInterfaces per throttled grow. A 5xx or no answer may have run it; a failed
-    ModifyNetworkInterfaceAttribute follows an attach whose undoing may have failed too."""
-    from .ec2 import THROTTLING_CODES, EC2Throttled, EC2Unreachable
-    if exc.action == "ModifyNetworkInterfaceAttribute":
-        return True
-    return isinstance(exc, (EC2Throttled, EC2Unreachable)) and exc.code not in THROTTLING_CODES
+    """Whether a request of ours that failed may still have changed the node's ENIs or addresses,
+    so that EC2's view must be read before the next round acts. A request EC2 refused on every
+    attempt (throttled, a limit, a bad parameter) did nothing: reading after each would cost a cold
+    start one DescribeNetworkInterfaces per throttled grow. One that got a 5xx or no answer on any
+    attempt may have run; a failed ModifyNetworkInterfaceAttribute follows an attach whose undoing
+    may have failed too."""
+    return exc.action == "ModifyNetworkInterfaceAttribute" or exc.may_have_run
 
 
 def _insufficient_reason(code: str, node) -> str:

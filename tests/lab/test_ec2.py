@@ -399,6 +399,24 @@ def test_backoff_is_bounded_then_throttling_is_reported(vpc):
     assert isinstance(ec2.last_error, EC2Throttled)
 
 
+@pytest.mark.parametrize("faults,may_have_run", [
+    ([(503, "RequestLimitExceeded")] * 3, False),               # refused on every attempt
+    ([(500, "InternalError"), (503, "RequestLimitExceeded"), (503, "RequestLimitExceeded")], True),
+    ([(503, "RequestLimitExceeded"), (500, "InternalError"), (400, "InvalidParameterValue")], True),
+    ([(400, "InvalidParameterValue")], False),
+], ids=["throttled", "5xx-then-throttled", "5xx-then-refused", "refused"])
+def test_an_error_says_whether_any_attempt_may_have_run(vpc, faults, may_have_run):
+    """The error raised is the last attempt's; a 5xx on an earlier one means EC2 may have run the
+    request all the same (the agent then reads EC2's view before it acts again)."""
+    for status, code in faults:
+        vpc.lab.front.fail("AssignPrivateIpAddresses", code, status=status)
+    kw, _ = quick(retry=RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02))
+    ec2 = EC2(vpc.instance_id, **kw)
+    with pytest.raises(EC2Error, match=faults[-1][1]) as raised:
+        vpc.run(ec2.assign_ips, vpc.primary_eni, 1)
+    assert raised.value.may_have_run is may_have_run and ec2.calls["AssignPrivateIpAddresses"] == len(faults)
+
+
 @pytest.mark.parametrize("action,code", [("AssignPrivateIpAddresses", "InsufficientFreeAddressesInSubnet"),
                                          ("CreateNetworkInterface", "InsufficientCidrBlocks")])
 def test_subnet_out_of_addresses_is_its_own_error_and_not_retried(vpc, action, code):

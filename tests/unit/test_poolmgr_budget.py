@@ -9,7 +9,7 @@ import itertools
 import pytest
 
 from cnicore import settings
-from cnicore.ec2 import ENI, ENI_DESCRIPTION_PREFIX, EC2Throttled
+from cnicore.ec2 import ENI, ENI_DESCRIPTION_PREFIX, THROTTLING_CODES, EC2Throttled
 from cnicore.ec2budget import (BACKOFF_MAX, EC2_READ_INTERVAL, IMDS_GRACE, INTERVAL_JITTER, REASON_ACTION,
                                REASON_INTERVAL, REASON_START)
 from cnicore.imds import ENIMetadata, IMDSUnreachable, InstanceIdentity
@@ -55,7 +55,9 @@ class FakeEC2:
     def _count(self, action):
         self.calls[action] = self.calls.get(action, 0) + 1
         if self.throttling or action in self.throttled_actions:
-            raise EC2Throttled(action, self.throttle_code, "Request limit exceeded.")
+            error = EC2Throttled(action, self.throttle_code, "Request limit exceeded.")
+            error.may_have_run = self.throttle_code not in THROTTLING_CODES  # a 5xx: as cnicore.ec2 says
+            raise error
 
     def behind_our_back_attach(self, tags=None):
         eni = self._eni(len(self.enis))
