@@ -19,17 +19,16 @@ def make_dirs(path: str, mode: int = 0o700) -> None:
 def write_atomic(path: str, data: bytes, mode: int = 0o600, durable: bool = False) -> None:
     """Replace `path` with `data`, so that a reader sees the old file or the new one, never a part.
 
-    The data goes to a temp file beside it, `.<name>.tmp.<pid>`, renamed over `path`. A writer
-    SIGKILLed in between leaves its temp file behind: each write first removes those whose writer
-    (the pid in the name) is gone, so none outlives the next write. `mode` is the file's whatever the
-    umask; `durable` fsyncs the file and the directory (the data survives a crash of the host).
-    Raises OSError (the temp file removed)."""
+    The data goes to a new temp file beside it, `.<name>.tmp.<pid>.<random>`, which its writer holds
+    an flock on until it is renamed over `path`. A writer SIGKILLed in between leaves its temp file
+    behind, unlocked: each write first removes the unlocked temps of `path`, so none outlives the next
+    write. The lock, not the pid, tells a live writer: the agent and the plugins run in different pid
+    namespaces. `mode` is the file's whatever the umask; `durable` fsyncs the file and the directory
+    (the data survives a crash of the host). Raises OSError (the temp file removed)."""
     directory, name = os.path.split(path)
-    prefix = f".{name}.tmp."
-    _remove_dead_writers_temps(directory or ".", prefix)
-    temp = os.path.join(directory, f"{prefix}{os.getpid()}")
+    _remove_dead_writers_temps(directory or ".", name)
+    fd, temp = _locked_temp(directory, name, mode)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
         try:
             os.fchmod(fd, mode)
             view = memoryview(data)
@@ -37,10 +36,10 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600, durable: bool = Fals
                 view = view[os.write(fd, view):]
             if durable:
                 os.fsync(fd)
+            os.rename(temp, path)
         finally:
-            os.close(fd)
-        os.rename(temp, path)
-    except OSError:
+            os.close(fd)  # the lock goes with it
+    except BaseException:
         try:
             os.unlink(temp)
         except OSError:
@@ -59,15 +58,44 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _remove_dead_writers_temps(directory: str, prefix: str) -> None:
+def _locked_temp(directory: str, name: str, mode: int) -> tuple[int, str]:
+    """A new temp file for `name`, flocked by us: (fd, path). A cleaner that took the lock between
+    our create and our flock has removed it (the path no longer names our file): then another."""
+    import fcntl
+    while True:
+        temp = os.path.join(directory, f".{name}.tmp.{os.getpid()}.{os.urandom(4).hex()}")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        except FileExistsError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(temp, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd, temp
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _remove_dead_writers_temps(directory: str, name: str) -> None:
+    """Remove the temp files of `name` no writer holds (its writer was killed). Also those of the
+    releases before the lock (`<name>.tmp.<pid>`, no leading dot, never locked)."""
+    import fcntl
+    prefixes = (f".{name}.tmp.", f"{name}.tmp.")
     try:
-        names = [name for name in os.listdir(directory) if name.startswith(prefix)]
+        names = [entry for entry in os.listdir(directory) if entry.startswith(prefixes)]
     except OSError:
         return
-    for name in names:
-        pid = name[len(prefix):]
-        if pid.isdigit() and int(pid) != os.getpid() and not os.path.exists(f"/proc/{pid}"):
-            try:
-                os.unlink(os.path.join(directory, name))
-            except OSError:
-                pass
+    for entry in names:
+        temp = os.path.join(directory, entry)
+        try:
+            fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(temp)  # under the lock: a writer that opened it and waits for it finds it gone
+        except OSError:
+            pass  # held: a write in flight
+        finally:
+            os.close(fd)

@@ -2,7 +2,8 @@
 
 A *step* is anything with an effect outside the process: a netlink request that changes something
 (add/set/del/replace), a child process that changes something (the delegated IPAM plugin,
-iptables-restore; not iptables-save or `ip route get`), the rename that commits a state-store write,
+iptables-restore; not iptables-save or `ip route get`), the rename that commits a write of one of our
+files (cnicore.fsutil.write_atomic: the state store, aws-snat's stamp and primary-interface cache),
 and the answer on stdout. Killing the process before step N, for
 N = 1, 2, ... until a run finishes without reaching N, visits every point at which a runtime's
 SIGKILL can leave the node, one after the other: windows far too narrow for a randomly timed kill.

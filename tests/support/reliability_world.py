@@ -409,6 +409,22 @@ def seeded_rng(name: str) -> random.Random:
     return random.Random(seed)
 
 
+def _flocked(path: str) -> bool:
+    """Whether a process holds an flock on the file (gone counts as held: its writer renamed it)."""
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def assert_clean(node: ChainNode) -> NodeView:
     """Nothing of any pod is left on the node, the store holds no IP for anyone, and no node-wide
     rule is there twice."""
@@ -417,9 +433,9 @@ def assert_clean(node: ChainNode) -> NodeView:
     assert held(node.store()) == {}, f"the store of {node.node} still holds {held(node.store())}"
     duplicates = sorted({line for line in view.nat_rules if view.nat_rules.count(line) > 1})
     assert not duplicates, f"nat rules present twice on {node.node}: {duplicates}"
-    # a temp file whose writer (its pid is the suffix) is alive is a write in flight (the agent's)
+    # a temp file its writer holds (flocked: cnicore.fsutil) is a write in flight (the agent's)
     temps = [name for name in os.listdir(node.data_dir) if ".tmp." in name
-             and not os.path.exists(f"/proc/{name.rsplit('.', 1)[1]}")]
+             and not _flocked(os.path.join(node.data_dir, name))]
     assert not temps, f"temporary files of killed writers remain in {node.data_dir}: {temps}"
     return view
 
