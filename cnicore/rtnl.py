@@ -498,35 +498,11 @@ class entered:
 
 def setns(fd: int) -> None:
     """setns(2) into a network namespace (os.setns is Python 3.12+), by the libc already loaded."""
-    global _SETNS
-    if _SETNS is None:
-        _SETNS = _libc_setns()
-    call, get_errno = _SETNS
-    if call(fd, CLONE_NEWNET) != 0:
-        err = get_errno()
+    from .libc import ctypes_lite
+    c = ctypes_lite()
+    if c.function("setns")(fd, CLONE_NEWNET) != 0:
+        err = c.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-_SETNS = None
-
-
-def _libc_setns():
-    """(libc's setns, get_errno), through the _ctypes extension alone, as netfilter.xtables calls
-    getsockopt: the ctypes package is ~1.5 ms more per exec (BENCHMARKS.md). ctypes if that fails."""
-    try:
-        import _ctypes
-
-        class c_int(_ctypes._SimpleCData):
-            _type_ = "i"
-
-        class Function(_ctypes.CFuncPtr):
-            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
-            _restype_ = c_int
-
-        return Function(_ctypes.dlsym(_ctypes.dlopen(None), "setns")), _ctypes.get_errno
-    except (ImportError, AttributeError, TypeError, OSError):
-        import ctypes
-        return ctypes.CDLL(None, use_errno=True).setns, ctypes.get_errno
 
 
 def _same_file(fd: int, path: str) -> bool:

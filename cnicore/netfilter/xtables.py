@@ -26,6 +26,7 @@ import struct
 from _socket import AF_INET, AF_INET6
 
 from .. import hashes  # each digest loads when first used (a shared library each)
+from ..libc import ctypes_lite
 from ..rawnetlink import Socket, control_socket
 
 SOL_IP, SOL_IPV6 = 0, 41
@@ -37,9 +38,6 @@ _ENTRIES_HEADER = 40                   # struct ipt_get_entries: name[32], size,
 _ENTRY = {False: (88, 92, 20), True: (140, 144, 24)}
 _TARGET_HEADER = 32                    # struct xt_entry_target: u16 size, name[29], u8 revision
 _NAMES = {False: "/proc/net/ip_tables_names", True: "/proc/net/ip6_tables_names"}
-
-_libc = None
-
 
 class XtablesError(OSError):
     """The kernel refused to show a legacy table."""
@@ -140,45 +138,11 @@ def _without_counters(data: bytes, ipv6: bool) -> bytes:
 
 def _getsockopt(sock: Socket, level: int, option: int, buffer: bytes) -> bytearray:
     """getsockopt with an input buffer (a socket's getsockopt cannot pass one)."""
-    global _libc
-    if _libc is None:
-        _libc = _libc_getsockopt()
-    call, array_of, uint32, byref, get_errno = _libc
+    c = ctypes_lite()
     data = bytearray(buffer)  # filled in place: a table can be megabytes, copy it once
-    size = uint32(len(data))
-    if call(sock.fileno(), level, option, array_of(len(data)).from_buffer(data), byref(size)) != 0:
-        code = get_errno()
+    size = c.c_uint32(len(data))
+    if c.function("getsockopt")(sock.fileno(), level, option, c.char_array(len(data)).from_buffer(data), c.byref(size)) != 0:
+        code = c.get_errno()
         raise XtablesError(code, f"cannot read a legacy iptables table: {os.strerror(code)}")
     del data[size.value:]
     return data
-
-
-def _libc_getsockopt():
-    """libc's getsockopt, through the _ctypes extension alone: the ctypes package costs ~1.5 ms more
-    to import per process, and only this one call is needed. ctypes itself if that fails."""
-    try:
-        import _ctypes
-
-        class c_int(_ctypes._SimpleCData):
-            _type_ = "i"
-
-        class c_uint32(_ctypes._SimpleCData):
-            _type_ = "I"
-
-        class c_char(_ctypes._SimpleCData):
-            _type_ = "c"
-
-        class Function(_ctypes.CFuncPtr):
-            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
-            _restype_ = c_int
-
-        call = Function(_ctypes.dlsym(_ctypes.dlopen(None), "getsockopt"))
-
-        def array_of(length):
-            return type("Buffer", (_ctypes.Array,), {"_type_": c_char, "_length_": length})
-
-        return call, array_of, c_uint32, _ctypes.byref, _ctypes.get_errno
-    except (ImportError, AttributeError, TypeError, OSError):
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.getsockopt, lambda length: ctypes.c_char * length, ctypes.c_uint32, ctypes.byref, ctypes.get_errno

@@ -240,14 +240,16 @@ def test_auto_fingerprint_reads_what_detection_rests_on(make_netns):
 
 
 def test_legacy_tables_are_read_with_the_ctypes_package_too(make_netns):
-    """xtables calls getsockopt through the bare _ctypes extension; should that fail, through ctypes."""
+    """xtables calls getsockopt through the bare _ctypes extension (cnicore.libc); should that fail,
+    through ctypes."""
     ns = make_netns("xt")
     sh(ns, "iptables-legacy -w -t nat -N CNI-DN-x")
     script = ("import _ctypes\n"
               "def refuse(*args): raise OSError('no')\n"
               "_ctypes.dlsym = refuse\n"
+              "from cnicore import libc\n"
               "from cnicore.netfilter import xtables\n"
-              "print(xtables.user_chains('nat'), type(xtables._libc[0]).__name__)\n")
+              "print(xtables.user_chains('nat'), type(libc.ctypes_lite().function('getsockopt')).__name__)\n")
     out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script], capture_output=True, text=True,
                          cwd=ROOT, timeout=60, check=True).stdout
     assert out == "['CNI-DN-x'] _FuncPtr\n"
