@@ -35,7 +35,7 @@ desired rules, settings and mode; if the fingerprint is unchanged, nothing that 
 can have changed, and only rule 1024 (one
 rtnetlink dump) and rp_filter (a sysctl read) are looked at. Otherwise one iptables-save per table
 (the rules are written exactly as iptables-save prints them, so they compare as text) verifies, and a
-table that differs gets one iptables-restore transaction (two when a rule must move, see `plan`).
+table that differs gets one iptables-restore transaction (two when a rule must move, see `noderules.plan`).
 
 Our rules in built-in chains are found by their comments ("AWS, ..."), so rules of ours left by an
 earlier setting (another mark, prefix, or external SNAT switched on) or by upstream aws-node are
@@ -44,6 +44,7 @@ service DNAT must come before the connmark jump).
 
 Node facts (primary IP and MAC, VPC CIDRs) come from the state store that aws-eni-ipam and the agent
 keep (no IMDS call on ADD); without one, from IMDS. The primary interface is found by its MAC (the
+name found last time is kept in the data dir and used while it still has that MAC).
 
 The rules' code (node facts, the desired state, converge and compare) is in `noderules.py`, beside
 this file, and the node agent runs it too. The handlers that converge or compare load it; DEL, which

@@ -95,18 +95,14 @@ def node_facts(network: str, data_dir: str) -> Node:
 
 
 def _checked(ip, mac, cidrs, source: str) -> Node:
-    # facts written as the store and IMDS write them are read without ipaddress (~2 ms to import)
-    plain = (ipv4.plain(ip) is not None and isinstance(cidrs, (list, tuple))
-             and all(ipv4.plain_network(c) for c in cidrs))
+    # cnicore.ipv4: facts written as the store and IMDS write them are read without ipaddress
     try:
-        if not plain:
-            import ipaddress
-            ip = str(ipaddress.IPv4Address(ip))
+        ip = ipv4.text(ipv4.address(ip))
         if not is_mac(mac):
             raise ValueError(f"bad MAC {mac!r}")
         if not isinstance(cidrs, (list, tuple)) or not cidrs:
             raise ValueError(f"bad VPC CIDR list {cidrs!r}")
-        cidrs = tuple(cidrs if plain else (str(ipaddress.IPv4Network(c)) for c in cidrs))
+        cidrs = tuple(f"{ipv4.text(base)}/{length}" for base, length in map(ipv4.network, cidrs))
     except (ValueError, TypeError) as exc:
         raise CNIError(STORE_FAILURE if source != "IMDS" else AWS_FAILURE,
                        f"node facts from {source} are unusable: {exc}") from None
