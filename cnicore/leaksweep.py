@@ -51,6 +51,11 @@ class LeakSweep:
     def due(self) -> bool:
         return self._clock() >= self._next
 
+    @property
+    def enabled(self) -> bool:
+        """Whether a sweep lists ENIs: without the cluster's name ours cannot be told from another's."""
+        return bool(self.cluster_name)
+
     def maybe_run(self) -> list[str]:
         """Sweep if due; return the IDs deleted."""
         if not self.due():
@@ -60,7 +65,7 @@ class LeakSweep:
 
     def run(self) -> list[str]:
         """Delete the leaked ENIs now; return their IDs. Raises EC2Error if EC2 cannot list them."""
-        if not self.cluster_name:
+        if not self.enabled:
             if not self._said_disabled:
                 self.log.warn("leaked-ENI sweep disabled: CLUSTER_NAME is not set, so ENIs of this cluster "
                               "cannot be told from another's; set CLUSTER_NAME to have leaked ENIs deleted")

@@ -568,7 +568,7 @@ class NodePool:
         if self._sweep is None:
             self._sweep = LeakSweep(self.ec2(doc), vpc_id, self.cfg.cluster_name, self.log, clock=self.clock,
                                     rng=self._rng)
-        if self._sweep.due() and self.cfg.cluster_name:  # without a cluster name it lists nothing
+        if self._sweep.due() and self._sweep.enabled:
             self.ec2_reads[READ_LEAK_SWEEP] += 1
         try:
             self._sweep.maybe_run()
