@@ -190,7 +190,9 @@ def _create(params: Params, snap: Snapshot, default_type: str, rng: random.Rando
     wanted = len(explicit) + count + (0 if primary else 1)
     limits = instance_types.limits(default_type)
     _check_limit(wanted + len(prefixes) + (prefix_count or 0), limits.ipv4_per_eni)
-    picked = _pick(snap, subnet, wanted - len(explicit), rng, exclude=set(explicit))
+    # EC2 picks the addresses it chooses outside the prefixes the request names
+    in_named_prefixes = {str(a) for prefix in prefixes for a in _prefix(prefix)}
+    picked = _pick(snap, subnet, wanted - len(explicit), rng, exclude=set(explicit) | in_named_prefixes)
     if primary is None:
         primary = picked.pop(0)
     delegated = None
