@@ -67,6 +67,8 @@ class Agent:
         self.unclaimable: set[tuple[str, str, str]] = set()  # reported once each
         self.in_progress: collections.Counter[str] = collections.Counter()  # action -> running now (metrics)
         self.errors: collections.Counter[str] = collections.Counter()  # action -> failures (metrics)
+        self.zygote_pid: int | None = None  # the plugins' resident helper (aws_vpc_cni_agent.zygote)
+        self.zygote_starts = 0
 
     @contextlib.contextmanager
     def action(self, name: str):
@@ -281,7 +283,8 @@ class Agent:
                 "ec2_calls": calls, "ec2_reads": dict(self.pool.ec2_reads), "ec2_errors": self.pool.ec2_errors(),
                 "ec2_latency": self.pool.ec2_latency(),
                 "ticks": self.ticks, "startup_error": self.startup_error,
-                "in_progress": dict(self.in_progress), "errors": dict(self.errors), "ready": self.ready}
+                "in_progress": dict(self.in_progress), "errors": dict(self.errors), "ready": self.ready,
+                "zygote": {"pid": self.zygote_pid, "starts": self.zygote_starts}}
 
     def read_doc(self) -> dict | None:
         with self.store.locked(shared=True) as tx:

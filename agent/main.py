@@ -111,6 +111,9 @@ def run_agent(args, cfg, warnings: list[str]) -> int:
     agent = Agent(cfg, args.network, log, args.interval, args.conf_dir, args.cni_version)
     for serve in (sockets.serve_nudges, sockets.serve_status):
         threading.Thread(target=serve, args=(agent,), daemon=True).start()
+    if cfg.plugin_zygote and getattr(sys, "frozen", False):
+        from aws_vpc_cni_agent import zygote
+        threading.Thread(target=zygote.supervise, args=(agent,), daemon=True).start()
     try:
         if args.metrics_address:
             from aws_vpc_cni_agent import metrics

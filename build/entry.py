@@ -16,6 +16,8 @@ PROGRAMS = {
 }
 # The CNI plugins: short-lived, one per exec, no threads of their own (see _exit_without_teardown).
 PLUGINS = ("aws-eni-ipam", "aws-vpc-bridge", "aws-snat", "portmap-compat")
+# The plugins' resident helper (build/zygote.py, _internal/zygote.pyc), which the agent starts.
+ZYGOTE = "aws-vpc-cni-zygote"
 
 
 def _frozen_stdlib_files() -> None:
@@ -70,9 +72,12 @@ def main() -> None:
     if hasattr(sys, "_MEIPASS"):
         _frozen_stdlib_files()
     name = os.path.basename(sys.argv[0])
-    if name not in PROGRAMS and len(sys.argv) > 1 and sys.argv[1] in PROGRAMS:
+    if name not in PROGRAMS and len(sys.argv) > 1 and (sys.argv[1] in PROGRAMS or sys.argv[1] == ZYGOTE):
         name = sys.argv.pop(1)
         sys.argv[0] = name
+    if name == ZYGOTE:
+        import zygote
+        sys.exit(zygote.main(sys.argv[1:], {p: PROGRAMS[p] for p in PLUGINS}))
     if name not in PROGRAMS:
         sys.stderr.write(f"aws-vpc-cni bundle: run me as one of {', '.join(PROGRAMS)} "
                          f"(a link with that name, or 'aws-vpc-cni NAME ...')\n")

@@ -19,14 +19,28 @@
  * environment. It differs in that child processes get no LD_LIBRARY_PATH (nor _PYI_* variables),
  * so an iptables-save run by a plugin loads the host's libraries, not the bundle's.
  *
+ * A plugin first asks the plugins' resident helper, when one serves (build/zygote.py: an interpreter
+ * with every plugin loaded, which the node agent starts), to run it in a forked child in this
+ * process's place; only when none is there, or it refuses, does this launcher start Python itself.
+ *
  * Built by build/build.sh with -DLIB_DYNLOAD="python3.X/lib-dynload" -DOPTIMIZE=<level>.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <linux/capability.h>
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #ifndef LIB_DYNLOAD
@@ -39,6 +53,179 @@
 /* Run in __main__ once the interpreter is up: build/entry.py (_internal/entry.pyc), which first
  * gives Python 3.11's frozen stdlib modules their __file__ as PyInstaller's bootstrap does. */
 #define RUN "import entry\nentry.main()\n"
+
+/* The zygote's socket: this variable, or the agent's default data folder; empty = never ask. */
+#define ZYGOTE_SOCKET_ENV "AWS_VPC_CNI_ZYGOTE_SOCKET"
+#define ZYGOTE_SOCKET_DEFAULT "/var/run/aws-vpc-cni/zygote.sock"
+#define ZYGOTE_TIMEOUT_S 2 /* to connect and hear yes or no; none once the plugin runs */
+
+static const char *const PLUGINS[] = {"aws-eni-ipam", "aws-vpc-bridge", "aws-snat", "portmap-compat", NULL};
+
+extern char **environ;
+
+/* build/zygote.py's HEADER ("=4sQQqqQQQQQII"), field for field */
+struct __attribute__((packed)) zygote_request {
+    char magic[4];
+    uint64_t exe_dev, exe_ino;
+    int64_t exe_size, exe_mtime_ns;
+    uint64_t userns_dev, userns_ino;
+    uint64_t pidns_dev, pidns_ino;
+    uint64_t capabilities;
+    uint32_t umask;
+    uint32_t payload_length;
+};
+
+static const char *plugin_name(int argc, char **argv)
+{
+    const char *base = strrchr(argv[0], '/') ? strrchr(argv[0], '/') + 1 : argv[0];
+    if (strcmp(base, "aws-vpc-cni") == 0 && argc > 1)
+        base = argv[1];
+    for (const char *const *p = PLUGINS; *p; p++)
+        if (strcmp(base, *p) == 0)
+            return *p;
+    return NULL;
+}
+
+static int send_all(int sock, const char *data, size_t len)
+{
+    while (len > 0) {
+        ssize_t n = send(sock, data, len, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        data += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static int recv_all(int sock, void *buf, size_t len)
+{
+    char *p = buf;
+    while (len > 0) {
+        ssize_t n = recv(sock, p, len, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* The request: header and payload (program, exe, environment) sent with our fds 0-2, root and netns. */
+static int send_request(int sock, const char *program, const char *exe)
+{
+    struct zygote_request req;
+    struct stat st, userns, pidns;
+    struct __user_cap_header_struct cap_header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct caps[2];
+    size_t length = strlen(program) + 1 + strlen(exe) + 1, off = 0;
+    char *payload, **e;
+    int fds[5] = {0, 1, 2, -1, -1}, rc = -1;
+    mode_t mask;
+
+    if (stat("/proc/self/exe", &st) < 0 || stat("/proc/self/ns/user", &userns) < 0 ||
+        stat("/proc/self/ns/pid", &pidns) < 0 ||
+        syscall(SYS_capget, &cap_header, caps) < 0)
+        return -1;
+    for (e = environ; *e; e++)
+        length += strlen(*e) + 1;
+    if (length > (1u << 20) || (payload = malloc(length)) == NULL)
+        return -1;
+    off += (size_t)sprintf(payload, "%s", program) + 1;
+    off += (size_t)sprintf(payload + off, "%s", exe) + 1;
+    for (e = environ; *e; e++)
+        off += (size_t)sprintf(payload + off, "%s", *e) + 1;
+
+    memcpy(req.magic, "AVZ1", 4);
+    req.exe_dev = st.st_dev;
+    req.exe_ino = st.st_ino;
+    req.exe_size = st.st_size;
+    req.exe_mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+    req.userns_dev = userns.st_dev;
+    req.userns_ino = userns.st_ino;
+    req.pidns_dev = pidns.st_dev;
+    req.pidns_ino = pidns.st_ino;
+    req.capabilities = caps[0].effective | (uint64_t)caps[1].effective << 32;
+    mask = umask(0);
+    umask(mask);
+    req.umask = mask;
+    req.payload_length = (uint32_t)length;
+
+    fds[3] = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    fds[4] = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (fds[3] >= 0 && fds[4] >= 0) {
+        char control[CMSG_SPACE(sizeof fds)];
+        struct iovec iov = {&req, sizeof req};
+        struct msghdr msg = {0};
+        struct cmsghdr *cmsg;
+        ssize_t n;
+
+        memset(control, 0, sizeof control);
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof control;
+        cmsg = CMSG_FIRSTHDR(&msg);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof fds);
+        memcpy(CMSG_DATA(cmsg), fds, sizeof fds);
+        do
+            n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+        while (n < 0 && errno == EINTR);
+        if (n >= 0 && send_all(sock, (char *)&req + n, sizeof req - (size_t)n) == 0 &&
+            send_all(sock, payload, length) == 0)
+            rc = 0;
+    }
+    if (fds[3] >= 0)
+        close(fds[3]);
+    if (fds[4] >= 0)
+        close(fds[4]);
+    free(payload);
+    return rc;
+}
+
+/* Run the plugin in the zygote: its exit code, or -1 when this process must start Python itself
+ * (no zygote, refused, or gone before the plugin started). Once the zygote's child has been told to
+ * go, the plugin runs there only: a lost answer is an error, never a second run. */
+static int run_in_zygote(const char *program, const char *exe)
+{
+    const char *path = getenv(ZYGOTE_SOCKET_ENV);
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    struct timeval timeout = {ZYGOTE_TIMEOUT_S, 0}, none = {0, 0};
+    char answer = 0;
+    int32_t code;
+    int sock, fd;
+
+    if (path == NULL)
+        path = ZYGOTE_SOCKET_DEFAULT;
+    if (*path == 0 || strlen(path) >= sizeof addr.sun_path || getenv("CNI_COMMAND") == NULL)
+        return -1;
+    for (fd = 0; fd <= 2; fd++)
+        if (fcntl(fd, F_GETFD) < 0)
+            return -1;
+    strcpy(addr.sun_path, path);
+    sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (sock < 0)
+        return -1;
+    if (setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout) < 0 ||
+        setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout) < 0 ||
+        connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0 || send_request(sock, program, exe) < 0 ||
+        recv_all(sock, &answer, 1) < 0 || answer != 'A' || send_all(sock, "G", 1) < 0) {
+        close(sock);
+        return -1;
+    }
+    if (setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none) < 0 || recv_all(sock, &code, sizeof code) < 0) {
+        fprintf(stderr, "%s: the plugin's run in aws-vpc-cni-zygote ended without an exit status (killed?)\n", program);
+        return 1;
+    }
+    close(sock);
+    return code & 0xff;
+}
 
 static int fail(const char *what)
 {
@@ -71,6 +258,8 @@ int main(int argc, char **argv)
     PyConfig config;
     PyStatus status;
     PyObject *meipass;
+    const char *program;
+    int code;
 
     /* The bundle's folder, from the executable itself: argv[0] is a link in /opt/cni/bin. */
     len = readlink("/proc/self/exe", exe, sizeof exe - 1);
@@ -80,6 +269,9 @@ int main(int argc, char **argv)
     slash = strrchr(exe, '/');
     if (slash == NULL || snprintf(home, sizeof home, "%.*s/_internal", (int)(slash - exe), exe) >= (int)sizeof home)
         return fail("the executable's path is too long");
+
+    if ((program = plugin_name(argc, argv)) != NULL && (code = run_in_zygote(program, exe)) >= 0)
+        return code;
 
     /* As PyInstaller 6's bootloader: isolated, LC_CTYPE from the environment, UTF-8 mode if that is
      * the C or POSIX locale. */

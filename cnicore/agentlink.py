@@ -21,6 +21,9 @@ from .fsutil import make_dirs
 LOCK = "agent.lock"
 NUDGE = "agent.nudge"
 STATUS = "agent.sock"
+# The plugins' resident helper the agent starts (build/zygote.py); build/launcher.c asks the one at the
+# default data folder's path, or at $AWS_VPC_CNI_ZYGOTE_SOCKET.
+ZYGOTE = "zygote.sock"
 RELEASE = "release"
 WAITING = "waiting"
 MAX_MESSAGE = 4096  # a nudge datagram: a release names a container ID (up to ~1 KiB here)

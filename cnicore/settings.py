@@ -387,6 +387,7 @@ SETTINGS = {s.env: s for s in (
     Setting("AWS_VPC_CNI_LOG_MAX_AGE", "logMaxAge", "log_max_age", 30, _log_rotation),
     Setting("AWS_VPC_CNI_DATA_DIR", "dataDir", "data_dir", "/var/run/aws-vpc-cni", _data_dir),
     Setting("AWS_VPC_CNI_NETFILTER_MODE", "netfilterMode", "netfilter_mode", "auto", _choice("auto", "nft", "legacy", "iptc")),
+    Setting("AWS_VPC_CNI_PLUGIN_ZYGOTE", "pluginZygote", "plugin_zygote", True, _go_bool),  # the agent only
 )}
 
 

@@ -3,15 +3,18 @@
 - `lab`: one lab for the whole session (2 m5.large nodes, the internet host, an extra host
   198.51.100.10); `fresh_lab`: that lab reset around the test (`reset_lab`).
 - `make_lab(**settings)`: a dedicated lab for a test that needs other settings or breaks things.
+- `frozen`: the frozen bundle's program links (dist/bin), built first if missing.
 Labs left behind by test runs that died are removed first (a lab whose owner ended removes itself,
 but a daemon killed with -9 cannot).
 """
 
 import itertools
 import os
+import subprocess
 
 import pytest
 
+from support.paths import BUNDLE, DIST_BIN, ROOT
 from vpclab import api, netns
 from vpclab.api import Lab
 
@@ -53,6 +56,14 @@ def reset_lab(lab) -> None:
     lab.reset()
     for node in lab.status()["nodes"]:
         lab.exec(node["name"], ["sh", "-c", CLEAN_NODE])
+
+
+@pytest.fixture(scope="session")
+def frozen():
+    """The bundle's program links (`make test` builds it first; built here if a bare pytest run finds none)."""
+    if not os.access(os.path.join(BUNDLE, "aws-vpc-cni"), os.X_OK):
+        subprocess.run(["bash", os.path.join(ROOT, "build", "build.sh")], check=True, cwd=ROOT)
+    return DIST_BIN
 
 
 @pytest.fixture

@@ -12,18 +12,9 @@ import time
 import pytest
 
 from support.labnode import LabNode, ROOT
+from support.paths import BUNDLE
 
 PROGRAMS = ["aws-eni-ipam", "aws-vpc-bridge", "aws-snat", "portmap-compat", "aws-vpc-cni-agent"]
-DIST_BIN = os.path.join(ROOT, "dist", "bin")
-BUNDLE = os.path.join(ROOT, "dist", "aws-vpc-cni")
-
-
-@pytest.fixture(scope="session")
-def frozen():
-    """The bundle `make test` builds first (built here if a bare pytest run finds none)."""
-    if not os.access(os.path.join(BUNDLE, "aws-vpc-cni"), os.X_OK):
-        subprocess.run(["bash", os.path.join(ROOT, "build", "build.sh")], check=True, cwd=ROOT)
-    return DIST_BIN
 
 
 def version(exe):

@@ -71,9 +71,10 @@ class LabNode:
         self.conflist = conflist
         return conf_dir
 
-    def cnitool(self, command, pod_netns, pod_name, cap_args=None, check=False):
-        """`cnitool <command> aws-vpc /var/run/netns/<pod_netns>` run in the node; (rc, stdout, stderr)."""
-        env = {"NETCONFPATH": self.conf_dir, "CNI_PATH": f"{self.bin_dir}:{REFERENCE_PLUGINS}",
+    def cnitool(self, command, pod_netns, pod_name, cap_args=None, check=False, env=None):
+        """`cnitool <command> aws-vpc /var/run/netns/<pod_netns>` run in the node; (rc, stdout, stderr).
+        `env`: more environment for cnitool, which the plugins inherit."""
+        env = {**(env or {}), "NETCONFPATH": self.conf_dir, "CNI_PATH": f"{self.bin_dir}:{REFERENCE_PLUGINS}",
                "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod_name}"}
         if cap_args is not None:
             env["CAP_ARGS"] = json.dumps(cap_args)

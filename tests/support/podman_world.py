@@ -28,10 +28,10 @@ import time
 
 from support.images import busybox_archive
 from support.labnode import NETWORK, REFERENCE_PLUGINS, ROOT, LabNode
+from support.paths import DIST_BIN
 
 from vpclab import netns
 
-DIST_BIN = os.path.join(ROOT, "dist", "bin")
 PLUGINS = ("aws-vpc-bridge", "aws-eni-ipam", "aws-snat", "portmap-compat")
 # Debian's Go plugins beside ours: podman brings up the container's lo with `loopback`; the others make
 # the reference chain (bridge, host-local, portmap), which a PodmanNode's conflist may name.
@@ -78,11 +78,13 @@ def _toml(value: str) -> str:
 class PodmanNode(LabNode):
     """A private podman on one lab node; close() removes every container and checks nothing is left."""
 
-    def __init__(self, lab, node, tmp_path, bin_dir=DIST_BIN, conflist: dict | None = None):
+    def __init__(self, lab, node, tmp_path, bin_dir=DIST_BIN, conflist: dict | None = None, env: dict | None = None):
         """`conflist`: the one network this podman knows (default: our default chain as the agent
         renders it for this node). podman runs VERSION on every plugin of every conflist in its
-        network dir at each start, so a node's cost depends on what the dir holds."""
+        network dir at each start, so a node's cost depends on what the dir holds. `env`: more
+        environment for podman, which its plugins inherit."""
         super().__init__(lab, node, tmp_path, bin_dir=bin_dir)
+        self.env = env or {}
         assert os.access(os.path.join(bin_dir, "aws-vpc-bridge"), os.X_OK), \
             "the frozen bundle is missing: `make build` (make test builds it first)"
         self.root = str(tmp_path / f"{node}-podman")
@@ -116,7 +118,7 @@ class PodmanNode(LabNode):
     # --- podman -----------------------------------------------------------------------------------
     def podman(self, *args, check=True, timeout=120) -> subprocess.CompletedProcess:
         """`podman ARGS` in the node's network namespace."""
-        env = self.lab.exec_env(self.node, {"CONTAINERS_CONF": self.containers_conf,
+        env = self.lab.exec_env(self.node, {**self.env, "CONTAINERS_CONF": self.containers_conf,
                                             "CONTAINERS_STORAGE_CONF": self.storage_conf})
         proc = subprocess.run(["nsenter", f"--net={self.netns_path}", "podman", *args], env=env,
                               capture_output=True, text=True, timeout=timeout)
