@@ -442,6 +442,21 @@ class Pool:
                           subnet_cidr=eni["subnet_cidr"], primary_eni=eni["primary"])
 
 
+# What an IPAM ADD run in its caller's process (cnicore.invoke) handed out, with its ENI's facts, left
+# for that caller, which then need not lock, read and parse the store again (a 150 KB document on a
+# node with 700 pods). Keyed by the attachment, taken once.
+_handed_out: dict = {}
+
+
+def leave_handed_out(network: str, container_id: str, ifname: str, held: Assignment, eni: ENI) -> None:
+    _handed_out[(network, container_id, ifname)] = (held, eni)
+
+
+def take_handed_out(network: str, container_id: str, ifname: str) -> tuple[Assignment, ENI] | None:
+    """(the assignment, its ENI's view) an ADD of this process left for this attachment, or None."""
+    return _handed_out.pop((network, container_id, ifname), None)
+
+
 def prefix_addresses(prefix: str) -> list[str]:
     """The 16 addresses of an IPv4 /28 prefix."""
     net = _ipv4_network(prefix)

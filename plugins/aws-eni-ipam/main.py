@@ -16,7 +16,7 @@ import time
 
 from cnicore import agentlink, settings, skel
 from cnicore.errors import ATTACHMENT_EXISTS, CHECK_FAILED, CNIError, INVALID_CONFIG, PLUGIN_NOT_AVAILABLE, TRY_AGAIN_LATER
-from cnicore.pool import Document, Pool, PoolExhausted
+from cnicore.pool import Document, Pool, PoolExhausted, leave_handed_out
 from cnicore.store import Store, StoreError
 
 GROWING = "the node agent was asked to grow the pool"
@@ -68,6 +68,7 @@ def cmd_add(args: skel.CmdArgs) -> dict:
         args.log.debug("assigned from the warm pool", ip=got.ip, eni=got.eni_id)
         if _below_warm_floor(doc) and agentlink.agent_running(cfg.data_dir):
             agentlink.nudge(cfg.data_dir)  # grow now, not at the agent's next tick
+    leave_handed_out(args.network, args.container_id, args.ifname, got, Document(doc).enis[got.eni_id])
     return _result(got.ip, got.gateway)
 
 

@@ -16,7 +16,7 @@ from cnicore import settings, skel
 from cnicore.errors import CHECK_FAILED, CNIError, INVALID_CONFIG, INVALID_ENVIRONMENT
 from cnicore.invoke import delegate
 from cnicore.podroutes import SecondaryEni, list_pod_rule_ips
-from cnicore.pool import Document, Pool
+from cnicore.pool import Document, Pool, take_handed_out
 from cnicore.rtnl import NetnsError, check_netns
 from cnicore.store import Store, StoreError
 from cnicore.veths import Attachment, host_veth_name, list_host_veths, remove_unfinished_veth
@@ -63,15 +63,19 @@ def _attachment(args: skel.CmdArgs) -> Attachment:
 
 
 def _held_eni(store: Store, args: skel.CmdArgs, cfg: settings.BRIDGE) -> tuple[str | None, SecondaryEni | None]:
-    """The attachment's IP and, if it lives on a secondary ENI, that ENI (found later by its MAC)."""
-    with store.locked(shared=True) as tx:
-        doc = tx.read()
-    held = Pool(doc, time.time()).find(args.container_id, args.ifname) if doc else None
-    if held is None:
-        return None, None
+    """The attachment's IP and, if it lives on a secondary ENI, that ENI (found later by its MAC): as
+    the IPAM run in this process left them, else from the store."""
+    handed = take_handed_out(args.network, args.container_id, args.ifname)
+    if handed is None:
+        with store.locked(shared=True) as tx:
+            doc = tx.read()
+        held = Pool(doc, time.time()).find(args.container_id, args.ifname) if doc else None
+        if held is None:
+            return None, None
+        handed = held, Document(doc).enis[held.eni_id]
+    held, eni = handed
     if held.primary_eni:
         return held.ip, None
-    eni = Document(doc).enis[held.eni_id]
     return held.ip, SecondaryEni(mac=eni.mac, device_number=held.device_number, subnet=held.subnet_cidr,
                                  mtu=cfg.eni_mtu, primary_ip=eni.primary_ip)
 

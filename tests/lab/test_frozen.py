@@ -243,6 +243,23 @@ def test_frozen_bridge_runs_its_own_ipam_in_process_and_execs_any_other(frozen, 
         assert (runs.read_text().split() if runs.exists() else []) == execs
 
 
+def test_the_bridge_takes_the_eni_facts_from_its_in_process_ipam_without_reading_the_store(frozen, fresh_lab,
+                                                                                          tmp_path, make_netns):
+    """The in-process IPAM's ADD leaves what it handed out for the bridge (cnicore.pool), which then
+    opens the state store file no second time: once per ADD, for the IPAM's own read."""
+    node = LabNode(fresh_lab, "node1", tmp_path, bin_dir=frozen)
+    assert node.ipam("ADD", cid="warm")[0] == 0  # the pool, grown from EC2
+    trace = tmp_path / "trace"
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c2", "CNI_NETNS": f"/var/run/netns/{make_netns('hand')}",
+           "CNI_IFNAME": "eth0", "CNI_PATH": frozen, "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web"}
+    proc = fresh_lab.exec("node1", ["strace", "-f", "-qq", "-e", "trace=openat", "-o", str(trace),
+                                    os.path.join(frozen, "aws-vpc-bridge")], env=env, input=json.dumps(node.ipam_conf()))
+    assert json.loads(proc.stdout)["ips"][0]["address"].startswith("10.0.")
+    store = os.path.join(node.data_dir, "aws-vpc.json")
+    reads = [line for line in trace.read_text().splitlines() if f'"{store}"' in line and "O_RDONLY" in line]
+    assert len(reads) == 1, reads
+
+
 def test_frozen_aws_snat_in_iptc_mode_writes_the_rules_on_a_legacy_host(frozen, tmp_path, make_netns):
     """netfilterMode iptc (python-iptables) needs its C helper, libxtwrapper, which is no module: the
     bundle must carry it, or the frozen plugin fails where the source tree works."""
