@@ -65,7 +65,7 @@ def cmd_add(args: skel.CmdArgs) -> dict:
                        "aws-snat needs the prevResult of the plugins before it in the conflist")
     cfg = _settings(args)
     want = noderules.node_desired(cfg, args.network)
-    fixed = noderules.converge(cfg, want, noderules.stamp(cfg, want))
+    fixed = noderules.converge(cfg, want, noderules.stamp(cfg, want), pod_add=True)
     if fixed:
         args.log.info("node rules converged", fixed=fixed)
     return args.prev_result

@@ -229,12 +229,17 @@ def stamp(cfg: settings.SNAT, want: Desired) -> Stamp:
                  chains, shared=SWEPT_CHAINS, comments=OUR_COMMENTS)
 
 
-def converge(cfg: settings.SNAT, want: Desired, stamped: Stamp | None = None, trust_stamp: bool = True) -> list[str]:
+def converge(cfg: settings.SNAT, want: Desired, stamped: Stamp | None = None, trust_stamp: bool = True,
+             pod_add: bool = False) -> list[str]:
     """Make the node so; return what was fixed (empty in the steady state).
 
     With a stamp: the nat and mangle tables are left unread when the stamp holds (nothing changed
     since they were last verified in place); after a verification that changed nothing, with the
-    same fingerprint before and after it, the stamp is written."""
+    same fingerprint before and after it, the stamp is written.
+
+    `pod_add` (a pod's ADD): when our fwmark rule is wanted and already there, the node's rules are
+    not listed to look for others at our priority (a stale mark, a duplicate): the list has two rules
+    per pod, and the agent's rounds and GC, which list them, remove those."""
     before = stamped.fingerprint() if stamped else None
     fixed = []
     if not (trust_stamp and stamped and stamped.holds(before)):
@@ -249,7 +254,7 @@ def converge(cfg: settings.SNAT, want: Desired, stamped: Stamp | None = None, tr
             fixed += found.drifts
         if stamped and not fixed and before is not None and stamped.fingerprint() == before:
             stamped.record(before)
-    fixed += _converge_fwmark(cfg.connmark, want.fwmark)
+    fixed += _converge_fwmark(cfg.connmark, want.fwmark, pod_add)
     if want.loose_rp_filter:
         fixed += _converge_rp_filter(want.loose_rp_filter)
     return fixed
@@ -283,13 +288,17 @@ def _comment(spec: str) -> str | None:
     return None
 
 
+def _fwmark_rule(mark: int) -> IpRule:
+    return IpRule(RULE_PRIORITY, MAIN_TABLE, mark=mark, mask=mark, protocol=RTPROT_BOOT)
+
+
 def _fwmark_plan(host: Netns, mark: int, wanted: bool) -> tuple[list, IpRule | None]:
     """(rules at our priority to delete: another mark, a duplicate, or ours when unwanted; ours if missing).
 
     Only rules `<priority>: from all fwmark M/M lookup main` count: whoever made them, and none with
     any other selector (an `iif eth0 fwmark ...` rule is someone else's). Ours are made with protocol
     boot, and deleted naming it, which spares such rules of others at our priority."""
-    ours = IpRule(RULE_PRIORITY, MAIN_TABLE, mark=mark, mask=mark, protocol=RTPROT_BOOT)
+    ours = _fwmark_rule(mark)
     present = [rule for rule in host.rules(marked=True) if not (rule.src or rule.dst or rule.other)
                and rule.priority == RULE_PRIORITY and rule.table == MAIN_TABLE and rule.mark == rule.mask]
     same = [rule for rule in present if rule.key == ours.key]
@@ -299,9 +308,14 @@ def _fwmark_plan(host: Netns, mark: int, wanted: bool) -> tuple[list, IpRule | N
     return wrong, (ours if wanted and not same else None)
 
 
-def _converge_fwmark(mark: int, wanted: bool) -> list[str]:
+def _converge_fwmark(mark: int, wanted: bool, pod_add: bool = False) -> list[str]:
     done = []
     with Netns() as host:
+        if pod_add and wanted:
+            ours = _fwmark_rule(mark)
+            if not host.add_rule(ours):  # False: it was there (the kernel refuses a second copy)
+                return done
+            done.append(f"added ip rule {ours}")  # new: a changed mark may have left the old one
         wrong, missing = _fwmark_plan(host, mark, wanted)
         for rule in wrong:
             if host.delete_rule(rule):  # False: a concurrent process deleted it first

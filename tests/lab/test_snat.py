@@ -405,6 +405,22 @@ def test_gc_converges_again_and_carries_on_past_errors(node):
     assert node.run("GC", node.conf(prev=None, version="1.1.0", netfilterMode="iptc")) == (0, None)
 
 
+def test_an_add_that_finds_our_ip_rule_leaves_others_at_its_priority_to_gc_and_the_agent(node):
+    """A pod's ADD makes sure of rule 1024 with one request, without listing the node's rules (two per
+    pod); an ADD that had to add ours, like GC and the agent's rounds, also removes another mark's
+    rule at that priority."""
+    stale = "1024:\tfrom all fwmark 0x4000/0x4000 lookup main proto boot"
+    node.add()
+    node.sh("ip rule add pref 1024 fwmark 0x4000/0x4000 lookup main proto boot")
+    node.add()
+    assert sorted(node.ip_rules()) == sorted([FWMARK_RULE, stale])
+    assert node.run("GC", node.conf(prev=None, version="1.1.0", **{"cni.dev/valid-attachments": []})) == (0, None)
+    assert node.ip_rules() == [FWMARK_RULE]
+    node.sh("ip rule del pref 1024; ip rule add pref 1024 fwmark 0x4000/0x4000 lookup main proto boot")
+    node.add()
+    assert node.ip_rules() == [FWMARK_RULE]
+
+
 def test_status_is_ok_when_netfilter_works_and_unavailable_when_it_does_not(node):
     assert node.run("STATUS", node.conf(prev=None, version="1.1.0")) == (0, None)
     rc, err = node.run("STATUS", node.conf(prev=None, version="1.1.0", netfilterMode="iptc"))
