@@ -38,6 +38,12 @@ Each timed operation is one cnitool exec started by a driver process that lives 
 namespace (tests/bench/driver.py): wall time from fork to reap, and CPU seconds as the
 RUSAGE_CHILDREN delta (cnitool plus every plugin and helper it waited for).
 
+Our plugins run as a node runs them: the frozen agent starts the plugins' resident helper
+(build/zygote.py) and our chain's runs (cnitool, containerd, podman) find it through
+AWS_VPC_CNI_ZYGOTE_SOCKET, since the bench's data folders are not the default one. The zygote's CPU,
+its own and its children's (which run our plugins), is added to each operation's (the driver's
+`helpers`). `--no-zygote` measures the plugins starting Python themselves.
+
 Ratios are of medians taken in one run with the two sides alternating, so load from other work on
 the machine falls on both; the burst ratio is the median of one ratio per round.
 Writes bench-results.json at the repo root and prints a table with the targets.
@@ -193,6 +199,19 @@ class Agent:
     def ec2_total(self) -> int:
         return sum(self.status().get("ec2_calls", {}).values())
 
+    def zygote(self, timeout: float = 30) -> tuple[dict, tuple[int, ...]]:
+        """The environment that leads our plugins to this agent's zygote, and its pid, once it serves."""
+        path = os.path.join(self.data_dir, "zygote.sock")
+        deadline = time.time() + timeout
+        while True:
+            with suppress(OSError):
+                pid = self.status()["zygote"]["pid"]
+                if pid and os.path.exists(path):
+                    return {"AWS_VPC_CNI_ZYGOTE_SOCKET": path}, (pid,)
+            if time.time() > deadline:
+                raise BenchError(f"the agent's plugin zygote does not serve at {path}:\n{self.log_tail()}")
+            time.sleep(0.1)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -235,14 +254,17 @@ def wait_warm(agents: dict[str, Agent], target: int, timeout: float = 240) -> No
 class Chain:
     """One conflist and how cnitool runs it: `job(command, pod)` -> a driver request."""
 
-    def __init__(self, key: str, network: str, conf_dir: str, cni_path: str, base_env: dict, label: str):
+    def __init__(self, key: str, network: str, conf_dir: str, cni_path: str, base_env: dict, label: str,
+                 helpers: tuple[int, ...] = ()):
+        """`helpers`: pids of resident processes whose CPU the chain's operations use (the zygote)."""
         self.key, self.network, self.conf_dir, self.cni_path, self.label = key, network, conf_dir, cni_path, label
         self.base_env = base_env
+        self.helpers = list(helpers)
 
     def job(self, command: str, pod: "Pod") -> dict:
         env = dict(self.base_env, PATH=PATH, NETCONFPATH=self.conf_dir, CNI_PATH=self.cni_path,
                    CNI_ARGS=f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod.name}")
-        return {"argv": [CNITOOL, command, self.network, netns.path(pod.netns)], "env": env}
+        return {"argv": [CNITOOL, command, self.network, netns.path(pod.netns)], "env": env, "helpers": self.helpers}
 
 
 def reference_conflist(network: str, data_dir: str) -> dict:
@@ -344,7 +366,7 @@ class Bench:
         for node in ("node1", "node2"):
             self.agents[node] = Agent(self.lab, node, self.bin_dir, self.data[node], self.network,
                                       os.path.join(self.tmp, f"{node}-agent.log"), MINIMUM_IP_TARGET=POOL_IPS,
-                                      IP_COOLDOWN_PERIOD=COOLDOWN)
+                                      IP_COOLDOWN_PERIOD=COOLDOWN, **self.zygote_setting())
         t0 = time.time()
         wait_warm(self.agents, POOL_IPS)
         say(f"warm pools of {POOL_IPS} IPs on both nodes after {time.time() - t0:.1f} s")
@@ -358,14 +380,26 @@ class Bench:
                                     reference_conflist(self.ref_network, os.path.join(self.tmp, "host-local"))),
                          REF_PLUGINS, node_env, "Go bridge + host-local + portmap (/usr/lib/cni)")
         ours_plugins = "aws-vpc-bridge(aws-eni-ipam) + " + ("aws-snat + " if self.with_snat else "") + "portmap-compat"
-        self.ours = {node: Chain("ours", self.network,
-                                 write_conf(os.path.join(self.tmp, f"{node}-net.d"),
-                                            our_conflist(self.network, self.data[node], self.log_file[node],
-                                                         self.with_snat)),
-                                 self.bin_dir, self.lab.node_env(node), f"frozen {ours_plugins}")
-                     for node in ("node1", "node2")}
+        self.ours = {}
+        for node in ("node1", "node2"):
+            env, helpers = self.zygote_of(self.agents[node])
+            self.ours[node] = Chain("ours", self.network,
+                                    write_conf(os.path.join(self.tmp, f"{node}-net.d"),
+                                               our_conflist(self.network, self.data[node], self.log_file[node],
+                                                            self.with_snat)),
+                                    self.bin_dir, {**self.lab.node_env(node), **env},
+                                    f"frozen {ours_plugins}" + (", through the agent's zygote" if helpers else ""),
+                                    helpers)
         self.results["chains"] = {"reference": self.ref.label, "ours": self.ours["node1"].label,
-                                  "ours_includes_aws_snat": self.with_snat}
+                                  "ours_includes_aws_snat": self.with_snat, "zygote": self.opts.zygote}
+
+    def zygote_setting(self) -> dict:
+        """The agent's setting for its plugin zygote in this run."""
+        return {} if self.opts.zygote else {"AWS_VPC_CNI_PLUGIN_ZYGOTE": "false"}
+
+    def zygote_of(self, agent: Agent) -> tuple[dict, tuple[int, ...]]:
+        """The environment our chain runs with, and the helper pids whose CPU it uses."""
+        return agent.zygote() if self.opts.zygote else ({"AWS_VPC_CNI_ZYGOTE_SOCKET": ""}, ())
 
     # --- one operation ------------------------------------------------------------------------
     def op(self, node: str, chain: Chain, command: str, pod: Pod) -> dict:
@@ -396,7 +430,7 @@ class Bench:
                       **{p: [os.path.join(self.bin_dir, p)] for p in PROGRAMS}}
         walls = {k: [] for k in candidates}
         cpus = {k: [] for k in candidates}
-        env = {"CNI_COMMAND": "VERSION", "PATH": PATH}
+        env = {"CNI_COMMAND": "VERSION", "PATH": PATH, "AWS_VPC_CNI_ZYGOTE_SOCKET": ""}  # the exec itself
         keys = list(candidates)
         for n in range(runs):
             for key in (keys if n % 2 == 0 else keys[::-1]):
@@ -559,13 +593,16 @@ class Bench:
             conflist = our_conflist(network, data_dir, os.path.join(self.tmp, f"fresh-{node}-plugin.log"),
                                     self.with_snat)
             conflist["plugins"][0]["ipam"].update(ipam)
-            chain = Chain("fresh", network, write_conf(os.path.join(self.tmp, f"fresh-{node}-net.d"), conflist),
-                          self.bin_dir, lab.node_env(node), f"frozen, {mode}")
             driver = self.drivers[f"fresh-{node}"] = Driver(lab, node)
             lab.ec2_calls(reset=True)
             t0 = time.time()
             agent = self.agents[f"fresh-{node}"] = Agent(lab, node, self.bin_dir, data_dir, network,
-                                                         os.path.join(self.tmp, f"fresh-{node}-agent.log"), **env)
+                                                         os.path.join(self.tmp, f"fresh-{node}-agent.log"),
+                                                         **env, **self.zygote_setting())
+            # until the zygote serves, the plugins start Python themselves (the launcher finds no socket)
+            zygote_env = {"AWS_VPC_CNI_ZYGOTE_SOCKET": os.path.join(data_dir, "zygote.sock") if self.opts.zygote else ""}
+            chain = Chain("fresh", network, write_conf(os.path.join(self.tmp, f"fresh-{node}-net.d"), conflist),
+                          self.bin_dir, {**lab.node_env(node), **zygote_env}, f"frozen, {mode}")
             retries = 0
             for _ in range(pods):
                 pod = self.new_pod(f"f{node[-1]}")
@@ -606,7 +643,7 @@ class Bench:
         for chain in (self.ours["node1"], self.ref):
             containerd = self.containerds[chain.key] = cri_world.Containerd(
                 self.lab, "node1", os.path.join(self.tmp, f"cri-{chain.key}"), bin_dir, chain.conf_dir,
-                f"{self.prefix}-cri-{chain.key}")
+                f"{self.prefix}-cri-{chain.key}", env=self.runtime_env(chain))
             containerd.start()
             sides[chain.key] = containerd
         walls = {key: [] for key in sides}
@@ -625,6 +662,11 @@ class Bench:
         say(f"CRI pod cycle p50: ours {out['ours']['p50']:.0f} ms, reference {out['ref']['p50']:.0f} ms")
         return out
 
+    @staticmethod
+    def runtime_env(chain: Chain) -> dict:
+        """What a runtime running `chain` passes its plugins beyond its own environment: the zygote's socket."""
+        return {k: v for k, v in chain.base_env.items() if k == "AWS_VPC_CNI_ZYGOTE_SOCKET"}
+
     def podman_cycles(self, n: int) -> dict:
         """Step 10: containers run and removed by podman, ours and the reference alternating (see the
         module's docstring)."""
@@ -635,7 +677,8 @@ class Bench:
             with open(os.path.join(chain.conf_dir, CONFLIST_FILE)) as f:
                 conflist = json.load(f)
             podman = self.podmans[chain.key] = PodmanNode(self.lab, "node1", pathlib.Path(self.tmp) / f"podman-{chain.key}",
-                                                          bin_dir=self.bin_dir, conflist=conflist)
+                                                          bin_dir=self.bin_dir, conflist=conflist,
+                                                          env=self.runtime_env(chain))
             podman.load_image()
         walls = {chain.key: [] for chain in chains}
         for i in range(n + 1):  # the first cycle of each side is untimed (container storage, caches warm)
@@ -849,6 +892,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cri-cycles", type=int, default=20, help="CRI pod cycles per chain (step 9)")
     parser.add_argument("--podman-cycles", type=int, default=20, help="podman run --rm cycles per chain (step 10)")
     parser.add_argument("--fresh-pods", type=int, default=100, help="pods on a fresh node per mode (step 8)")
+    parser.add_argument("--no-zygote", dest="zygote", action="store_false",
+                        help="our plugins start Python themselves: the agents start no zygote")
     parser.add_argument("--output", default=RESULTS)
     opts = parser.parse_args(argv)
     if os.geteuid() != 0:
