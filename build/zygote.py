@@ -29,6 +29,7 @@ kills the child, as the runtime's kill would have. The zygote exits when the fd 
 --parent-fd (a pipe from the agent) reports end-of-file, i.e. when the agent is gone.
 """
 
+import fcntl
 import os
 import select
 import signal
@@ -47,6 +48,17 @@ REQUEST_TIMEOUT = 2.0  # seconds a caller has to send its request; the zygote se
 # network namespace (setns), and the pod's (the bridge). Without them the zygote does not start.
 NEEDED_CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_CHROOT": 18, "CAP_SYS_ADMIN": 21}
 CANNOT_SERVE = 3  # exit status: this process could serve no runtime; the agent does not restart it
+EXIT_GRACE_MS = 50  # how long a child whose caller hung up may take to exit before it is killed
+
+
+# What the plugins' handlers import only when they work (kept off their start-up: README "Start-up
+# cost"), loaded here once so that no child loads them: aws-snat's node rules, portmap-compat's
+# netfilter backends, conntrack and port-mapping parser, the digests the netfilter stamp uses. tests/lab/test_zygote.py
+# has the chain's children say what they still loaded.
+HANDLER_MODULES = ("aws_snat.noderules", "cnicore.netfilter.stamp", "cnicore.netfilter.xtables", "cnicore.nftables",
+                   "cnicore.netfilter.detect", "cnicore.netfilter.lock", "cnicore.netfilter.plan",
+                   "cnicore.netfilter.restore", "portmap_compat.conntrack", "cnicore.libc", "subprocess",
+                   "ipaddress", "_blake2", "_sha256", "_sha512")
 
 
 class Refused(Exception):
@@ -122,13 +134,15 @@ def check(fields: tuple, peer_uid: int, identity: tuple, capabilities: int) -> N
         raise Refused(f"the caller has capabilities this zygote lacks ({caps & ~capabilities:#x})")
 
 
-def run_child(conn: socket.socket, fds: list[int], request: dict, umask: int, module) -> None:
-    """In the forked child: wait for the go, take the caller's place, run the plugin, report, exit."""
+def run_child(conn: socket.socket, fds: list[int], request: dict, umask: int, module, trace_fd: int | None) -> None:
+    """In the forked child: wait for the go, take the caller's place, run the plugin, report, exit.
+    `trace_fd`: where to say which modules the plugin still had to load (--trace)."""
     code = 1
+    loaded = set(sys.modules)
     try:
         if conn.recv(1) != b"G":
             os._exit(0)  # the launcher gave up before the go: it runs the plugin itself
-        stdin, stdout, stderr, root, netns = fds
+        stdin, stdout, stderr, root, netns = fds = [_above_stdio(fd) for fd in fds]
         if not _same_file(netns, "/proc/self/ns/net"):
             from cnicore.rtnl import setns
             setns(netns)
@@ -155,14 +169,26 @@ def run_child(conn: socket.socket, fds: list[int], request: dict, umask: int, mo
         traceback.print_exc()
     finally:
         try:
+            if trace_fd is not None:
+                new = sorted(set(sys.modules) - loaded)
+                os.write(trace_fd, f"aws-vpc-cni-zygote: child {os.getpid()} loaded {len(new)} modules: "
+                                   f"{' '.join(new)}\n".encode())
             sys.stdout.flush()
             sys.stderr.flush()
-        except Exception:
-            pass
-        try:
             conn.sendall(struct.pack("=i", code))
+        except BaseException:
+            pass
         finally:
             os._exit(code & 0xFF)
+
+
+def _above_stdio(fd: int) -> int:
+    """`fd` moved above 0-2 if it is one of them: the caller's fds are put there one by one."""
+    if fd > 2:
+        return fd
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(fd)
+    return moved
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -262,7 +288,8 @@ class Zygote:
         if pid == 0:
             self.listener.close()
             _close([fd for fd in (self.parent_fd,) if fd is not None] + list(self.children) + list(self.callers))
-            run_child(conn, fds, request, fields[-2], module)
+            trace_fd = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 3) if self.trace else None  # not onto 0-2
+            run_child(conn, fds, request, fields[-2], module, trace_fd)
         _close(fds)
         pidfd = os.pidfd_open(pid)
         self.children[pidfd] = (pid, conn)
@@ -281,7 +308,9 @@ class Zygote:
 
     def reap(self, pidfd: int) -> None:
         pid, conn = self.children.pop(pidfd)
-        os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0)
+        if self.trace and os.WIFSIGNALED(status):
+            self.say(f"child {pid} was killed by signal {os.WTERMSIG(status)}")
         self.poller.unregister(pidfd)
         os.close(pidfd)
         if self.callers.pop(conn.fileno(), None) is not None:
@@ -289,10 +318,15 @@ class Zygote:
         conn.close()
 
     def caller_gone(self, fd: int) -> None:
-        """The launcher's end closed: if its child still runs, the runtime killed the plugin."""
+        """The launcher's end closed: if its child still runs, the runtime killed the plugin. A child
+        that reported is exiting as the launcher reads it: it has EXIT_GRACE to be gone."""
         pidfd = self.callers.pop(fd)
         pid, conn = self.children[pidfd]
         self.poller.unregister(fd)
+        exited = select.poll()
+        exited.register(pidfd, select.POLLIN)
+        if exited.poll(EXIT_GRACE_MS):
+            return
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             if self.trace:
@@ -352,6 +386,8 @@ def main(argv: list[str], programs: dict[str, str]) -> int:
         return CANNOT_SERVE
     gc.disable()  # as build/entry.py loads a plugin: the modules live until exit
     modules = {name: __import__(module, fromlist=["main"]) for name, module in programs.items()}
+    for name in HANDLER_MODULES:
+        __import__(name)
     from cnicore.libc import ctypes_lite
     ctypes_lite().function("setns")  # loaded once here, not in every child that enters a netns
     gc.freeze()

@@ -61,6 +61,15 @@ class Zygote:
         """'<program> <command>' of each request a child ran."""
         return [line.split(": ", 1)[1].rsplit(" runs in child", 1)[0] for line in self.lines if " runs in child " in line]
 
+    def loaded(self, children: int, timeout: float = 10) -> list[str]:
+        """What `children` children said they still had to load, once each has said it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            said = [line.split(" modules: ", 1)[1] for line in self.lines if " modules: " in line]
+            if len(said) >= children or time.monotonic() > deadline:
+                return said
+            time.sleep(0.05)
+
     def close(self) -> int:
         self.proc.stdin.close()  # the agent's end: the zygote exits
         return self.proc.wait(10)
@@ -88,33 +97,39 @@ def version(lab, exe: str, socket_path: str, wrap=()) -> subprocess.CompletedPro
 
 
 def test_the_chain_runs_in_the_zygote_as_it_runs_alone(frozen, fresh_lab, tmp_path, make_netns, zygotes):
-    """ADD, CHECK and DEL of two pods through cnitool, each plugin in a child of the zygote, which takes
-    the caller's netns, root, fds and environment: the pods get VPC addresses, reach each other and
-    the internet host with the node's SNAT, and DEL leaves nothing; then the same without the zygote."""
+    """ADD, CHECK and DEL of two pods (one with a hostPort) through cnitool, each plugin in a child of
+    the zygote, which takes the caller's netns, root, fds and environment: the pods get VPC addresses
+    and reach each other, and DEL leaves nothing; then the same without the zygote. No child loads a
+    module: the zygote has them all (build/zygote.py's HANDLER_MODULES)."""
     node = LabNode(fresh_lab, "node1", tmp_path, bin_dir=frozen)
     node.write_conflist()
+    assert node.ipam("ADD", cid="warm")[0] == 0  # a warm pool: no ADD below needs EC2 (and boto3)
     path = str(tmp_path / "zygote.sock")
     zygote = zygotes(fresh_lab, "node1", path)
     zygote.wait_for("serving")
     results = {}
     for mode, env in (("zygote", {ZYGOTE_SOCKET: path}), ("alone", {ZYGOTE_SOCKET: ""})):
         pods = [make_netns(f"z{mode[0]}{i}") for i in range(2)]
+        ports = {"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]}
         for i, pod in enumerate(pods):
-            rc, out, err = node.cnitool("add", pod, f"{mode}-{i}", env=env)
+            rc, out, err = node.cnitool("add", pod, f"{mode}-{i}", env=env, cap_args=ports if i else None)
             assert rc == 0, err + out
             results[(mode, i)] = json.loads(out)
         ips = [results[(mode, i)]["ips"][0]["address"].split("/")[0] for i in range(2)]
         assert all(ip.startswith("10.0.") for ip in ips), ips
         assert node.probe(pods[0], "ping", ips[1])
+        assert len(node.view().dnat_entries) == 1
         for i, pod in enumerate(pods):
-            rc, out, err = node.cnitool("check", pod, f"{mode}-{i}", env=env)
+            rc, out, err = node.cnitool("check", pod, f"{mode}-{i}", env=env, cap_args=ports if i else None)
             assert rc == 0, err + out
-            rc, out, err = node.cnitool("del", pod, f"{mode}-{i}", env=env)
+            rc, out, err = node.cnitool("del", pod, f"{mode}-{i}", env=env, cap_args=ports if i else None)
             assert rc == 0, err + out
         assert node.view().pod_leftovers() == []
     # every plugin of the chain ran in a child while the zygote was asked, and never otherwise
     chain = ("aws-vpc-bridge", "aws-snat", "portmap-compat")
     assert sorted(zygote.served()) == sorted(f"{p} {c}" for p in chain for c in ("ADD", "CHECK", "DEL") for _ in range(2))
+    assert zygote.loaded(18) == [""] * 18, "; ".join(zygote.loaded(18))
+    assert not any("killed" in line for line in zygote.lines), zygote.lines
     # the results have one shape: the pod's veth in the pod netns, the host's named by the prefix
     for mode in ("zygote", "alone"):
         interfaces = results[(mode, 0)]["interfaces"]
