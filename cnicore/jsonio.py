@@ -71,6 +71,45 @@ def loads(data, *, parse_float=None, parse_constant=None):
     return json.loads(data, parse_float=parse_float, parse_constant=parse_constant)
 
 
+def load_leading(data, names) -> dict | None:
+    """The members `names` of the JSON object `data`, parsed from its start and no further than the
+    last of them to appear: a large member written after them is never parsed. Names the object does
+    not hold are absent. None when `data` is not read so far as a well-formed object (the caller
+    then reads it whole, with json's errors); for an object with a key twice, the first is taken."""
+    if _json is None:
+        return None
+    try:
+        text = _text(data)
+        scan = _json.make_scanner(_Context(None, None))
+        wanted, found = set(names), {}
+        pos = _skip(text, 0)
+        if text[pos] != "{":
+            return None
+        pos = _skip(text, pos + 1)
+        if text[pos] == "}":
+            return found
+        while wanted:
+            if text[pos] != '"':
+                return None
+            key, pos = _json.scanstring(text, pos + 1, True)
+            pos = _skip(text, pos)
+            if text[pos] != ":":
+                return None
+            value, pos = scan(text, _skip(text, pos + 1))
+            if key in wanted:
+                wanted.discard(key)
+                found[key] = value
+            pos = _skip(text, pos)
+            if text[pos] == "}":
+                break
+            if text[pos] != ",":
+                return None
+            pos = _skip(text, pos + 1)
+        return found
+    except Exception:
+        return None
+
+
 def _no_default(obj):
     raise _Fallback
 

@@ -32,6 +32,9 @@ from __future__ import annotations
 from .record import record
 
 FREE, ASSIGNED, COOLING = "free", "assigned", "cooling"
+# The small members a reader may want without the ENIs (aws-snat: the node facts): the store writes
+# them first, so `Transaction.read_head` parses no further (a node with 700 pods has 150 KB of ENIs).
+HEAD = ("node",)
 PREFIX_LENGTH = 28
 PREFIX_SIZE = 16  # addresses in an IPv4 /28 prefix
 _PREFIX_MASK = 0xFFFFFFFF ^ (PREFIX_SIZE - 1)

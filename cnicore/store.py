@@ -3,6 +3,8 @@
 Writes are atomic (temp file, fsync, rename, directory fsync), so a writer killed at any instant
 leaves either the old or the new document. A corrupt or unreadable document is never silently
 reset: opening it raises StoreError, and only `set_aside` (used by the agent's rebuild) moves it away.
+The envelope and the small members (cnicore.pool.HEAD: the node facts) are written first, so a
+reader that needs only those (`read_head`: aws-snat) parses no ENI.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from . import jsonio
 from .errors import CNIError, STORE_FAILURE
 from .fsutil import fsync_dir, make_dirs, write_atomic
+from .pool import HEAD
 
 SCHEMA = 2
 READABLE_SCHEMAS = (1, 2)  # schema 1 is schema 2 without IPv4 prefixes (cnicore.pool); it is written back as 2
@@ -57,6 +60,17 @@ class Store:
         os.rename(self.path, aside)
         fsync_dir(self.data_dir)
         return aside
+
+
+def _serialised(doc: dict) -> bytes:
+    """The envelope and the small members first (what `read_head` parses), then the others; keys
+    sorted within each part."""
+    head = {key: doc[key] for key in ("schema", "network", *HEAD) if key in doc}
+    rest = {key: value for key, value in doc.items() if key not in head}
+    text = jsonio.dumps(head, separators=(",", ":"), sort_keys=True)
+    if rest:
+        text = text[:-1] + "," + jsonio.dumps(rest, separators=(",", ":"), sort_keys=True)[1:]
+    return text.encode()
 
 
 class _Locked:
@@ -112,19 +126,36 @@ class Transaction:
         except (ValueError, UnicodeDecodeError) as exc:
             raise StoreError(f"the state file {path} is corrupt and was left as it is: {exc}",
                              "the node agent rebuilds it from EC2 and the host, keeping the bad file aside") from None
-        if (not isinstance(doc, dict) or doc.get("schema") not in READABLE_SCHEMAS
-                or doc.get("network") != self.store.network):
+        if not self._ours(doc):
             found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
             raise StoreError(f"the state file {path} is not a schema-{SCHEMA} (or {READABLE_SCHEMAS[0]}) document "
                              f"of network {self.store.network!r} (found schema {found!r}); it was left as it is")
         return doc
+
+    def read_head(self) -> dict | None:
+        """The document's envelope and its small members (cnicore.pool.HEAD) only, or None if the
+        network has none yet: the ENIs after them are not parsed. Anything unexpected in what it
+        reads (or a document written in another order) is left to `read`, which parses it all."""
+        try:
+            with open(self.store.path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return self.read()
+        head = jsonio.load_leading(raw, ("schema", "network", *HEAD))
+        return head if head is not None and self._ours(head) else self.read()
+
+    def _ours(self, doc) -> bool:
+        return (isinstance(doc, dict) and doc.get("schema") in READABLE_SCHEMAS
+                and doc.get("network") == self.store.network)
 
     def write(self, doc: dict) -> None:
         if not self.writable:
             raise StoreError("the state store was opened read-only")
         doc["schema"] = SCHEMA
         doc["network"] = self.store.network
-        data = jsonio.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+        data = _serialised(doc)
         try:
             write_atomic(self.store.path, data, durable=True)
         except OSError as exc:

@@ -80,7 +80,7 @@ def _node(network: str, cfg: settings.SNAT) -> tuple[Node, str | None]:
 def node_facts(network: str, data_dir: str) -> Node:
     """Primary IP and MAC and the VPC CIDRs: from the state store, else (no document) from IMDS."""
     with Store(data_dir, network).locked(shared=True) as tx:
-        doc = tx.read()
+        doc = tx.read_head()  # the node facts, without parsing the ENIs
     facts = Document(doc).node if doc is not None else None
     if facts:
         return _checked(facts.primary_ip, facts.primary_mac, facts.vpc_cidrs, f"the state store {tx.store.path}")

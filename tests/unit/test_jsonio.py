@@ -79,3 +79,24 @@ def test_circular_and_unserialisable_objects_raise_what_json_raises():
     for obj in (loop, {"a": object()}, {(1, 2): 3}):
         for kwargs in ({}, {"indent": 4}, {"separators": (",", ":"), "sort_keys": True}):
             assert outcome(jsonio.dumps, obj, **kwargs) == outcome(json.dumps, obj, **kwargs)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.text(max_size=4), plain, max_size=6), st.lists(st.text(max_size=4), max_size=3),
+       st.sampled_from([(",", ":"), (", ", ": ")]), st.integers(min_value=0, max_value=40))
+def test_load_leading_gives_the_named_members_json_loads_gives(doc, names, separators, cut):
+    text = json.dumps(doc, separators=separators)
+    assert jsonio.load_leading(text.encode(), names) == {k: v for k, v in doc.items() if k in names}
+    # a document cut short or spoiled: the members read are right, or it says None (read it all)
+    for broken in (text[:cut], text[:cut] + "}", text.replace(":", "=", 1)):
+        found = jsonio.load_leading(broken, names)
+        assert found is None or all(doc.get(k) == v for k, v in found.items())
+
+
+def test_load_leading_reads_no_further_than_the_last_named_member():
+    # what follows the named members is not parsed: here it is not even JSON
+    assert jsonio.load_leading(b'{"network":"n","node":{"a":[1]},"enis":{not json', ("network", "node")) == \
+        {"network": "n", "node": {"a": [1]}}
+    assert jsonio.load_leading(b'{"enis":{not json},"node":1}', ("node",)) is None
+    assert jsonio.load_leading(b'[1, 2]', ("node",)) is None
+    assert jsonio.load_leading(b' { } ', ("node",)) == {}

@@ -186,6 +186,29 @@ def test_a_schema_1_document_is_read_and_written_back_as_schema_2_with_prefixes(
     assert len(written["enis"]["eni-a"]["ips"]) == 17
 
 
+def test_the_node_facts_are_written_first_and_read_without_the_enis(tmp_path):
+    """read_head parses the envelope and the node facts, which the store writes first; a document of
+    an earlier release (keys sorted: the ENIs before the node) is read whole, with the same answer."""
+    store = seed(tmp_path, 700)
+    with store.locked(shared=True) as tx:
+        full, head = tx.read(), tx.read_head()
+    with open(store.path) as f:
+        assert f.read().startswith('{"network":"net","node":{"instance_id":"i-1"},"schema":2,')
+    assert head == {"network": "net", "node": {"instance_id": "i-1"}, "schema": 2} and full["node"] == head["node"]
+    with open(store.path, "w") as f:
+        json.dump(full, f, sort_keys=True)  # as the release before wrote it
+    with store.locked(shared=True) as tx:
+        assert tx.read_head() == head
+    with open(store.path, "w") as f:
+        f.write('{"schema": 2, "network": "other", "node": {}}')
+    with pytest.raises(StoreError, match="network 'net'"):
+        with store.locked(shared=True) as tx:
+            tx.read_head()
+    os.unlink(store.path)
+    with store.locked(shared=True) as tx:
+        assert tx.read_head() is None
+
+
 @pytest.mark.parametrize("content", ['[]', '{"schema": 99, "network": "net"}', '{"schema": 3, "network": "net"}',
                                      '{"schema": 1, "network": "other"}'])
 def test_wrong_schema_or_network_is_an_error(tmp_path, content):
