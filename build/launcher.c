@@ -31,14 +31,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <linux/capability.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -63,15 +60,10 @@ static const char *const PLUGINS[] = {"aws-eni-ipam", "aws-vpc-bridge", "aws-sna
 
 extern char **environ;
 
-/* build/zygote.py's HEADER ("=4sQQqqQQQQQII"), field for field */
+/* build/zygote.py's HEADER ("=4sI"), field for field. What the zygote must know of this process
+ * (its executable, namespaces, capabilities, umask) it reads from the kernel, not from here. */
 struct __attribute__((packed)) zygote_request {
     char magic[4];
-    uint64_t exe_dev, exe_ino;
-    int64_t exe_size, exe_mtime_ns;
-    uint64_t userns_dev, userns_ino;
-    uint64_t pidns_dev, pidns_ino;
-    uint64_t capabilities;
-    uint32_t umask;
     uint32_t payload_length;
 };
 
@@ -119,18 +111,10 @@ static int recv_all(int sock, void *buf, size_t len)
 static int send_request(int sock, const char *program, const char *exe)
 {
     struct zygote_request req;
-    struct stat st, userns, pidns;
-    struct __user_cap_header_struct cap_header = {_LINUX_CAPABILITY_VERSION_3, 0};
-    struct __user_cap_data_struct caps[2];
     size_t length = strlen(program) + 1 + strlen(exe) + 1, off = 0;
     char *payload, **e;
     int fds[5] = {0, 1, 2, -1, -1}, rc = -1;
-    mode_t mask;
 
-    if (stat("/proc/self/exe", &st) < 0 || stat("/proc/self/ns/user", &userns) < 0 ||
-        stat("/proc/self/ns/pid", &pidns) < 0 ||
-        syscall(SYS_capget, &cap_header, caps) < 0)
-        return -1;
     for (e = environ; *e; e++)
         length += strlen(*e) + 1;
     if (length > (1u << 20) || (payload = malloc(length)) == NULL)
@@ -140,35 +124,26 @@ static int send_request(int sock, const char *program, const char *exe)
     for (e = environ; *e; e++)
         off += (size_t)sprintf(payload + off, "%s", *e) + 1;
 
-    memcpy(req.magic, "AVZ1", 4);
-    req.exe_dev = st.st_dev;
-    req.exe_ino = st.st_ino;
-    req.exe_size = st.st_size;
-    req.exe_mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
-    req.userns_dev = userns.st_dev;
-    req.userns_ino = userns.st_ino;
-    req.pidns_dev = pidns.st_dev;
-    req.pidns_ino = pidns.st_ino;
-    req.capabilities = caps[0].effective | (uint64_t)caps[1].effective << 32;
-    mask = umask(0);
-    umask(mask);
-    req.umask = mask;
+    memcpy(req.magic, "AVZ2", 4);
     req.payload_length = (uint32_t)length;
 
     fds[3] = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     fds[4] = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
     if (fds[3] >= 0 && fds[4] >= 0) {
-        char control[CMSG_SPACE(sizeof fds)];
+        union {
+            char buf[CMSG_SPACE(sizeof fds)];
+            struct cmsghdr align;
+        } control;
         struct iovec iov = {&req, sizeof req};
         struct msghdr msg = {0};
         struct cmsghdr *cmsg;
         ssize_t n;
 
-        memset(control, 0, sizeof control);
+        memset(&control, 0, sizeof control);
         msg.msg_iov = &iov;
         msg.msg_iovlen = 1;
-        msg.msg_control = control;
-        msg.msg_controllen = sizeof control;
+        msg.msg_control = control.buf;
+        msg.msg_controllen = sizeof control.buf;
         cmsg = CMSG_FIRSTHDR(&msg);
         cmsg->cmsg_level = SOL_SOCKET;
         cmsg->cmsg_type = SCM_RIGHTS;

@@ -11,22 +11,26 @@ that runs exactly what build/entry.py would have run, in the caller's place:
   resolve as they would for the caller, whatever namespaces this process was started in;
 - sys.executable is the caller's path of the program, as cnicore.invoke compares it.
 
-It serves only a caller that could have run the plugin itself exactly as this process can: the same
-user (SO_PEERCRED), the same user and pid namespaces (a plugin records its pid in the store, which the
-agent reads as the host's), the same executable file (device, inode, size and mtime: an upgraded
-bundle is never served by the old one's code), and no capability this process lacks. Anything else is refused before the child runs, and the launcher then starts Python itself:
-each plugin still works alone when no zygote is there, is refused, or dies before it said yes.
+It serves only a caller that could have run the plugin itself exactly as this process can, as the
+kernel tells it (the peer's pidfd, SO_PEERPIDFD, and the caller's /proc entries; nothing the caller
+says about itself): the same effective uid, user and pid namespaces (a plugin records its pid in the
+store, which the agent reads as the host's), the same executable file (device, inode, size and
+mtime: an upgraded bundle is never served by the old one's code), at least every capability this
+process has, no seccomp filter or no_new_privs this process has not, the same LSM label, and the
+root directory and network namespace it passes are its own. Anything else is refused before the
+child runs, and the launcher then starts Python itself: each plugin still works alone when no zygote
+is there, it refuses, or it is gone before it said yes.
 
 The exchange (native byte order; HEADER below), on one SOCK_STREAM connection:
     launcher -> zygote   HEADER + payload, with SCM_RIGHTS fds [stdin, stdout, stderr, root, netns]
                          payload: program NUL exe-path NUL then each environment entry NUL-terminated
-    zygote -> launcher   b"A" (a child waits) or b"R" (refused; the launcher runs the plugin itself)
+    zygote -> launcher   b"A" (a forked child waits) or b"R" (refused; the launcher runs the plugin itself)
     launcher -> child    b"G": from here the child runs the plugin; before it, the launcher may
                          still give up (closing), and the child then exits having done nothing
     child -> launcher    the exit code, int32
-If the launcher's end closes before the child reports (the runtime killed the plugin), the zygote
-kills the child, as the runtime's kill would have. The zygote exits when the fd given by
---parent-fd (a pipe from the agent) reports end-of-file, i.e. when the agent is gone.
+If the launcher's end closes before the child has exited (the runtime killed the plugin), the zygote
+kills the child after EXIT_GRACE_MS, as the runtime's kill would have. The zygote exits when the fd
+given by --parent-fd (a pipe from the agent) reports end-of-file, i.e. when the agent is gone.
 """
 
 import fcntl
@@ -36,14 +40,14 @@ import signal
 import socket
 import struct
 import sys
+import time
 
-MAGIC = b"AVZ1"
-# magic, exe (dev, ino, size, mtime ns), user namespace (dev, ino), pid namespace (dev, ino), effective
-# capabilities, umask, payload length; build/launcher.c's struct zygote_request is the same layout
-HEADER = struct.Struct("=4sQQqqQQQQQII")
+MAGIC = b"AVZ2"
+HEADER = struct.Struct("=4sI")  # magic, payload length; build/launcher.c's struct zygote_request
 MAX_PAYLOAD = 1 << 20
 FDS = 5  # stdin, stdout, stderr, root directory, network namespace
-REQUEST_TIMEOUT = 2.0  # seconds a caller has to send its request; the zygote serves one at a time
+REQUEST_TIMEOUT = 2.0  # seconds a caller has for its whole request; the zygote serves one at a time
+SO_PEERPIDFD = 77  # Linux 6.5: a pidfd of the peer as it connected
 # What a child needs to take a runtime-started plugin's place: enter the caller's root (chroot) and
 # network namespace (setns), and the pod's (the bridge). Without them the zygote does not start.
 NEEDED_CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_CHROOT": 18, "CAP_SYS_ADMIN": 21}
@@ -53,8 +57,8 @@ EXIT_GRACE_MS = 50  # how long a child whose caller hung up may take to exit bef
 
 # What the plugins' handlers import only when they work (kept off their start-up: README "Start-up
 # cost"), loaded here once so that no child loads them: aws-snat's node rules, portmap-compat's
-# netfilter backends, conntrack and port-mapping parser, the digests the netfilter stamp uses. tests/lab/test_zygote.py
-# has the chain's children say what they still loaded.
+# netfilter backends, conntrack and port-mapping parser, the digests the netfilter stamp uses.
+# tests/lab/test_zygote.py has the chain's children say what they still loaded.
 HANDLER_MODULES = ("aws_snat.noderules", "cnicore.netfilter.stamp", "cnicore.netfilter.xtables", "cnicore.nftables",
                    "cnicore.netfilter.detect", "cnicore.netfilter.lock", "cnicore.netfilter.plan",
                    "cnicore.netfilter.restore", "portmap_compat.conntrack", "cnicore.libc", "subprocess",
@@ -65,47 +69,108 @@ class Refused(Exception):
     """A request this zygote will not serve; the launcher runs the plugin itself."""
 
 
-def effective_capabilities() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
+class Process:
+    """What the kernel says of a process (`/proc/<pid>`), as far as standing in for it goes."""
+
+    def __init__(self, proc: str):
+        status = {}
+        with open(f"{proc}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                status[key] = value.split()
+        self.pid, self.parent = int(status["Pid"][0]), int(status["PPid"][0])
+        self.uid = int(status["Uid"][1])  # effective
+        self.capabilities = int(status["CapEff"][0], 16)
+        self.umask = int(status["Umask"][0], 8)
+        self.seccomp = int(status["Seccomp"][0])
+        self.no_new_privs = int(status["NoNewPrivs"][0])
+        exe = os.stat(f"{proc}/exe")
+        self.exe = (exe.st_dev, exe.st_ino, exe.st_size, exe.st_mtime_ns)
+        self.user_ns, self.pid_ns, self.net_ns, self.root = (
+            _identity(os.stat(f"{proc}/{entry}")) for entry in ("ns/user", "ns/pid", "ns/net", "root"))
+        try:
+            with open(f"{proc}/attr/current", "rb") as f:
+                self.lsm_label = f.read().rstrip(b"\0\n")
+        except OSError:
+            self.lsm_label = None
 
 
-def own_identity() -> tuple:
-    """(executable, user namespace, pid namespace) as the launcher reports its own."""
-    st = os.stat("/proc/self/exe")
-    user_ns, pid_ns = os.stat("/proc/self/ns/user"), os.stat("/proc/self/ns/pid")
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), (user_ns.st_dev, user_ns.st_ino), \
-        (pid_ns.st_dev, pid_ns.st_ino)
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
-def read_request(conn: socket.socket) -> tuple[tuple, list[int], dict]:
-    """The caller's header fields, its fds and its payload; Refused for anything malformed."""
+def caller_of(conn: socket.socket) -> Process:
+    """The process at the other end of `conn`, read while its pidfd shows it alive (so its pid has
+    not been reused meanwhile)."""
+    try:
+        pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as exc:
+        raise Refused(f"the kernel names no peer process (SO_PEERPIDFD: {exc.strerror})") from None
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            pid = next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
+        if pid <= 0:
+            raise Refused("the caller is not in this pid namespace, or has ended")
+        try:
+            caller = Process(f"/proc/{pid}")
+        except (OSError, KeyError, ValueError, IndexError) as exc:
+            raise Refused(f"cannot read the caller's /proc entries: {exc}") from None
+        if _exited(pidfd, 0):
+            raise Refused("the caller ended")
+        return caller
+    finally:
+        os.close(pidfd)
+
+
+def check(caller: Process, own: Process, root_fd: int, netns_fd: int) -> None:
+    """Refused unless this process may stand in for `caller`: the child does nothing it could not."""
+    if caller.uid != own.uid:
+        raise Refused(f"caller uid {caller.uid} is not ours")
+    if caller.exe != own.exe:
+        raise Refused("the caller runs another build of the bundle")
+    if caller.user_ns != own.user_ns:
+        raise Refused("the caller is in another user namespace")
+    if caller.pid_ns != own.pid_ns:
+        raise Refused("the caller is in another pid namespace")
+    if own.capabilities & ~caller.capabilities:
+        raise Refused(f"the caller lacks capabilities this zygote has ({own.capabilities & ~caller.capabilities:#x})")
+    if caller.seccomp > own.seccomp or caller.no_new_privs > own.no_new_privs:
+        raise Refused("the caller runs under a seccomp filter or no_new_privs this zygote has not")
+    if caller.lsm_label != own.lsm_label:
+        raise Refused(f"the caller's LSM label {caller.lsm_label!r} is not ours")
+    if _identity(os.fstat(root_fd)) != caller.root:
+        raise Refused("the root directory passed is not the caller's")
+    if _identity(os.fstat(netns_fd)) != caller.net_ns:
+        raise Refused("the network namespace passed is not the caller's")
+
+
+def read_request(conn: socket.socket) -> tuple[list[int], dict]:
+    """The caller's fds and its payload, within REQUEST_TIMEOUT in all; Refused for anything malformed."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT
     data, fds = b"", []
-    while len(data) < HEADER.size:
-        chunk, got, flags, _ = socket.recv_fds(conn, HEADER.size - len(data), FDS)
-        fds += got
-        if not chunk or flags & socket.MSG_CTRUNC:
-            _close(fds)
-            raise Refused("short request" if not chunk else "file descriptors truncated")
-        data += chunk
-    fields = HEADER.unpack(data)
-    if fields[0] != MAGIC or len(fds) != FDS:
+    try:
+        while len(data) < HEADER.size:
+            conn.settimeout(_left(deadline))
+            chunk, got, flags, _ = socket.recv_fds(conn, HEADER.size - len(data), FDS)
+            fds += got
+            if not chunk or flags & socket.MSG_CTRUNC:
+                raise Refused("short request" if not chunk else "file descriptors truncated")
+            data += chunk
+        magic, length = HEADER.unpack(data)
+        if magic != MAGIC or len(fds) != FDS:
+            raise Refused("not a zygote request of this version")
+        if length > MAX_PAYLOAD:
+            raise Refused("payload too large")
+        payload = b""
+        while len(payload) < length:
+            conn.settimeout(_left(deadline))
+            chunk = conn.recv(length - len(payload))
+            if not chunk:
+                raise Refused("short payload")
+            payload += chunk
+    except BaseException:
         _close(fds)
-        raise Refused("not a zygote request")
-    length = fields[-1]
-    if length > MAX_PAYLOAD:
-        _close(fds)
-        raise Refused("payload too large")
-    payload = b""
-    while len(payload) < length:
-        chunk = conn.recv(length - len(payload))
-        if not chunk:
-            _close(fds)
-            raise Refused("short payload")
-        payload += chunk
+        raise
     parts = payload.split(b"\0")
     if len(parts) < 3 or parts[-1] != b"":
         _close(fds)
@@ -115,26 +180,25 @@ def read_request(conn: socket.socket) -> tuple[tuple, list[int], dict]:
     for entry in parts[2:-1]:
         key, eq, value = entry.partition(b"=")
         if eq and key:
-            env[os.fsdecode(key)] = os.fsdecode(value)
-    return fields, fds, {"program": program, "exe": exe, "env": env}
+            env.setdefault(os.fsdecode(key), os.fsdecode(value))  # the first of a name, as getenv
+    return fds, {"program": program, "exe": exe, "env": env}
 
 
-def check(fields: tuple, peer_uid: int, identity: tuple, capabilities: int) -> None:
-    _, exe_dev, exe_ino, exe_size, exe_mtime, userns_dev, userns_ino, pidns_dev, pidns_ino, caps, _, _ = fields
-    exe, user_ns, pid_ns = identity
-    if peer_uid != os.geteuid():
-        raise Refused(f"caller uid {peer_uid} is not ours")
-    if (exe_dev, exe_ino, exe_size, exe_mtime) != exe:
-        raise Refused("the caller runs another build of the bundle")
-    if (userns_dev, userns_ino) != user_ns:
-        raise Refused("the caller is in another user namespace")
-    if (pidns_dev, pidns_ino) != pid_ns:
-        raise Refused("the caller is in another pid namespace")
-    if caps & ~capabilities:
-        raise Refused(f"the caller has capabilities this zygote lacks ({caps & ~capabilities:#x})")
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise Refused("the request took too long")
+    return left
 
 
-def run_child(conn: socket.socket, fds: list[int], request: dict, umask: int, module, trace_fd: int | None) -> None:
+def _exited(pidfd: int, timeout_ms: int) -> bool:
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(timeout_ms))
+
+
+def run_child(conn: socket.socket, fds: list[int], request: dict, caller: Process, module,
+              trace_fd: int | None) -> None:
     """In the forked child: wait for the go, take the caller's place, run the plugin, report, exit.
     `trace_fd`: where to say which modules the plugin still had to load (--trace)."""
     code = 1
@@ -152,10 +216,12 @@ def run_child(conn: socket.socket, fds: list[int], request: dict, umask: int, mo
         for target, fd in enumerate((stdin, stdout, stderr)):
             os.dup2(fd, target)
         _close(fds)
-        os.umask(umask)
+        os.umask(caller.umask)
         _take_environment(request["env"])
         _take_bundle_path(request["exe"])
         sys.argv = [request["program"]]
+        from cnicore import skel
+        skel.STAND_IN = (caller.pid, caller.parent)
         try:
             code = module.main()
         except SystemExit as exc:
@@ -168,18 +234,23 @@ def run_child(conn: socket.socket, fds: list[int], request: dict, umask: int, mo
         import traceback
         traceback.print_exc()
     finally:
-        try:
-            if trace_fd is not None:
-                new = sorted(set(sys.modules) - loaded)
-                os.write(trace_fd, f"aws-vpc-cni-zygote: child {os.getpid()} loaded {len(new)} modules: "
-                                   f"{' '.join(new)}\n".encode())
-            sys.stdout.flush()
-            sys.stderr.flush()
-            conn.sendall(struct.pack("=i", code))
-        except BaseException:
-            pass
-        finally:
-            os._exit(code & 0xFF)
+        for last in (_flush_stdio, lambda: conn.sendall(struct.pack("=i", code)),
+                     lambda: trace_fd is not None and _trace_modules(trace_fd, loaded)):
+            try:
+                last()
+            except BaseException:
+                pass
+        os._exit(code & 0xFF)
+
+
+def _flush_stdio() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def _trace_modules(fd: int, loaded: set) -> None:
+    new = sorted(set(sys.modules) - loaded)
+    os.write(fd, f"aws-vpc-cni-zygote: child {os.getpid()} loaded {len(new)} modules: {' '.join(new)}\n".encode())
 
 
 def _above_stdio(fd: int) -> int:
@@ -229,8 +300,7 @@ class Zygote:
         self.parent_fd = parent_fd
         self.modules = modules
         self.trace = trace
-        self.identity = own_identity()
-        self.capabilities = effective_capabilities()
+        self.own = Process("/proc/self")
         self.listener = _listen(path)
         self.bound = os.stat(path).st_ino  # the socket file: removed at exit unless another replaced it
         self.poller = select.poll()
@@ -238,7 +308,9 @@ class Zygote:
         if parent_fd is not None:
             self.poller.register(parent_fd, select.POLLIN)
         self.children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
-        self.callers: dict[int, int] = {}  # connection fd -> the pidfd of its child
+        self.callers: dict[int, int] = {}  # connection fd -> the pidfd of its child, while it is open
+        self.kill_at: dict[int, float] = {}  # pidfd -> when to kill the child, its caller gone
+        self.closed_now: set[int] = set()
         self.refusals: dict[str, int] = {}  # reason -> how many
 
     def say(self, message: str) -> None:
@@ -248,7 +320,13 @@ class Zygote:
     def serve(self) -> int:
         self.say(f"serving {', '.join(self.modules)} on {self.path} (pid {os.getpid()})")
         while True:
-            for fd, events in self.poller.poll():
+            timeout = None
+            if self.kill_at:
+                timeout = max(0, int((min(self.kill_at.values()) - time.monotonic()) * 1000) + 1)
+            self.closed_now = set()  # fds closed while this batch of events is handled: a reused
+            for fd, events in self.poller.poll(timeout):  # number must not take an old event
+                if fd in self.closed_now:
+                    continue
                 if fd == self.listener.fileno():
                     self.accept()
                 elif fd == self.parent_fd:
@@ -258,6 +336,7 @@ class Zygote:
                     self.reap(fd)
                 elif fd in self.callers:
                     self.caller_gone(fd)
+            self.kill_overdue()
 
     def accept(self) -> None:
         try:
@@ -265,33 +344,37 @@ class Zygote:
         except OSError:
             return
         fds = []
+        pid = None
         try:
-            conn.settimeout(REQUEST_TIMEOUT)
-            fields, fds, request = read_request(conn)
-            uid = struct.unpack("=iII", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
-            check(fields, uid, self.identity, self.capabilities)
+            fds, request = read_request(conn)
+            caller = caller_of(conn)
+            check(caller, self.own, fds[3], fds[4])
             module = self.modules.get(request["program"])
             if module is None:
                 raise Refused(f"no program {request['program']!r}")
             conn.settimeout(None)
-            conn.sendall(b"A")
+            pid = os.fork()
+            if pid == 0:
+                self.listener.close()
+                _close([fd for fd in (self.parent_fd,) if fd is not None] + list(self.children)
+                       + [c.fileno() for _, c in self.children.values()])
+                trace_fd = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 3) if self.trace else None  # not onto 0-2
+                run_child(conn, fds, request, caller, module, trace_fd)
+            pidfd = os.pidfd_open(pid)
+            conn.sendall(b"A")  # only now: a child waits for the go
         except (Refused, OSError, ValueError) as exc:
             self.refused(str(exc))
             _close(fds)
+            if pid:  # forked, but no pidfd or no "A": the child has not started the plugin
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
             try:
                 conn.sendall(b"R")
             except OSError:
                 pass
             conn.close()
             return
-        pid = os.fork()
-        if pid == 0:
-            self.listener.close()
-            _close([fd for fd in (self.parent_fd,) if fd is not None] + list(self.children) + list(self.callers))
-            trace_fd = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 3) if self.trace else None  # not onto 0-2
-            run_child(conn, fds, request, fields[-2], module, trace_fd)
         _close(fds)
-        pidfd = os.pidfd_open(pid)
         self.children[pidfd] = (pid, conn)
         self.callers[conn.fileno()] = pidfd
         self.poller.register(pidfd, select.POLLIN)
@@ -312,27 +395,30 @@ class Zygote:
         if self.trace and os.WIFSIGNALED(status):
             self.say(f"child {pid} was killed by signal {os.WTERMSIG(status)}")
         self.poller.unregister(pidfd)
+        self.kill_at.pop(pidfd, None)
         os.close(pidfd)
         if self.callers.pop(conn.fileno(), None) is not None:
             self.poller.unregister(conn)
+        self.closed_now.update((pidfd, conn.fileno()))
         conn.close()
 
     def caller_gone(self, fd: int) -> None:
-        """The launcher's end closed: if its child still runs, the runtime killed the plugin. A child
-        that reported is exiting as the launcher reads it: it has EXIT_GRACE to be gone."""
+        """The launcher's end closed. A child that reported is exiting as the launcher reads it; one
+        still running after EXIT_GRACE_MS was killed with its caller, by the runtime."""
         pidfd = self.callers.pop(fd)
-        pid, conn = self.children[pidfd]
         self.poller.unregister(fd)
-        exited = select.poll()
-        exited.register(pidfd, select.POLLIN)
-        if exited.poll(EXIT_GRACE_MS):
-            return
-        try:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            if self.trace:
-                self.say(f"the caller of child {pid} is gone; killed it")
-        except ProcessLookupError:
-            pass
+        self.kill_at[pidfd] = time.monotonic() + EXIT_GRACE_MS / 1000
+
+    def kill_overdue(self) -> None:
+        now = time.monotonic()
+        for pidfd in [p for p, when in self.kill_at.items() if when <= now]:
+            del self.kill_at[pidfd]
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                if self.trace:
+                    self.say(f"the caller of child {self.children[pidfd][0]} is gone; killed it")
+            except ProcessLookupError:
+                pass
 
     def close(self) -> None:
         try:
@@ -378,7 +464,7 @@ def main(argv: list[str], programs: dict[str, str]) -> int:
     args = parser.parse_args(argv)
     if not getattr(sys, "frozen", False):
         parser.error("serves the frozen bundle's launcher only: run it from the bundle")
-    capabilities = effective_capabilities()
+    capabilities = Process("/proc/self").capabilities
     missing = [name for name, bit in NEEDED_CAPABILITIES.items() if not capabilities >> bit & 1]
     if missing:
         sys.stderr.write(f"aws-vpc-cni-zygote: not started: without {', '.join(missing)} it cannot take a "

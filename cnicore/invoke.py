@@ -85,7 +85,7 @@ def _run_in_process(plugin_type: str, env: dict, stdin: bytes) -> tuple[int, byt
 
     module = __import__(IN_PROCESS[plugin_type], fromlist=["HANDLERS"])
     printed = _Printed()
-    returncode = skel.run(plugin_type, module.HANDLERS, environ=env, stdin=stdin, out=printed)
+    returncode = skel.run(plugin_type, module.HANDLERS, environ=env, stdin=stdin, out=printed, in_process=True)
     return returncode, printed.data, b""
 
 

@@ -83,6 +83,16 @@ MAX_IFNAME = 15  # IFNAMSIZ - 1
 K8S_ARGS = ("K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID")
 
 
+# The process the runtime started for this run, (pid, parent pid), when it is not this one: the plugin
+# zygote (build/zygote.py) sets it in the child that stands in for the runtime's launcher.
+STAND_IN: tuple[int, int] | None = None
+
+
+def runtime_process() -> tuple[int, int]:
+    """(pid, parent pid) of the process the runtime started for this plugin run, as the host sees it."""
+    return STAND_IN or (os.getpid(), os.getppid())
+
+
 class CmdArgs:
     """One invocation, validated.
 
@@ -90,11 +100,11 @@ class CmdArgs:
     every plugin exec."""
 
     _FIELDS = ("command", "container_id", "netns", "ifname", "path", "stdin", "conf", "version", "args",
-               "prev_result", "log")
+               "prev_result", "log", "in_process")
 
     def __init__(self, command: str, container_id: str, netns: str, ifname: str, path: list[str], stdin: bytes,
                  conf: dict, version: str, args: dict[str, str] | None = None, prev_result: dict | None = None,
-                 log: Logger | None = None):
+                 log: Logger | None = None, in_process: bool = False):
         self.command = command
         self.container_id = container_id
         self.netns = netns
@@ -106,6 +116,7 @@ class CmdArgs:
         self.args = {} if args is None else args
         self.prev_result = prev_result
         self.log = log
+        self.in_process = in_process  # run by another plugin in its own process (cnicore.invoke)
 
     def __repr__(self) -> str:
         return "CmdArgs(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS) + ")"
@@ -318,13 +329,13 @@ def _logger(plugin: str, conf: dict) -> Logger:
 
 
 def run(plugin: str, handlers: dict[str, Handler], *, about: str = "", reads_cni_args: bool = True,
-        environ=os.environ, stdin: bytes | None = None, out=None) -> int:
+        environ=os.environ, stdin: bytes | None = None, out=None, in_process: bool = False) -> int:
     """Run one invocation; return the exit code. `handlers` maps ADD/DEL/CHECK/GC/STATUS to functions.
     `reads_cni_args`: the plugin uses the pod's namespace and name, so an ADD with CNI_ARGS that
     types.LoadArgs refuses is refused (see the module docstring).
 
     `stdin` and `out` (anything with `write(obj)`) replace the process's stdin and stdout when one
-    plugin runs another in-process (cnicore.invoke).
+    plugin runs another in-process (cnicore.invoke), which says so with `in_process`.
     """
     started = time.monotonic()
     out = out or _Output()
@@ -353,7 +364,7 @@ def run(plugin: str, handlers: dict[str, Handler], *, about: str = "", reads_cni
         args = CmdArgs(command=command, container_id=environ.get("CNI_CONTAINERID", ""),
                        netns=environ.get("CNI_NETNS", ""), ifname=environ.get("CNI_IFNAME", ""),
                        path=[p for p in environ.get("CNI_PATH", "").split(os.pathsep) if p],
-                       stdin=stdin, conf=conf, version=conf_version, log=log)
+                       stdin=stdin, conf=conf, version=conf_version, log=log, in_process=in_process)
         log.context = {"command": command, "containerID": args.container_id, "ifname": args.ifname}
         if command in ("ADD", "CHECK", "DEL"):
             validate_container_id(args.container_id)

@@ -134,8 +134,9 @@ class Transaction:
 
     def read_head(self) -> dict | None:
         """The document's envelope and its small members (cnicore.pool.HEAD) only, or None if the
-        network has none yet: the ENIs after them are not parsed. Anything unexpected in what it
-        reads (or a document written in another order) is left to `read`, which parses it all."""
+        network has none yet: the ENIs after them are not parsed (nor found corrupt: aws-eni-ipam and
+        the agent, which read them, do). Anything unexpected in what it reads (or a document written
+        in another order) is left to `read`, which parses it all."""
         try:
             with open(self.store.path, "rb") as f:
                 raw = f.read()

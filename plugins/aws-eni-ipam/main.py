@@ -11,7 +11,6 @@ from EC2, then allocate. The slow path never holds the store lock during an EC2 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from cnicore import agentlink, settings, skel
@@ -92,7 +91,7 @@ def _assign(store: Store, args: skel.CmdArgs, cfg: settings.IPAM):
             raise CNIError(ATTACHMENT_EXISTS, f"container {args.container_id} interface {args.ifname} "
                                               f"already holds {held.ip}; DEL it first")
         try:
-            got = pool.assign(args.container_id, args.ifname, args.pod_namespace, args.pod_name, _owner(),
+            got = pool.assign(args.container_id, args.ifname, args.pod_namespace, args.pod_name, _owner(args),
                               prefixes=cfg.prefix_delegation)
         except PoolExhausted as exc:
             return None, doc, exc
@@ -100,10 +99,11 @@ def _assign(store: Store, args: skel.CmdArgs, cfg: settings.IPAM):
         return got, doc, None
 
 
-def _owner() -> list[int] | None:
+def _owner(args: skel.CmdArgs) -> list[int] | None:
     """The process that builds the attachment around the IP (see cnicore.pool): the main plugin, which
     runs this one in its own process or execs it; [pid, start time], None if /proc does not say."""
-    pid = os.getpid() if "aws_vpc_bridge.main" in sys.modules else os.getppid()
+    pid, parent = skel.runtime_process()
+    pid = pid if args.in_process else parent
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return [pid, int(f.read().rsplit(b")", 1)[1].split()[19])]

@@ -34,36 +34,62 @@ def test_the_launcher_sends_the_zygotes_header_for_the_plugins_entry_runs():
             count = re.search(r"\[(\d+)\]", name)
             size += sizes[kind] * (int(count.group(1)) if count else 1)
     assert size == zygote.HEADER.size
+    assert f'memcpy(req.magic, "{zygote.MAGIC.decode()}", 4)' in LAUNCHER
     plugins = re.search(r"PLUGINS\[\] = \{([^}]+)\}", LAUNCHER).group(1)
     assert tuple(re.findall(r'"([^"]+)"', plugins)) == entry.PLUGINS
     assert agent_zygote.CANNOT_SERVE == zygote.CANNOT_SERVE
 
 
-IDENTITY = ((1, 2, 3, 4), (5, 6), (7, 8))  # exe (dev, ino, size, mtime), user ns, pid ns
-CAPABILITIES = 0b1111
+def process(**changes):
+    """A zygote.Process as /proc would describe it, without reading /proc."""
+    facts = dict(pid=10, parent=9, uid=0, capabilities=0b1111, umask=0o22, seccomp=0, no_new_privs=0,
+                 exe=(1, 2, 3, 4), user_ns=(5, 6), pid_ns=(7, 8), net_ns=(4, 40), root=(0, 0), lsm_label=b"unconfined")
+    facts.update(changes)
+    found = zygote.Process.__new__(zygote.Process)
+    found.__dict__.update(facts)
+    return found
 
 
-def request(**changes):
-    fields = dict(magic=b"AVZ1", exe=IDENTITY[0], userns=IDENTITY[1], pidns=IDENTITY[2], caps=0b0101, umask=0o22,
-                  length=10)
-    fields.update(changes)
-    return (fields["magic"], *fields["exe"], *fields["userns"], *fields["pidns"], fields["caps"], fields["umask"],
-            fields["length"])
+@pytest.fixture
+def fds(tmp_path):
+    """(root fd, netns fd) of this process, and its Process facts for them."""
+    root = os.open("/", os.O_RDONLY)
+    netns = os.open(str(tmp_path), os.O_RDONLY)  # any file: only its identity is compared
+    identity = lambda fd: (os.fstat(fd).st_dev, os.fstat(fd).st_ino)  # noqa: E731
+    yield root, netns, {"root": identity(root), "net_ns": identity(netns)}
+    os.close(root)
+    os.close(netns)
 
 
-def test_the_zygote_serves_a_caller_it_can_stand_in_for():
-    zygote.check(request(), 0, IDENTITY, CAPABILITIES)
-    zygote.check(request(caps=CAPABILITIES), 0, IDENTITY, CAPABILITIES)
+def test_the_zygote_stands_in_for_a_caller_that_could_do_all_it_does(fds):
+    root, netns, own_fds = fds
+    own = process()
+    zygote.check(process(**own_fds), own, root, netns)
+    zygote.check(process(capabilities=0b11111, **own_fds), own, root, netns)  # more than the zygote: fine
 
 
-@pytest.mark.parametrize("changes, uid, reason", [
-    ({}, 1000, "caller uid 1000 is not ours"),
-    ({"exe": (1, 2, 3, 5)}, 0, "another build of the bundle"),
-    ({"exe": (1, 9, 3, 4)}, 0, "another build of the bundle"),
-    ({"userns": (5, 7)}, 0, "another user namespace"),
-    ({"pidns": (7, 9)}, 0, "another pid namespace"),
-    ({"caps": 0b10001}, 0, "capabilities this zygote lacks (0x10)"),
+@pytest.mark.parametrize("changes, reason", [
+    ({"uid": 1000}, "caller uid 1000 is not ours"),
+    ({"exe": (1, 2, 3, 5)}, "another build of the bundle"),
+    ({"exe": (1, 9, 3, 4)}, "another build of the bundle"),
+    ({"user_ns": (5, 7)}, "another user namespace"),
+    ({"pid_ns": (7, 9)}, "another pid namespace"),
+    ({"capabilities": 0b0101}, "the caller lacks capabilities this zygote has (0xa)"),
+    ({"capabilities": 0}, "the caller lacks capabilities this zygote has (0xf)"),
+    ({"seccomp": 2}, "seccomp filter or no_new_privs"),
+    ({"no_new_privs": 1}, "seccomp filter or no_new_privs"),
+    ({"lsm_label": b"cri-containerd.apparmor.d (enforce)"}, "LSM label"),
+    ({"root": (0, 1)}, "the root directory passed is not the caller's"),
+    ({"net_ns": (0, 1)}, "the network namespace passed is not the caller's"),
 ])
-def test_the_zygote_refuses_a_caller_it_cannot_stand_in_for(changes, uid, reason):
+def test_the_zygote_refuses_a_caller_it_cannot_stand_in_for(fds, changes, reason):
+    root, netns, own_fds = fds
     with pytest.raises(zygote.Refused, match=re.escape(reason)):
-        zygote.check(request(**changes), uid, IDENTITY, CAPABILITIES)
+        zygote.check(process(**{**own_fds, **changes}), process(), root, netns)
+
+
+def test_the_zygote_reads_a_process_from_proc():
+    me = zygote.Process("/proc/self")
+    assert (me.pid, me.parent, me.uid) == (os.getpid(), os.getppid(), os.geteuid())
+    assert me.umask == (lambda m: os.umask(m) or m)(os.umask(0))
+    assert me.exe[:2] == (os.stat("/proc/self/exe").st_dev, os.stat("/proc/self/exe").st_ino)
