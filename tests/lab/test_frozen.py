@@ -254,10 +254,15 @@ def test_the_bridge_takes_the_eni_facts_from_its_in_process_ipam_without_reading
            "CNI_IFNAME": "eth0", "CNI_PATH": frozen, "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web"}
     proc = fresh_lab.exec("node1", ["strace", "-f", "-qq", "-e", "trace=openat", "-o", str(trace),
                                     os.path.join(frozen, "aws-vpc-bridge")], env=env, input=json.dumps(node.ipam_conf()))
-    assert json.loads(proc.stdout)["ips"][0]["address"].startswith("10.0.")
-    store = os.path.join(node.data_dir, "aws-vpc.json")
-    reads = [line for line in trace.read_text().splitlines() if f'"{store}"' in line and "O_RDONLY" in line]
-    assert len(reads) == 1, reads
+    try:
+        assert json.loads(proc.stdout)["ips"][0]["address"].startswith("10.0.")
+        store = os.path.join(node.data_dir, "aws-vpc.json")
+        reads = [line for line in trace.read_text().splitlines() if f'"{store}"' in line and "O_RDONLY" in line]
+        assert len(reads) == 1, reads
+    finally:  # the pod's rules and host veth go with its DEL
+        fresh_lab.exec("node1", [os.path.join(frozen, "aws-vpc-bridge")], env={**env, "CNI_COMMAND": "DEL"},
+                       input=json.dumps(node.ipam_conf()))
+    assert node.view().pod_leftovers() == []
 
 
 def test_frozen_aws_snat_in_iptc_mode_writes_the_rules_on_a_legacy_host(frozen, tmp_path, make_netns):
