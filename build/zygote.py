@@ -102,10 +102,7 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
 def caller_of(conn: socket.socket) -> Process:
     """The process at the other end of `conn`, read while its pidfd shows it alive (so its pid has
     not been reused meanwhile)."""
-    try:
-        pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
-    except OSError as exc:
-        raise Refused(f"the kernel names no peer process (SO_PEERPIDFD: {exc.strerror})") from None
+    pidfd = _peer_pidfd(conn)
     try:
         with open(f"/proc/self/fdinfo/{pidfd}") as f:
             pid = next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
@@ -120,6 +117,22 @@ def caller_of(conn: socket.socket) -> Process:
         return caller
     finally:
         os.close(pidfd)
+
+
+def _peer_pidfd(conn: socket.socket) -> int:
+    """A pidfd of the peer as it connected (SO_PEERPIDFD, Linux 6.5); on older kernels (EKS's AL2 and
+    AL2023 ones) one opened for the pid SO_PEERCRED names. The peer is blocked waiting for the answer,
+    so that pid is still its own unless it was killed and the pid reused at once; a process that then
+    passed `check` would hold every capability this one has, so standing in for it lends it nothing."""
+    try:
+        return conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        pass
+    pid = struct.unpack("=iII", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    try:
+        return os.pidfd_open(pid)
+    except OSError as exc:
+        raise Refused(f"no pidfd for the caller {pid}: {exc.strerror}") from None
 
 
 def check(caller: Process, own: Process, root_fd: int, netns_fd: int) -> None:

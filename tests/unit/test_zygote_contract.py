@@ -93,3 +93,16 @@ def test_the_zygote_reads_a_process_from_proc():
     assert (me.pid, me.parent, me.uid) == (os.getpid(), os.getppid(), os.geteuid())
     assert me.umask == (lambda m: os.umask(m) or m)(os.umask(0))
     assert me.exe[:2] == (os.stat("/proc/self/exe").st_dev, os.stat("/proc/self/exe").st_ino)
+
+
+@pytest.mark.parametrize("peer_pidfd", [True, False], ids=["SO_PEERPIDFD", "SO_PEERCRED and pidfd_open"])
+def test_the_caller_is_the_process_the_kernel_names(monkeypatch, peer_pidfd):
+    """The caller's facts come from the kernel, with SO_PEERPIDFD or, before Linux 6.5, the pid
+    SO_PEERCRED names (here the peer of a socketpair is this very process)."""
+    import socket
+    if not peer_pidfd:
+        monkeypatch.setattr(zygote, "SO_PEERPIDFD", 0x7fff)  # an option no kernel knows: ENOPROTOOPT
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        caller = zygote.caller_of(ours)
+    assert (caller.pid, caller.parent, caller.exe) == (os.getpid(), os.getppid(), zygote.Process("/proc/self").exe)
