@@ -210,17 +210,18 @@ def _exited(pidfd: int, timeout_ms: int) -> bool:
     return bool(poller.poll(timeout_ms))
 
 
-def run_child(conn: socket.socket, fds: list[int], request: dict, caller: Process, module,
+def run_child(conn: socket.socket, fds: list[int], request: dict, caller: Process, enter_netns: bool, module,
               trace_fd: int | None) -> None:
     """In the forked child: wait for the go, take the caller's place, run the plugin, report, exit.
-    `trace_fd`: where to say which modules the plugin still had to load (--trace)."""
+    `enter_netns`: the caller's network namespace is not this process's. `trace_fd`: where to say
+    which modules the plugin still had to load (--trace)."""
     code = 1
     loaded = set(sys.modules)
     try:
         if conn.recv(1) != b"G":
             os._exit(0)  # the launcher gave up before the go: it runs the plugin itself
         stdin, stdout, stderr, root, netns = fds = [_above_stdio(fd) for fd in fds]
-        if not _same_file(netns, "/proc/self/ns/net"):
+        if enter_netns:
             from cnicore.rtnl import setns
             setns(netns)
         os.fchdir(root)
@@ -273,11 +274,6 @@ def _above_stdio(fd: int) -> int:
     moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
     os.close(fd)
     return moved
-
-
-def _same_file(fd: int, path: str) -> bool:
-    a, b = os.fstat(fd), os.stat(path)
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _take_environment(env: dict) -> None:
@@ -372,7 +368,7 @@ class Zygote:
                 _close([fd for fd in (self.parent_fd,) if fd is not None] + list(self.children)
                        + [c.fileno() for _, c in self.children.values()])
                 trace_fd = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, 3) if self.trace else None  # not onto 0-2
-                run_child(conn, fds, request, caller, module, trace_fd)
+                run_child(conn, fds, request, caller, caller.net_ns != self.own.net_ns, module, trace_fd)
             pidfd = os.pidfd_open(pid)
             conn.sendall(b"A")  # only now: a child waits for the go
         except (Refused, OSError, ValueError) as exc:

@@ -113,14 +113,32 @@ class Transaction:
 
     def read(self) -> dict | None:
         """The document, or None if the network has none yet."""
+        raw = self._raw()
+        return None if raw is None else self._parsed(raw)
+
+    def read_head(self) -> dict | None:
+        """The document's envelope and its small members (cnicore.pool.HEAD) only, or None if the
+        network has none yet: the ENIs after them are not parsed (nor found corrupt: aws-eni-ipam and
+        the agent, which read them, do). Anything unexpected in what it reads (or a document written
+        in another order) is parsed whole, as `read` does."""
+        raw = self._raw()
+        if raw is None:
+            return None
+        head = jsonio.load_leading(raw, ("schema", "network", *HEAD))
+        return head if head is not None and self._ours(head) else self._parsed(raw)
+
+    def _raw(self) -> bytes | None:
         path = self.store.path
         try:
             with open(path, "rb") as f:
-                raw = f.read()
+                return f.read()
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StoreError(f"cannot read the state file {path}: {exc.strerror}") from None
+
+    def _parsed(self, raw: bytes) -> dict:
+        path = self.store.path
         try:
             doc = jsonio.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -131,21 +149,6 @@ class Transaction:
             raise StoreError(f"the state file {path} is not a schema-{SCHEMA} (or {READABLE_SCHEMAS[0]}) document "
                              f"of network {self.store.network!r} (found schema {found!r}); it was left as it is")
         return doc
-
-    def read_head(self) -> dict | None:
-        """The document's envelope and its small members (cnicore.pool.HEAD) only, or None if the
-        network has none yet: the ENIs after them are not parsed (nor found corrupt: aws-eni-ipam and
-        the agent, which read them, do). Anything unexpected in what it reads (or a document written
-        in another order) is left to `read`, which parses it all."""
-        try:
-            with open(self.store.path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            return None
-        except OSError:
-            return self.read()
-        head = jsonio.load_leading(raw, ("schema", "network", *HEAD))
-        return head if head is not None and self._ours(head) else self.read()
 
     def _ours(self, doc) -> bool:
         return (isinstance(doc, dict) and doc.get("schema") in READABLE_SCHEMAS

@@ -64,6 +64,7 @@ import tempfile
 import time
 from contextlib import suppress
 
+from cnicore import agentlink
 from vpclab import api, netns
 
 from .stats import percentile, ratio, summary
@@ -185,8 +186,7 @@ class Agent:
             env=env, stdout=subprocess.DEVNULL, stderr=self.stderr)
 
     def status(self) -> dict:
-        from cnicore.agentlink import read_status
-        return read_status(self.data_dir)
+        return agentlink.read_status(self.data_dir)
 
     def log_tail(self, lines: int = 6) -> str:
         out = []
@@ -201,7 +201,7 @@ class Agent:
 
     def zygote(self, timeout: float = 30) -> tuple[dict, tuple[int, ...]]:
         """The environment that leads our plugins to this agent's zygote, and its pid, once it serves."""
-        path = os.path.join(self.data_dir, "zygote.sock")
+        path = os.path.join(self.data_dir, agentlink.ZYGOTE)
         deadline = time.time() + timeout
         while True:
             with suppress(OSError):
@@ -600,7 +600,7 @@ class Bench:
                                                          os.path.join(self.tmp, f"fresh-{node}-agent.log"),
                                                          **env, **self.zygote_setting())
             # until the zygote serves, the plugins start Python themselves (the launcher finds no socket)
-            zygote_env = {"AWS_VPC_CNI_ZYGOTE_SOCKET": os.path.join(data_dir, "zygote.sock") if self.opts.zygote else ""}
+            zygote_env = {"AWS_VPC_CNI_ZYGOTE_SOCKET": os.path.join(data_dir, agentlink.ZYGOTE) if self.opts.zygote else ""}
             chain = Chain("fresh", network, write_conf(os.path.join(self.tmp, f"fresh-{node}-net.d"), conflist),
                           self.bin_dir, {**lab.node_env(node), **zygote_env}, f"frozen, {mode}")
             retries = 0
