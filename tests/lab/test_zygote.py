@@ -300,3 +300,37 @@ def _reaped_children(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[8]) > 0  # cminflt: faults of waited-for children
+
+
+def test_containerd_runs_pods_through_the_zygote(frozen, fresh_lab, tmp_path, zygotes):
+    """containerd's CRI as kubelet drives it, on our chain with the zygote serving: containerd runs in a
+    mount namespace of its own, where alone its pods' netns mounts and its /var/lib/cni exist, so the
+    children see them only through the root they take from the launcher. Two pods get VPC addresses
+    and go again with Stop and Remove, every plugin run in a child, and nothing is left."""
+    from conftest import RUN_PREFIX
+    from support import cri_world
+    node = LabNode(fresh_lab, "node1", tmp_path, bin_dir=frozen)
+    assert node.ipam("ADD", cid="warm")[0] == 0  # a warm pool
+    bin_dir = cri_world.chain_bin_dir(str(tmp_path / "bin"))
+    conf_dir = str(tmp_path / "net.d")
+    cri_world.write_agent_conflist(conf_dir, node.data_dir, node.log_file)
+    path = str(tmp_path / "zygote.sock")
+    zygote = zygotes(fresh_lab, "node1", path)
+    zygote.wait_for("serving")
+    containerd = cri_world.Containerd(fresh_lab, "node1", str(tmp_path / "containerd"), bin_dir, conf_dir,
+                                      f"{RUN_PREFIX}-zcri", env={ZYGOTE_SOCKET: path})
+    containerd.start()
+    try:
+        for i in range(2):
+            pod = containerd.run_pod(f"zygote-{i}")
+            assert pod.ip.startswith("10.0."), pod
+            # the path containerd gave the plugins names the pod's netns only in containerd's mounts
+            assert os.stat(pod.netns_path).st_ino != os.stat(f"/proc/{pod.pid}/ns/net").st_ino
+            containerd.stop_pod(pod)
+            containerd.remove_pod(pod)
+    finally:
+        containerd.stop()
+    served = zygote.served()
+    for plugin in ("aws-vpc-bridge", "aws-snat", "portmap-compat"):
+        assert served.count(f"{plugin} ADD") == 2 and served.count(f"{plugin} DEL") >= 2, served
+    assert node.view().pod_leftovers() == []
